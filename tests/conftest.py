@@ -1,0 +1,67 @@
+"""Shared fixtures: environment without network, toy data made once, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> Path:
+    """Synthetic scenes: 10 train shards of 64 and one held-out shard of 32."""
+    from vlm_train.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("toy"), train=640, eval=32, seed=1)
+
+
+def toy_overrides(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A fast toy run: small batches, one loader worker, no end-of-run evaluation."""
+    return [
+        "experiment=toy",
+        f"data.synthetic_dir={data_dir}",
+        f"run.dir={run_dir}",
+        "data.num_workers=1",
+        "train.micro_batch_size=4",
+        "train.log_every=1",
+        "train.save_every=0",
+        "train.eval=false",
+        *extra,
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cli(overrides: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`vlm-train` in a fresh process (torchrun for nproc > 1), as a user would start it."""
+    if nproc == 1:
+        command = [sys.executable, "-m", "vlm_train.train", *overrides]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                   f"--master_port={free_port()}", "-m", "vlm_train.train", *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}

@@ -1,0 +1,155 @@
+"""The WebDataset pipeline: equal batches per rank, each sample once per epoch, exact mid-epoch
+resume, labels on answers only, bad samples skipped, missing shards reported."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from vlm_train import compose
+from vlm_train.data.pipeline import build_train_batches, expand_urls, shard_sizes
+from vlm_train.data.preprocess import ImageTransform
+from vlm_train.data.synthetic import make_sample
+from vlm_train.data.templates import encode
+from vlm_train.data.tokenizer import IMAGE_TOKEN, build_toy_tokenizer
+from vlm_train.errors import DataError
+from vlm_train.models.vlm import IGNORE_INDEX
+
+TOKENIZER = build_toy_tokenizer()
+TRANSFORM = ImageTransform(48, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def write_shards(folder: Path, sizes: list[int], seed: int = 0, corrupt: set[int] = frozenset()) -> str:
+    """Shards of synthetic samples with the given sizes (no manifest: sizes come from the tars)."""
+    import random
+
+    rng, index = random.Random(seed), 0
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard, size in enumerate(sizes):
+        with wds.TarWriter(str(folder / f"part-{shard:03d}.tar")) as sink:
+            for _ in range(size):
+                png, record = make_sample(rng)
+                if index in corrupt:
+                    png = png[: len(png) // 3]  # a truncated image
+                sink.write({"__key__": f"s{index:05d}", "png": png, "json": json.dumps(record).encode()})
+                index += 1
+    return str(folder / f"part-{{000..{len(sizes) - 1:03d}}}.tar")
+
+
+def batches_for(pattern: str, rank: int, world: int, workers: int, batch_size: int, seed: int = 0):
+    cfg = compose(["experiment=toy", f"data.urls={pattern}", f"data.num_workers={workers}",
+                   "data.shuffle_block=16"]).data
+    return build_train_batches(cfg, TOKENIZER, TRANSFORM, 9, rank=rank, world=world, batch_size=batch_size, seed=seed)
+
+
+def one_epoch_keys(batches) -> list[list[str]]:
+    per_epoch = batches.stream.batches_per_epoch
+    return [next(batches)["keys"] for _ in range(per_epoch)]
+
+
+def test_two_ranks_two_workers_see_every_sample_once_per_epoch(tmp_path):
+    pattern = write_shards(tmp_path, [40, 24, 32, 16, 48])  # 160 samples, uneven shards
+    seen_per_epoch = [Counter(), Counter()]
+    for rank in (0, 1):
+        batches = batches_for(pattern, rank, world=2, workers=2, batch_size=4)
+        for epoch in (0, 1):
+            keys = one_epoch_keys(batches)
+            assert len(keys) == 20  # the same number of batches on every rank
+            seen_per_epoch[epoch].update(k for batch in keys for k in batch)
+    for seen in seen_per_epoch:
+        assert len(seen) == 160 and set(seen.values()) == {1}
+    assert batches.epoch == 2
+
+
+def test_uneven_total_gives_equal_batches_and_no_repeats(tmp_path):
+    pattern = write_shards(tmp_path, [7, 30, 3, 11, 20])  # 71 samples, 3 ranks
+    counts, seen = [], Counter()
+    for rank in range(3):
+        batches = batches_for(pattern, rank, world=3, workers=1, batch_size=5)
+        keys = one_epoch_keys(batches)
+        counts.append(len(keys))
+        seen.update(k for batch in keys for k in batch)
+    assert counts == [4, 4, 4]
+    assert set(seen.values()) == {1} and len(seen) == 60
+
+
+def test_mid_epoch_resume_continues_the_same_sequence(tmp_path):
+    pattern = write_shards(tmp_path, [32, 32, 32])
+    reference = batches_for(pattern, rank=1, world=2, workers=2, batch_size=4)
+    expected = [next(reference)["keys"] for _ in range(18)]  # crosses into the second epoch
+    for stop in (3, 7, 12):
+        first = batches_for(pattern, rank=1, world=2, workers=2, batch_size=4)
+        head = [next(first)["keys"] for _ in range(stop)]
+        resumed = batches_for(pattern, rank=1, world=2, workers=2, batch_size=4)
+        resumed.load_state_dict(first.state_dict())
+        tail = [next(resumed)["keys"] for _ in range(18 - stop)]
+        assert head + tail == expected, f"resume after {stop} batches diverged"
+
+
+def test_resume_with_a_different_layout_is_refused(tmp_path):
+    pattern = write_shards(tmp_path, [32, 32])
+    state = batches_for(pattern, rank=0, world=2, workers=2, batch_size=4).state_dict()
+    with pytest.raises(DataError, match="data position"):
+        batches_for(pattern, rank=0, world=1, workers=2, batch_size=4).load_state_dict(state)
+
+
+def test_batch_contents(tmp_path):
+    pattern = write_shards(tmp_path, [16])
+    batch = next(batches_for(pattern, rank=0, world=1, workers=0, batch_size=4))
+    assert batch["pixel_values"].shape == (4, 3, 48, 48)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    image_id = TOKENIZER.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert ((batch["input_ids"] == image_id).sum(1) == 9).all()
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+def test_labels_cover_answers_only():
+    turns = [{"from": "human", "value": "<image>\nwhat color is the circle ?"}, {"from": "gpt", "value": "red"},
+             {"from": "human", "value": "where is the red circle ?"}, {"from": "gpt", "value": "top left"}]
+    enc = encode(turns, TOKENIZER, "chat", image_tokens=9)
+    answer_ids = [i for i, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
+    assert TOKENIZER.decode(answer_ids) == "red </s> top left </s>"
+    assert enc.input_ids.count(TOKENIZER.convert_tokens_to_ids(IMAGE_TOKEN)) == 9 and enc.num_images == 1
+
+
+def test_corrupt_images_are_skipped_not_fatal(tmp_path, caplog):
+    pattern = write_shards(tmp_path, [20], corrupt={3, 11})
+    batches = batches_for(pattern, rank=0, world=1, workers=0, batch_size=6)
+    epoch = [next(batches) for _ in range(batches.stream.batches_per_epoch)]
+    keys = [k for batch in epoch for k in batch["keys"]]
+    assert "s00003" not in keys and "s00011" not in keys
+    assert len(keys) == 18  # full batches: a placeholder with masked labels fills each gap
+    assert sum(batch["skipped"] for batch in epoch) == 2
+    placeholders = [(b, row) for b in epoch for row, k in enumerate(b["keys"]) if k.startswith("skipped:")]
+    assert len(placeholders) == 2
+    assert all((b["labels"][row] == IGNORE_INDEX).all() for b, row in placeholders)
+    assert "skipping sample s00003" in caplog.text
+
+
+def test_shard_sizes_from_manifest_and_from_tars(toy_data):
+    urls = expand_urls(f"{toy_data}/train-{{000000..000009}}.tar")
+    assert shard_sizes(urls) == [64] * 10
+    (toy_data / "manifest.json").rename(toy_data / "manifest.off")
+    try:
+        assert shard_sizes(urls) == [64] * 10
+    finally:
+        (toy_data / "manifest.off").rename(toy_data / "manifest.json")
+
+
+def test_pattern_that_matches_nothing_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="matches no shard"):
+        expand_urls(f"{tmp_path}/nothing-{{000..003}}.tar")
+
+
+def test_preprocess_resizes_and_normalises():
+    from PIL import Image
+
+    image = Image.new("RGB", (96, 64), (255, 0, 0))
+    pixels = TRANSFORM(image)
+    assert pixels.shape == (3, 48, 48)
+    torch.testing.assert_close(pixels[:, 0, 0], torch.tensor([1.0, -1.0, -1.0]))

@@ -1,0 +1,96 @@
+"""The model on tiny CLIP and SigLIP towers with a Llama decoder: forward, backward, contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlm_train import build_model, compose
+from vlm_train.data.templates import encode
+from vlm_train.data.tokenizer import build_toy_tokenizer
+from vlm_train.models.vlm import IGNORE_INDEX
+
+
+def make_batch(model, tokenizer, with_image=(True, True)):
+    """Two samples; the image-token slots are expanded the way the data pipeline does it."""
+    questions = ["what color is the circle ?", "where is the red square ?"]
+    ids, labels, pixels = [], [], []
+    for question, has_image in zip(questions, with_image):
+        text = f"<image>\n{question}" if has_image else question
+        enc = encode([{"from": "human", "value": text}, {"from": "gpt", "value": "red"}], tokenizer, "chat",
+                     model.num_image_tokens)
+        ids.append(enc.input_ids)
+        labels.append(enc.labels)
+        if has_image:
+            pixels.append(torch.randn(1, 3, model.vision.image_size, model.vision.image_size))
+    length = max(map(len, ids))
+    pad = lambda rows, value: torch.tensor([r + [value] * (length - len(r)) for r in rows])  # noqa: E731
+    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in ids])
+    pixel_values = torch.cat(pixels) if pixels else torch.empty(0, 3, model.vision.image_size, model.vision.image_size)
+    return pixel_values, pad(ids, tokenizer.pad_token_id), mask, pad(labels, IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("vision", ["clip-tiny", "siglip-tiny"])
+def test_forward_backward(vision):
+    torch.manual_seed(0)
+    tokenizer = build_toy_tokenizer()
+    model = build_model(compose(["experiment=toy", f"vision={vision}"]), tokenizer)
+    pixel_values, input_ids, mask, labels = make_batch(model, tokenizer)
+    out = model(pixel_values, input_ids, attention_mask=mask, labels=labels)
+    assert out.logits.shape == (*input_ids.shape, len(tokenizer))
+    # .loss is cross-entropy over answer tokens only
+    shifted = labels[:, 1:]
+    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), shifted.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(out.loss, expected)
+    assert out.num_label_tokens == (shifted != IGNORE_INDEX).sum()
+    out.loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, f"{name} got no gradient"
+    assert model.vision.hf_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+
+
+def test_siglip_keeps_all_patches_and_clip_drops_cls():
+    tokenizer = build_toy_tokenizer()
+    for vision in ("clip-tiny", "siglip-tiny"):
+        model = build_model(compose(["experiment=toy", f"vision={vision}"]), tokenizer)
+        features = model.vision(torch.randn(2, 3, 48, 48))
+        assert features.shape == (2, 9, 64)
+
+
+def test_images_change_the_logits_only_after_their_position():
+    torch.manual_seed(0)
+    tokenizer = build_toy_tokenizer()
+    model = build_model(compose(["experiment=toy"]), tokenizer).eval()
+    pixel_values, input_ids, mask, _ = make_batch(model, tokenizer)
+    first_slot = int((input_ids[0] == model.image_token_id).nonzero()[0])
+    a = model(pixel_values, input_ids, mask).logits
+    b = model(torch.randn_like(pixel_values), input_ids, mask).logits
+    torch.testing.assert_close(a[:, :first_slot], b[:, :first_slot])
+    assert (a[:, first_slot:] - b[:, first_slot:]).abs().max() > 1e-4
+
+
+def test_text_only_batch_keeps_vision_in_the_graph():
+    """A rank whose micro-batch has no image must still touch the tower (ZeRO-3 would hang)."""
+    tokenizer = build_toy_tokenizer()
+    model = build_model(compose(["experiment=toy"]), tokenizer)
+    pixel_values, input_ids, mask, labels = make_batch(model, tokenizer, with_image=(False, False))
+    assert pixel_values.shape[0] == 0
+    model(pixel_values, input_ids, mask, labels).loss.backward()
+    grad = model.vision.hf_model.embeddings.patch_embedding.weight.grad
+    assert grad is not None and grad.abs().sum() == 0
+
+
+def test_image_token_count_mismatch_is_reported():
+    tokenizer = build_toy_tokenizer()
+    model = build_model(compose(["experiment=toy"]), tokenizer)
+    pixel_values, input_ids, mask, labels = make_batch(model, tokenizer, with_image=(True, False))
+    with pytest.raises(ValueError, match="image-token slots"):
+        model(torch.cat([pixel_values, pixel_values]), input_ids, mask, labels)
+
+
+def test_freezing_follows_the_config():
+    model = build_model(compose(["experiment=toy", "vision.freeze=true", "llm.freeze=true"]))
+    trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"connector"}

@@ -1,0 +1,245 @@
+"""Typed config schemas and `compose`, the one way a config is built (CLI, notebooks, tests).
+
+The YAML tree under `configs/` is composed by Hydra over these dataclasses in struct mode: an
+unknown key is an error, never a silent default. Library code receives the dataclasses, and each
+component only its own section. This module imports Hydra lazily so that `vlm_train.models` (which
+reads these dataclasses) never pulls it in.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlm_train.errors import ConfigError
+
+MISSING: Any = "???"  # omegaconf's marker for a required value
+
+CONFIG_DIR = Path(os.environ.get("VLM_TRAIN_CONFIGS", Path(__file__).resolve().parents[1] / "configs"))
+
+
+@dataclass
+class VisionConfig:
+    """A Hugging Face CLIP or SigLIP vision tower."""
+
+    name: str = "clip-tiny"  # readable id, e.g. clip-vit-l-336px
+    family: str = "clip"  # clip | siglip
+    path: str | None = None  # local HF checkpoint dir; when set, the size fields below are ignored
+    image_size: int = 48
+    patch_size: int = 16
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    select_layer: int = -1  # hidden state fed to the connector (LLaVA-1.5 uses -2)
+    drop_cls: bool = True  # drop the CLS token where the tower has one (CLIP)
+    freeze: bool = False
+
+
+@dataclass
+class LLMConfig:
+    """The language decoder: a Hugging Face causal LM (Llama family), local path or config."""
+
+    name: str = "llama-tiny"
+    backend: str = "hf"  # hf (megatron: tensor-parallel decoder, see the TP issue)
+    family: str = "llama"
+    path: str | None = None  # local HF checkpoint dir; when set, the size fields below are ignored
+    tokenizer: str | None = None  # local tokenizer dir; "toy" = the built-in toy tokenizer; None = path
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 344
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 512
+    tie_embeddings: bool = False
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    freeze: bool = False
+
+
+@dataclass
+class ConnectorConfig:
+    """Fields every connector has; each connector's schema extends it."""
+
+    name: str = MISSING
+    path: str | None = None  # pretrained connector weights (safetensors or state-dict .bin/.pt)
+    freeze: bool = False
+
+
+@dataclass
+class MLPConnectorConfig(ConnectorConfig):
+    """LLaVA-style projector: Linear, then (GELU, Linear) x (depth - 1). depth 1 = linear."""
+
+    name: str = "mlp"
+    depth: int = 2
+
+
+@dataclass
+class DataConfig:
+    """WebDataset shards and how samples become token sequences."""
+
+    urls: str = MISSING  # shard pattern, brace expansion: data/train-{000000..000009}.tar
+    eval_urls: str | None = None  # held-out shards for the end-of-run evaluation
+    synthetic_dir: str | None = None  # generate the toy scenes here when `urls` matches nothing
+    synthetic_train: int = 20000  # toy scenes to generate (train split)
+    synthetic_eval: int = 400  # toy scenes to generate (held-out split)
+    template: str = "chat"  # chat (USER/ASSISTANT turns) | plain (LLaVA pretraining captions)
+    max_length: int = 128  # tokens per sample, visual tokens included; text is truncated first
+    num_workers: int = 2  # DataLoader workers per rank
+    shuffle_block: int = 512  # samples shuffled together within a worker's stream
+    image_key: str = "png;jpg;jpeg;webp"
+    text_key: str = "json"
+    eval_samples: int = 400  # held-out samples scored at the end of a run
+    max_new_tokens: int = 20  # greedy decoding budget per evaluation answer
+
+
+@dataclass
+class ParallelConfig:
+    """Process layout: data parallel x tensor parallel, and ZeRO sharding."""
+
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    tensor_parallel: int = 1  # decoder split across this many ranks (needs llm.backend=megatron)
+    backend: str = "auto"  # auto (nccl with GPUs, gloo without) | nccl | gloo
+    timeout_s: int = 1800  # collective timeout
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the step loop."""
+
+    max_steps: int = 100
+    micro_batch_size: int = 8  # per rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    log_every: int = 10
+    eval: bool = True  # score held-out samples at the end (needs data.eval_urls)
+
+
+@dataclass
+class RunConfig:
+    """Where the run lives. A run dir holding a complete checkpoint is resumed."""
+
+    dir: str = "runs/default"
+    seed: int = 0
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # disabled | offline | online
+    project: str = "vlm_train"
+    entity: str | None = None
+
+
+@dataclass
+class Config:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    connector: Any = MISSING  # one of the connector schemas, chosen by the `connector` group
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+CONNECTOR_SCHEMAS: dict[str, type[ConnectorConfig]] = {"mlp": MLPConnectorConfig}
+
+_CHOICES = {
+    "vision.family": ("clip", "siglip"),
+    "llm.backend": ("hf",),
+    "llm.family": ("llama",),
+    "data.template": ("chat", "plain"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "wandb.mode": ("disabled", "offline", "online"),
+}
+
+
+def _register_schemas() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    for name, schema in CONNECTOR_SCHEMAS.items():
+        store.store(group="connector", name=f"{name}_schema", node=schema)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Return the config the CLI builds for these Hydra overrides, validated.
+
+    Raises ConfigError (one line, names the problem) on an unknown key, a bad value, a missing
+    required field or an unknown group option.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    _register_schemas()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            raw = hydra_compose("config", overrides=[_quote_braces(o) for o in overrides])
+        cfg = OmegaConf.to_object(raw)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(_one_line(err)) from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than a type: allowed values and ranges."""
+    for dotted, allowed in _CHOICES.items():
+        value = _get(cfg, dotted)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(allowed)}")
+    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage} is out of range: use 0, 1, 2 or 3")
+    positive = ("parallel.tensor_parallel", "train.micro_batch_size", "train.grad_accum",
+                "train.max_steps", "data.max_length", "train.log_every")
+    for dotted in positive:
+        if _get(cfg, dotted) < 1:
+            raise ConfigError(f"{dotted}={_get(cfg, dotted)} must be at least 1")
+    if cfg.data.num_workers < 0 or cfg.train.save_every < 0:
+        raise ConfigError("data.num_workers and train.save_every must not be negative")
+
+
+def to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _quote_braces(override: str) -> str:
+    """`data.urls=shards/{000..009}.tar` as users type it: Hydra's grammar would read the braces
+    as a dict, so an unquoted value holding a brace range is passed to Hydra as a quoted string."""
+    key, sep, value = override.partition("=")
+    if sep and "{" in value and ".." in value and value[:1] not in "'\"":
+        return f"{key}='{value}'"
+    return override
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _one_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = " ".join(lines[:3]) if lines else type(err).__name__
+    if "Missing mandatory value" in text:
+        key = text.split("Missing mandatory value:")[-1].split()[0].strip()
+        return f"{key} is required: set it on the command line ({key}=...)"
+    return text

@@ -1,0 +1,1 @@
+"""Data: WebDataset shards -> preprocessed, tokenized, collated batches."""

@@ -1,0 +1,138 @@
+"""Synthetic scenes: two coloured shapes on a 3x3 grid, with a caption and questions.
+
+A learnable but not trivial task for the toy VLM: the decoder must bind colour, shape and
+position read from the visual tokens. Written as WebDataset shards (`<key>.png` + `<key>.json`,
+the JSON in LLaVA's conversation format) plus a `manifest.json` of sample counts.
+
+    python -m vlm_train.data.synthetic --out data/toy --train 20000 --eval 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 30),
+    "purple": (150, 60, 190),
+}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+CELL = 16  # pixels per grid cell; the image is 3 x 3 cells
+QUESTION_KINDS = ("caption", "color", "shape", "position")
+# Accuracy of a uniform guess over each question's answers (captions: effectively zero).
+CHANCE = {"caption": 0.0, "color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "position": 1 / len(POSITIONS)}
+PROMPT_WORDS = "describe the image . what color is which shape where a and ?".split()
+VOCABULARY = sorted(set(PROMPT_WORDS) | set(COLORS) | set(SHAPES) | {w for p in POSITIONS for w in p.split()})
+
+
+def make_scene(rng: random.Random, max_objects: int = 2) -> list[dict]:
+    """One to `max_objects` objects with distinct colours, shapes and cells, in reading order."""
+    count = rng.randint(1, max_objects)
+    colors = rng.sample(sorted(COLORS), count)
+    shapes = rng.sample(SHAPES, count)
+    cells = sorted(rng.sample(range(9), count))
+    return [{"color": c, "shape": s, "cell": cell} for c, s, cell in zip(colors, shapes, cells)]
+
+
+def render(scene: list[dict], rng: random.Random) -> Image.Image:
+    shade = rng.randint(225, 255)
+    image = Image.new("RGB", (3 * CELL, 3 * CELL), (shade, shade, shade))
+    draw = ImageDraw.Draw(image)
+    for obj in scene:
+        size = rng.randint(10, 13)
+        x0 = (obj["cell"] % 3) * CELL + rng.randint(0, CELL - size)
+        y0 = (obj["cell"] // 3) * CELL + rng.randint(0, CELL - size)
+        box = (x0, y0, x0 + size - 1, y0 + size - 1)
+        fill = COLORS[obj["color"]]
+        if obj["shape"] == "circle":
+            draw.ellipse(box, fill=fill)
+        elif obj["shape"] == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(x0 + size // 2, y0), (x0, y0 + size - 1), (x0 + size - 1, y0 + size - 1)], fill=fill)
+    return image
+
+
+def caption(scene: list[dict]) -> str:
+    parts = [f"a {o['color']} {o['shape']} {POSITIONS[o['cell']]}" for o in scene]
+    return " and ".join(parts)
+
+
+def question(scene: list[dict], kind: str, rng: random.Random) -> tuple[str, str]:
+    """A (question, answer) pair of the given kind about a random object of the scene."""
+    obj = rng.choice(scene)
+    if kind == "caption":
+        return "describe the image .", caption(scene)
+    if kind == "color":
+        return f"what color is the {obj['shape']} ?", obj["color"]
+    if kind == "shape":
+        return f"which shape is {obj['color']} ?", obj["shape"]
+    return f"where is the {obj['color']} {obj['shape']} ?", POSITIONS[obj["cell"]]
+
+
+def make_sample(rng: random.Random, max_objects: int = 2) -> tuple[bytes, dict]:
+    """PNG bytes and a LLaVA-style record: the image first, then every kind of question."""
+    scene = make_scene(rng, max_objects)
+    kinds = list(QUESTION_KINDS)
+    rng.shuffle(kinds)
+    conversations = []
+    for i, kind in enumerate(kinds):
+        q, a = question(scene, kind, rng)
+        conversations.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + q, "kind": kind})
+        conversations.append({"from": "gpt", "value": a})
+    buffer = io.BytesIO()
+    render(scene, rng).save(buffer, format="PNG")
+    return buffer.getvalue(), {"conversations": conversations, "scene": scene}
+
+
+def write_split(out: Path, split: str, count: int, shard_size: int, seed: int) -> dict[str, int]:
+    """Write `count` samples as `<split>-NNNNNN.tar` shards; returns {shard name: samples}."""
+    import webdataset as wds
+
+    rng = random.Random(f"{seed}-{split}")
+    counts: dict[str, int] = {}
+    for shard_index, start in enumerate(range(0, count, shard_size)):
+        name = f"{split}-{shard_index:06d}.tar"
+        n = min(shard_size, count - start)
+        with wds.TarWriter(str(out / name)) as sink:
+            for i in range(start, start + n):
+                png, record = make_sample(rng)
+                sink.write({"__key__": f"{split}-{i:08d}", "png": png, "json": json.dumps(record).encode()})
+        counts[name] = n
+    return counts
+
+
+def generate(out: str | Path, train: int, eval: int, shards: int = 10, seed: int = 0) -> Path:
+    """Write the train split in `shards` shards and the held-out split in one, plus a manifest."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = write_split(out, "train", train, -(-train // shards), seed)
+    counts |= write_split(out, "eval", eval, max(eval, 1), seed)
+    manifest = {"shards": counts, "total": sum(counts.values())}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--train", type=int, default=20000)
+    parser.add_argument("--eval", type=int, default=400)
+    parser.add_argument("--shards", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = generate(args.out, args.train, args.eval, args.shards, args.seed)
+    print(f"wrote {args.train} train and {args.eval} held-out scenes to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Tokenizers: the built-in toy tokenizer, or a Hugging Face tokenizer from a local path.
+
+Either way the tokenizer gains the `<image>` token (one id per visual-token slot) and a pad token.
+"""
+
+from __future__ import annotations
+
+from vlm_train.config import LLMConfig
+from vlm_train.errors import ConfigError
+
+IMAGE_TOKEN = "<image>"
+TOY_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN]
+TOY_CHAT_WORDS = ["USER", "ASSISTANT", ":"]
+
+
+def build_toy_tokenizer():
+    """A word-level tokenizer over the synthetic scenes' vocabulary, as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from vlm_train.data.synthetic import VOCABULARY
+
+    words = TOY_SPECIAL + TOY_CHAT_WORDS + [w for w in VOCABULARY if w not in TOY_CHAT_WORDS]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return tokenizer
+
+
+def load_tokenizer(cfg: LLMConfig):
+    """The decoder's tokenizer: "toy", a local dir (`llm.tokenizer`), or the one beside `llm.path`."""
+    source = cfg.tokenizer or cfg.path
+    if source == "toy":
+        return build_toy_tokenizer()
+    if not source:
+        raise ConfigError("llm.tokenizer is required when llm.path is not set (use llm.tokenizer=toy for the toy)")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise ConfigError(f"cannot load a tokenizer from {source}: {err}") from None
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,19 @@
+"""Errors that are the user's to fix: the CLI prints them as one line and exits non-zero."""
+
+
+class UserError(Exception):
+    """A mistake in the config, the data or the launch; the message says what and how to fix it."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A bad override, an unknown key or option, or a value out of range."""
+
+
+class DataError(UserError):
+    """Shards that cannot be found or read as the config says."""
+
+
+class LayoutError(UserError):
+    """A parallel layout that does not fit the world size or the model."""

@@ -1,0 +1,67 @@
+"""The language decoder: a Hugging Face causal LM behind a small interface.
+
+The tensor-parallel decoder (parallel/) implements the same interface, so the VLM never knows
+which backend it runs. Legend: B batch, T tokens, Dl decoder width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlm_train.config import LLMConfig
+from vlm_train.models.vision import _require_dir
+
+
+class CausalLM(nn.Module):
+    """Embeds token ids and maps input embeddings to next-token logits."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf_model = hf_model
+        self.hidden_size: int = hf_model.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_model.get_input_embeddings().weight.shape[0]
+
+    def embed(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        return self.hf_model.get_input_embeddings()(ids_BT)
+
+    def forward(self, embeds_BTDl: torch.Tensor, attention_mask_BT: torch.Tensor | None = None,
+                position_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.hf_model(
+            inputs_embeds=embeds_BTDl,
+            attention_mask=attention_mask_BT,
+            position_ids=position_ids_BT,
+            use_cache=False,
+        )
+        return out.logits
+
+
+def build_llm(cfg: LLMConfig, vocab_size: int) -> CausalLM:
+    """A decoder from `cfg.path` or from the size fields; embeddings sized to `vocab_size`
+    (the tokenizer's, which may have grown by the image token)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if cfg.path:
+        _require_dir(cfg.path, "llm.path")
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, torch_dtype=torch.float32, attn_implementation=cfg.attn_implementation
+        )
+    else:
+        hf_config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            rope_theta=cfg.rope_theta,
+            max_position_embeddings=cfg.max_position_embeddings,
+            tie_word_embeddings=cfg.tie_embeddings,
+        )
+        hf_model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attn_implementation)
+    if hf_model.get_input_embeddings().weight.shape[0] < vocab_size:
+        hf_model.resize_token_embeddings(vocab_size, mean_resizing=True)
+    return CausalLM(hf_model)

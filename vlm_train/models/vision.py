@@ -1,0 +1,92 @@
+"""Vision towers: Hugging Face CLIP and SigLIP vision models, from a local path or a config.
+
+Legend: I images, C channels, H/W pixels, P patches (visual tokens per image), Dv tower width.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlm_train.config import VisionConfig
+from vlm_train.errors import ConfigError
+
+# Normalisation each family was trained with (used when the checkpoint ships no preprocessor).
+IMAGE_STATS = {
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+class VisionTower(nn.Module):
+    """Runs a HF vision model and returns one hidden layer's patch features.
+
+    `select_layer` indexes `hidden_states` (-1 = last layer, -2 = penultimate as in LLaVA-1.5);
+    `drop_cls` removes the CLS token of towers that have one.
+    """
+
+    def __init__(self, hf_model: nn.Module, family: str, select_layer: int, drop_cls: bool):
+        super().__init__()
+        self.hf_model = hf_model
+        self.family = family
+        self.select_layer = select_layer
+        self.drop_cls = drop_cls and family == "clip"
+        config = hf_model.config
+        self.hidden_size: int = config.hidden_size
+        self.image_size: int = config.image_size
+        self.num_patches: int = (config.image_size // config.patch_size) ** 2
+        self.image_mean, self.image_std = IMAGE_STATS[family]
+
+    def forward(self, pixels_ICHW: torch.Tensor) -> torch.Tensor:
+        out = self.hf_model(pixel_values=pixels_ICHW, output_hidden_states=True)
+        features_IPDv = out.hidden_states[self.select_layer]
+        if self.drop_cls:
+            features_IPDv = features_IPDv[:, 1:]
+        return features_IPDv
+
+
+def build_vision_tower(cfg: VisionConfig) -> VisionTower:
+    """A tower from `cfg.path` (local HF checkpoint) or, without a path, from the size fields."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    model_cls, config_cls = {
+        "clip": (CLIPVisionModel, CLIPVisionConfig),
+        "siglip": (SiglipVisionModel, SiglipVisionConfig),
+    }[cfg.family]
+    if cfg.path:
+        _require_dir(cfg.path, "vision.path")
+        hf_model = model_cls.from_pretrained(cfg.path, torch_dtype=torch.float32)
+    else:
+        hf_config = config_cls(
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            num_channels=3,
+        )
+        hf_model = model_cls(hf_config)
+    tower = VisionTower(hf_model, cfg.family, cfg.select_layer, cfg.drop_cls)
+    if cfg.path:
+        tower.image_mean, tower.image_std = _checkpoint_image_stats(cfg.path, tower)
+    return tower
+
+
+def _checkpoint_image_stats(path: str, tower: VisionTower) -> tuple[tuple, tuple]:
+    processor_file = Path(path) / "preprocessor_config.json"
+    if not processor_file.exists():
+        return tower.image_mean, tower.image_std
+    processor = json.loads(processor_file.read_text())
+    return (
+        tuple(processor.get("image_mean", tower.image_mean)),
+        tuple(processor.get("image_std", tower.image_std)),
+    )
+
+
+def _require_dir(path: str, key: str) -> None:
+    if not Path(path).is_dir():
+        raise ConfigError(f"{key}={path} is not a directory: give a local Hugging Face checkpoint dir")

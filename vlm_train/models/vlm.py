@@ -1,0 +1,99 @@
+"""VisionLanguageModel: vision tower -> connector -> causal LM, in plain PyTorch.
+
+Legend: B batch, T tokens, I images in the batch, C/H/W pixels, P patches per image,
+N visual tokens per image, Dv tower width, Dl decoder width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm_train.models.llm import CausalLM
+from vlm_train.models.vision import VisionTower
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VLMOutput:
+    """`loss` is the mean over this batch's label tokens; training reduces `loss_sum` by the
+    label-token count of the whole global batch instead (see training/loop.py)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    loss_sum: torch.Tensor | None = None
+    num_label_tokens: torch.Tensor | None = None
+
+
+class VisionLanguageModel(nn.Module):
+    """A VLM whose visual tokens fill the image-token slots of `input_ids`.
+
+    `input_ids` carry one `image_token_id` per visual-token slot (N per image, in image order),
+    as Hugging Face processors expand `<image>`; `pixel_values` holds the batch's images in the
+    order their slots appear, [I, C, H, W].
+    """
+
+    def __init__(self, vision: VisionTower, connector: nn.Module, llm: CausalLM, image_token_id: int):
+        super().__init__()
+        self.vision = vision
+        self.connector = connector
+        self.llm = llm
+        self.image_token_id = image_token_id
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens per image, i.e. image-token slots the text must carry per image."""
+        return self.connector.num_tokens
+
+    def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> VLMOutput:
+        embeds_BTDl = self.embed(pixel_values, input_ids)
+        logits_BTV = self.llm(embeds_BTDl, attention_mask)
+        if labels is None:
+            return VLMOutput(logits=logits_BTV)
+        loss_sum, count = token_cross_entropy(logits_BTV, labels)
+        return VLMOutput(logits_BTV, loss=loss_sum / count.clamp(min=1), loss_sum=loss_sum, num_label_tokens=count)
+
+    def embed(self, pixel_values: torch.Tensor | None, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        embeds_BTDl = self.llm.embed(input_ids_BT)
+        slots_BT = input_ids_BT == self.image_token_id
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if slots_BT.any():
+                raise ValueError("input_ids hold image tokens but no pixel_values were given")
+            # Run the vision path on a blank image anyway, contributing zero: under ZeRO-3 every
+            # rank must gather the same parameters, or a rank without images hangs the others.
+            blank_ICHW = embeds_BTDl.new_zeros(1, 3, self.vision.image_size, self.vision.image_size)
+            return embeds_BTDl + 0.0 * self.encode_images(blank_ICHW).sum()
+        visual_INDl = self.encode_images(pixel_values)
+        num_visual = visual_INDl.shape[0] * visual_INDl.shape[1]
+        if num_visual != int(slots_BT.sum()):
+            raise ValueError(
+                f"{visual_INDl.shape[0]} images give {num_visual} visual tokens but input_ids hold "
+                f"{int(slots_BT.sum())} image-token slots ({self.num_image_tokens} per image expected)"
+            )
+        flat_visual = visual_INDl.reshape(-1, visual_INDl.shape[-1]).to(embeds_BTDl.dtype)
+        return embeds_BTDl.masked_scatter(slots_BT.unsqueeze(-1), flat_visual)
+
+    def encode_images(self, pixels_ICHW: torch.Tensor) -> torch.Tensor:
+        tower_dtype = next(self.vision.parameters()).dtype
+        tower_trains = any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(tower_trains and torch.is_grad_enabled()):
+            features_IPDv = self.vision(pixels_ICHW.to(tower_dtype))
+        return self.connector(features_IPDv)
+
+
+def token_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy (fp32) over labelled positions, and their count."""
+    shifted_logits = logits_BTV[:, :-1].float()
+    shifted_labels = labels_BT[:, 1:]
+    loss_sum = F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+        shifted_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss_sum, (shifted_labels != IGNORE_INDEX).sum()

@@ -1,0 +1,1 @@
+"""Everything about processes and sharding, applied to a built model from outside it."""

@@ -1,0 +1,149 @@
+"""The training entry point: `vlm-train [overrides...]` or `torchrun ... -m vlm_train.train [overrides...]`.
+
+Reads like the run it performs: layout -> data -> model -> engine -> loop -> evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from vlm_train.config import Config, compose, to_yaml
+from vlm_train.errors import UserError
+
+USAGE = """usage: vlm-train [key=value ...]
+
+Hydra overrides, for example:
+  vlm-train experiment=toy
+  vlm-train experiment=toy connector=mlp parallel.zero_stage=2 train.max_steps=200 run.dir=runs/z2
+  torchrun --nproc_per_node=2 -m vlm_train.train experiment=toy
+
+Groups: vision, llm, connector, data, parallel, train, experiment (see configs/).
+A run.dir holding a complete checkpoint is resumed."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in overrides):
+        print(USAGE)
+        return 0
+    try:
+        cfg = compose(overrides)
+        run(cfg)
+    except UserError as err:
+        print(f"vlm-train: error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    return 0
+
+
+def run(cfg: Config) -> None:
+    """Train (or resume) the run `cfg` describes, then evaluate on held-out data."""
+    from vlm_train.parallel.distributed import init_distributed, launch_env, shutdown
+    from vlm_train.parallel.layout import Layout
+
+    env = launch_env()
+    layout = Layout.from_config(cfg, world=env.world, rank=env.rank)
+    _quiet_libraries(layout.rank)
+    device = init_distributed(cfg.parallel, env)
+    try:
+        _train(cfg, layout, device)
+    finally:
+        shutdown()
+
+
+def _train(cfg: Config, layout, device) -> None:
+    import torch.distributed as dist
+
+    from vlm_train.build import build_model
+    from vlm_train.data.pipeline import build_train_batches
+    from vlm_train.data.preprocess import ImageTransform
+    from vlm_train.data.tokenizer import load_tokenizer
+    from vlm_train.parallel.engine import build_engine
+    from vlm_train.training.checkpoint import check_resumable, latest_checkpoint
+    from vlm_train.training.loop import Trainer
+    from vlm_train.training.metrics import MetricsLogger
+
+    run_dir = Path(cfg.run.dir)
+    prepare_synthetic_data(cfg, layout.rank)
+    resume_from = latest_checkpoint(run_dir)
+    if resume_from is not None:
+        check_resumable((resume_from / "config.yaml").read_text(), cfg, resume_from)
+    elif layout.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    seed_everything(cfg.run.seed)  # identical initial weights on every rank
+    tokenizer = load_tokenizer(cfg.llm)
+    model = build_model(cfg, tokenizer)
+    transform = ImageTransform(model.vision.image_size, model.vision.image_mean, model.vision.image_std)
+    batches = build_train_batches(cfg.data, tokenizer, transform, model.num_image_tokens, rank=layout.dp_rank,
+                                  world=layout.dp, batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed,
+                                  pin_memory=device.type == "cuda")
+    engine = build_engine(model, cfg, layout, device)
+    metrics = MetricsLogger(run_dir, cfg, enabled=layout.rank == 0)
+    trainer = Trainer(engine, batches, cfg, layout, device, metrics)
+    if resume_from is not None:
+        trainer.resume(resume_from)
+    trainer.fit()
+    if cfg.train.eval and cfg.data.eval_urls:
+        evaluate_run(trainer, cfg, tokenizer, transform)
+    dist.barrier()
+    metrics.close()
+
+
+def evaluate_run(trainer, cfg: Config, tokenizer, transform) -> None:
+    from vlm_train.data.pipeline import SampleEncoder, read_eval_records
+    from vlm_train.training.evaluate import evaluate
+
+    model = trainer.engine.module
+    encoder = SampleEncoder(cfg.data, tokenizer, transform, model.num_image_tokens)
+    records = read_eval_records(cfg.data.eval_urls, cfg.data.eval_samples)
+    results = evaluate(model, records, encoder, batch_size=max(cfg.train.micro_batch_size, 16),
+                       max_new_tokens=cfg.data.max_new_tokens, rank=trainer.layout.dp_rank,
+                       world=trainer.layout.dp, device=trainer.device)
+    trainer.metrics.log({"step": trainer.step, **results})
+
+
+def prepare_synthetic_data(cfg: Config, rank: int) -> None:
+    """Generate the toy scenes on first use (rank 0 writes; the others wait at a barrier)."""
+    import torch.distributed as dist
+
+    from vlm_train.data.pipeline import expand_urls
+
+    data = cfg.data
+    if data.synthetic_dir and rank == 0 and not (Path(data.synthetic_dir) / "manifest.json").is_file():
+        from vlm_train.data.synthetic import generate
+
+        print(f"generating synthetic scenes in {data.synthetic_dir}", flush=True)
+        generate(data.synthetic_dir, train=data.synthetic_train, eval=data.synthetic_eval)
+    dist.barrier()
+    expand_urls(data.urls)  # a pattern that matches nothing fails here, before any model is built
+    if data.eval_urls:
+        expand_urls(data.eval_urls, key="data.eval_urls")
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _quiet_libraries(rank: int) -> None:
+    """Library chatter (DeepSpeed's banner, HF warnings) stays out of the console."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.WARNING if rank == 0 else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

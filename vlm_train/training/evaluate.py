@@ -1,0 +1,133 @@
+"""Held-out evaluation: teacher-forced loss and greedy-decoded answer accuracy.
+
+Every rank scores an equal share of the held-out samples and runs the same number of forward
+passes (decoding stops when no rank has an unfinished answer), so ZeRO-3's parameter gathers stay
+in step; the counts are summed across ranks.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from vlm_train.data.pipeline import SampleEncoder, collate
+from vlm_train.data.templates import encode
+
+
+@dataclass
+class Question:
+    kind: str
+    pixels: torch.Tensor  # [1, 3, S, S]
+    prompt: list[int]
+    answer: str
+
+
+def questions_of(raw: dict, encoder: SampleEncoder) -> list[Question]:
+    """Each human turn of a held-out sample, asked alone about its image."""
+    turns = encoder.conversation(raw)
+    image_bytes = next((raw[k] for k in encoder.image_keys if k in raw), None)
+    pixels = encoder.pixels(image_bytes)
+    questions = []
+    for ask, reply in zip(turns[0::2], turns[1::2]):
+        text = ask["value"].replace("<image>", "").strip()
+        turn = [{"from": "human", "value": f"<image>\n{text}" if pixels.shape[0] else text}]
+        prompt = encode(turn, encoder.tokenizer, encoder.cfg.template, encoder.image_tokens, add_generation_prompt=True)
+        questions.append(Question(ask.get("kind", "answer"), pixels, prompt.input_ids, reply["value"]))
+    return questions
+
+
+@torch.no_grad()
+def greedy_generate(model, pixels: torch.Tensor, prompts: list[list[int]], max_new_tokens: int,
+                    eos_id: int, pad_id: int, device: torch.device) -> list[list[int]]:
+    """Greedy answers for right-padded prompts (full recompute per token: short answers)."""
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(lengths.max()) + max_new_tokens
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.tensor(prompt)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    answers: list[list[int]] = [[] for _ in prompts]
+    rows = torch.arange(len(prompts), device=device)
+    for _ in range(max_new_tokens):
+        if not _anyone_active(finished, device):
+            break
+        mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
+        logits = model(pixels, ids, attention_mask=mask).logits
+        next_ids = logits[rows, lengths - 1].argmax(-1)
+        for row in (~finished).nonzero().flatten().tolist():
+            token = int(next_ids[row])
+            finished[row] = token == eos_id
+            if token != eos_id:
+                answers[row].append(token)
+        ids[rows, lengths] = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
+        lengths = torch.clamp(lengths + (~finished).long(), max=width - 1)
+    return answers
+
+
+def _anyone_active(finished: torch.Tensor, device: torch.device) -> bool:
+    active = torch.tensor([float((~finished).any())], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(active, op=dist.ReduceOp.MAX)
+    return bool(active.item())
+
+
+def evaluate(model, records: list[dict], encoder: SampleEncoder, *, batch_size: int, max_new_tokens: int,
+             rank: int, world: int, device: torch.device) -> dict[str, float]:
+    """eval_loss (teacher-forced, token-weighted) and eval_accuracy (exact match), with per-kind accuracy."""
+    model.eval()
+    share = records[rank::world][: len(records) // world]  # equal shares keep ranks in step
+    sums = defaultdict(float)
+    for start in range(0, len(share), batch_size):
+        chunk = [s for s in map(encoder, share[start : start + batch_size]) if s is not None]
+        _add_loss(model, chunk, encoder, sums, device)
+        _add_accuracy(model, [q for raw in share[start : start + batch_size] for q in questions_of(raw, encoder)],
+                      encoder, max_new_tokens, sums, device)
+    model.train()
+    totals = _all_reduce_sums(sums, device)
+    metrics = {"eval_loss": totals["loss_sum"] / max(totals["loss_tokens"], 1),
+               "eval_accuracy": totals["correct"] / max(totals["asked"], 1)}
+    for key in sorted(totals):
+        if key.startswith("asked_"):
+            kind = key[len("asked_"):]
+            metrics[f"eval_accuracy_{kind}"] = totals[f"correct_{kind}"] / totals[key]
+    return metrics
+
+
+@torch.no_grad()
+def _add_loss(model, chunk, encoder, sums, device) -> None:
+    if not chunk:
+        return
+    batch = collate(chunk, encoder.tokenizer.pad_token_id)
+    out = model(batch["pixel_values"].to(device), batch["input_ids"].to(device),
+                batch["attention_mask"].to(device), batch["labels"].to(device))
+    sums["loss_sum"] += float(out.loss_sum)
+    sums["loss_tokens"] += float(out.num_label_tokens)
+
+
+def _add_accuracy(model, questions: list[Question], encoder, max_new_tokens, sums, device) -> None:
+    tokenizer = encoder.tokenizer
+    pixels = torch.cat([q.pixels for q in questions]).to(device)
+    answers = greedy_generate(model, pixels, [q.prompt for q in questions], max_new_tokens,
+                              tokenizer.eos_token_id, tokenizer.pad_token_id, device)
+    for question, answer_ids in zip(questions, answers):
+        said = " ".join(tokenizer.decode(answer_ids, skip_special_tokens=True).split())
+        expected = " ".join(tokenizer.decode(tokenizer(question.answer, add_special_tokens=False).input_ids).split())
+        right = float(said == expected)
+        sums["asked"] += 1
+        sums["correct"] += right
+        sums[f"asked_{question.kind}"] += 1
+        sums[f"correct_{question.kind}"] += right
+
+
+def _all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not dist.is_initialized():
+        return dict(sums)
+    keys = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, sorted(sums))
+    names = sorted({k for rank_keys in keys for k in rank_keys})
+    values = torch.tensor([sums.get(k, 0.0) for k in names], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(names, values.tolist()))

@@ -1,0 +1,111 @@
+"""The step loop: micro-batches -> token-weighted loss -> DeepSpeed backward/step -> metrics.
+
+The loss of a step is the summed cross-entropy of every answer token of the global batch (all
+micro-batches, all data-parallel ranks) divided by their count, so a rank or micro-batch with
+few answer tokens weighs exactly as much as its tokens, not as much as a mean of means would.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vlm_train.config import Config
+from vlm_train.data.pipeline import TrainBatches
+from vlm_train.models.vlm import IGNORE_INDEX
+from vlm_train.parallel.layout import Layout
+from vlm_train.training import checkpoint
+from vlm_train.training.metrics import MetricsLogger, memory_gb
+
+
+class Trainer:
+    def __init__(self, engine, batches: TrainBatches, cfg: Config, layout: Layout, device: torch.device,
+                 metrics: MetricsLogger):
+        self.engine, self.batches, self.cfg = engine, batches, cfg
+        self.layout, self.device, self.metrics = layout, device, metrics
+        self.run_dir = Path(cfg.run.dir)
+        self.step = 0
+        self.samples_seen = 0
+        self.tokens_seen = 0
+
+    def fit(self) -> None:
+        train = self.cfg.train
+        while self.step < train.max_steps:
+            started = time.perf_counter()
+            loss, samples, tokens = self.train_step()
+            elapsed = time.perf_counter() - started
+            self.step += 1
+            self.samples_seen += samples
+            self.tokens_seen += tokens
+            if self.step % train.log_every == 0 or self.step in (1, train.max_steps):
+                self.log_step(loss, samples, tokens, elapsed)
+            if self.step == train.max_steps or (train.save_every and self.step % train.save_every == 0):
+                self.save()
+
+    def train_step(self) -> tuple[float, int, int]:
+        """One optimizer step over `grad_accum` micro-batches; returns the global loss, samples, tokens."""
+        micro_batches = [next(self.batches) for _ in range(self.cfg.train.grad_accum)]
+        local = torch.tensor([
+            sum(float((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches),
+            sum(float(mb["input_ids"].shape[0]) for mb in micro_batches),
+            sum(float(mb["attention_mask"].sum()) for mb in micro_batches),
+        ], dtype=torch.float64, device=self.device)
+        answer_tokens, samples, tokens = self.all_reduce(local).tolist()
+        # DeepSpeed divides by grad_accum and averages gradients over dp ranks; undo both so the
+        # gradient is that of (sum of token losses) / (answer tokens in the global batch).
+        scale = self.cfg.train.grad_accum * self.layout.dp / max(answer_tokens, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for mb in micro_batches:
+            out = self.engine(*self.model_inputs(mb))
+            self.engine.backward(out.loss_sum * scale)
+            self.engine.step()
+            loss_sum += out.loss_sum.detach().double()
+        global_loss = float(self.all_reduce(loss_sum)) / max(answer_tokens, 1.0)
+        return global_loss, int(samples), int(tokens)
+
+    def model_inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        names = ("pixel_values", "input_ids", "attention_mask", "labels")
+        return tuple(batch[name].to(self.device, non_blocking=True) for name in names)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor)
+        return tensor
+
+    def log_step(self, loss: float, samples: int, tokens: int, elapsed: float) -> None:
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {
+            "step": self.step,
+            "loss": loss,
+            "lr": self.engine.get_lr()[0],
+            "samples_per_s": samples / elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "mem_gb": round(memory_gb(self.device), 3),
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        self.metrics.log(record)
+
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
+            "data": self.batches.state_dict(),
+            "rng": checkpoint.rng_state(),
+        }
+
+    def save(self) -> None:
+        folder = checkpoint.save(self.engine, self.run_dir, self.step, self.trainer_state(), self.cfg)
+        if self.layout.rank == 0:
+            print(f"saved checkpoint {folder}", flush=True)
+
+    def resume(self, folder: Path) -> None:
+        state = checkpoint.load(self.engine, folder)
+        self.step, self.samples_seen, self.tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
+        self.batches.load_state_dict(state["data"])
+        checkpoint.set_rng_state(state["rng"])
+        if self.layout.rank == 0:
+            print(f"resumed from {folder} at step {self.step}", flush=True)
