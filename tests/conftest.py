@@ -53,8 +53,16 @@ def run_cli(overrides: list[str], nproc: int = 1, timeout: int = 300) -> subproc
     if nproc == 1:
         command = [sys.executable, "-m", "vlm_train.train", *overrides]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                   f"--master_port={free_port()}", "-m", "vlm_train.train", *overrides]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            "-m",
+            "vlm_train.train",
+            *overrides,
+        ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -23,12 +23,27 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                     num_attention_heads=4, image_size=28, patch_size=14)).save_pretrained(root / "clip")
+    CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=28,
+            patch_size=14,
+        )
+    ).save_pretrained(root / "clip")
     tokenizer = build_toy_tokenizer()
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=4)).save_pretrained(root / "llama")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        )
+    ).save_pretrained(root / "llama")
     tokenizer.save_pretrained(root / "llama")
     return {"vision": root / "clip", "llm": root / "llama", "root": root}
 
@@ -52,8 +67,11 @@ def test_real_recipe_needs_paths(experiment):
 
 def test_llava_stages_build_from_local_checkpoints(tiny_checkpoints, tmp_path):
     """Stage 1 trains only the projector; stage 2 loads stage 1's projector and trains the LLM too."""
-    paths = [f"vision.path={tiny_checkpoints['vision']}", f"llm.path={tiny_checkpoints['llm']}",
-             "data.urls=unused-{0..1}.tar"]
+    paths = [
+        f"vision.path={tiny_checkpoints['vision']}",
+        f"llm.path={tiny_checkpoints['llm']}",
+        "data.urls=unused-{0..1}.tar",
+    ]
     stage1 = compose(["experiment=llava15-7b-stage1", *paths])
     assert stage1.train.lr == 1e-3 and stage1.vision.select_layer == -2
     model1 = build_model(stage1)

@@ -42,8 +42,9 @@ def write_shards(folder: Path, sizes: list[int], seed: int = 0, corrupt: set[int
 
 
 def batches_for(pattern: str, rank: int, world: int, workers: int, batch_size: int, seed: int = 0):
-    cfg = compose(["experiment=toy", f"data.urls={pattern}", f"data.num_workers={workers}",
-                   "data.shuffle_block=16"]).data
+    cfg = compose(
+        ["experiment=toy", f"data.urls={pattern}", f"data.num_workers={workers}", "data.shuffle_block=16"]
+    ).data
     return build_train_batches(cfg, TOKENIZER, TRANSFORM, 9, rank=rank, world=world, batch_size=batch_size, seed=seed)
 
 
@@ -109,8 +110,12 @@ def test_batch_contents(tmp_path):
 
 
 def test_labels_cover_answers_only():
-    turns = [{"from": "human", "value": "<image>\nwhat color is the circle ?"}, {"from": "gpt", "value": "red"},
-             {"from": "human", "value": "where is the red circle ?"}, {"from": "gpt", "value": "top left"}]
+    turns = [
+        {"from": "human", "value": "<image>\nwhat color is the circle ?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "where is the red circle ?"},
+        {"from": "gpt", "value": "top left"},
+    ]
     enc = encode(turns, TOKENIZER, "chat", image_tokens=9)
     answer_ids = [i for i, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
     assert TOKENIZER.decode(answer_ids) == "red </s> top left </s>"

@@ -18,8 +18,12 @@ def make_batch(model, tokenizer, with_image=(True, True)):
     ids, labels, pixels = [], [], []
     for question, has_image in zip(questions, with_image):
         text = f"<image>\n{question}" if has_image else question
-        enc = encode([{"from": "human", "value": text}, {"from": "gpt", "value": "red"}], tokenizer, "chat",
-                     model.num_image_tokens)
+        enc = encode(
+            [{"from": "human", "value": text}, {"from": "gpt", "value": "red"}],
+            tokenizer,
+            "chat",
+            model.num_image_tokens,
+        )
         ids.append(enc.input_ids)
         labels.append(enc.labels)
         if has_image:
@@ -41,8 +45,9 @@ def test_forward_backward(vision):
     assert out.logits.shape == (*input_ids.shape, len(tokenizer))
     # .loss is cross-entropy over answer tokens only
     shifted = labels[:, 1:]
-    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), shifted.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+    expected = F.cross_entropy(
+        out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX
+    )
     torch.testing.assert_close(out.loss, expected)
     assert out.num_label_tokens == (shifted != IGNORE_INDEX).sum()
     out.loss.backward()

@@ -50,7 +50,7 @@ class LLMConfig:
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
-    num_kv_heads: int = 2
+    num_kv_heads: int = 4
     intermediate_size: int = 344
     rope_theta: float = 10000.0
     max_position_embeddings: int = 512
@@ -205,8 +205,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(allowed)}")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage} is out of range: use 0, 1, 2 or 3")
-    positive = ("parallel.tensor_parallel", "train.micro_batch_size", "train.grad_accum",
-                "train.max_steps", "data.max_length", "train.log_every")
+    positive = (
+        "parallel.tensor_parallel",
+        "train.micro_batch_size",
+        "train.grad_accum",
+        "train.max_steps",
+        "data.max_length",
+        "train.log_every",
+    )
     for dotted in positive:
         if _get(cfg, dotted) < 1:
             raise ConfigError(f"{dotted}={_get(cfg, dotted)} must be at least 1")

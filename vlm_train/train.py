@@ -78,9 +78,17 @@ def _train(cfg: Config, layout, device) -> None:
     tokenizer = load_tokenizer(cfg.llm)
     model = build_model(cfg, tokenizer)
     transform = ImageTransform(model.vision.image_size, model.vision.image_mean, model.vision.image_std)
-    batches = build_train_batches(cfg.data, tokenizer, transform, model.num_image_tokens, rank=layout.dp_rank,
-                                  world=layout.dp, batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed,
-                                  pin_memory=device.type == "cuda")
+    batches = build_train_batches(
+        cfg.data,
+        tokenizer,
+        transform,
+        model.num_image_tokens,
+        rank=layout.dp_rank,
+        world=layout.dp,
+        batch_size=cfg.train.micro_batch_size,
+        seed=cfg.run.seed,
+        pin_memory=device.type == "cuda",
+    )
     engine = build_engine(model, cfg, layout, device)
     metrics = MetricsLogger(run_dir, cfg, enabled=layout.rank == 0)
     trainer = Trainer(engine, batches, cfg, layout, device, metrics)
@@ -100,9 +108,16 @@ def evaluate_run(trainer, cfg: Config, tokenizer, transform) -> None:
     model = trainer.engine.module
     encoder = SampleEncoder(cfg.data, tokenizer, transform, model.num_image_tokens)
     records = read_eval_records(cfg.data.eval_urls, cfg.data.eval_samples)
-    results = evaluate(model, records, encoder, batch_size=max(cfg.train.micro_batch_size, 16),
-                       max_new_tokens=cfg.data.max_new_tokens, rank=trainer.layout.dp_rank,
-                       world=trainer.layout.dp, device=trainer.device)
+    results = evaluate(
+        model,
+        records,
+        encoder,
+        batch_size=max(cfg.train.micro_batch_size, 16),
+        max_new_tokens=cfg.data.max_new_tokens,
+        rank=trainer.layout.dp_rank,
+        world=trainer.layout.dp,
+        device=trainer.device,
+    )
     trainer.metrics.log({"step": trainer.step, **results})
 
 
@@ -113,7 +128,8 @@ def prepare_synthetic_data(cfg: Config, rank: int) -> None:
     from vlm_train.data.pipeline import expand_urls
 
     data = cfg.data
-    if data.synthetic_dir and rank == 0 and not (Path(data.synthetic_dir) / "manifest.json").is_file():
+    wanted = data.synthetic_dir and data.urls.startswith(str(data.synthetic_dir))
+    if wanted and rank == 0 and not (Path(data.synthetic_dir) / "manifest.json").is_file():
         from vlm_train.data.synthetic import generate
 
         print(f"generating synthetic scenes in {data.synthetic_dir}", flush=True)
@@ -139,8 +155,9 @@ def _quiet_libraries(rank: int) -> None:
     """Library chatter (DeepSpeed's banner, HF warnings) stays out of the console."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.WARNING if rank == 0 else logging.ERROR,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if rank == 0 else logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
+    )
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

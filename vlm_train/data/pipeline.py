@@ -120,7 +120,9 @@ class SampleEncoder:
             return None
         encoded = encode(turns, self.tokenizer, self.cfg.template, self.image_tokens)
         if encoded.num_images != pixels.shape[0]:
-            log.warning("skipping sample %s: %d <image> markers for %d images", key, encoded.num_images, pixels.shape[0])
+            log.warning(
+                "skipping sample %s: %d <image> markers for %d images", key, encoded.num_images, pixels.shape[0]
+            )
             return None
         encoded = truncate(encoded, self.cfg.max_length, self.image_token_id)
         if encoded is None:
@@ -177,8 +179,20 @@ def _placeholder(sample: tuple[str, torch.Tensor, Encoded]) -> tuple[str, torch.
 class ShardStream(IterableDataset):
     """One epoch of batches for one rank; each DataLoader worker streams its own sample range."""
 
-    def __init__(self, urls: list[str], sizes: list[int], encoder: SampleEncoder, pad_id: int, *,
-                 rank: int, world: int, workers: int, batch_size: int, seed: int, shuffle_block: int):
+    def __init__(
+        self,
+        urls: list[str],
+        sizes: list[int],
+        encoder: SampleEncoder,
+        pad_id: int,
+        *,
+        rank: int,
+        world: int,
+        workers: int,
+        batch_size: int,
+        seed: int,
+        shuffle_block: int,
+    ):
         self.urls, self.sizes, self.encoder, self.pad_id = urls, sizes, encoder, pad_id
         self.rank, self.world, self.workers = rank, world, max(workers, 1)
         self.batch_size, self.seed, self.shuffle_block = batch_size, seed, max(shuffle_block, 1)
@@ -246,8 +260,13 @@ class TrainBatches:
     def __next__(self) -> dict:
         if self._iterator is None:
             self.stream.set_position(self.epoch, self.batch)
-            loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                                pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None)
+            loader = DataLoader(
+                self.stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                prefetch_factor=4 if self.num_workers else None,
+            )
             self._iterator = iter(loader)
         batch = next(self._iterator)
         self.batch += 1
@@ -256,8 +275,13 @@ class TrainBatches:
         return batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "world": self.stream.world,
-                "workers": self.stream.workers, "batch_size": self.stream.batch_size}
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "world": self.stream.world,
+            "workers": self.stream.workers,
+            "batch_size": self.stream.batch_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         layout = (self.stream.world, self.stream.workers, self.stream.batch_size)
@@ -270,12 +294,32 @@ class TrainBatches:
         self.epoch, self.batch, self._iterator = state["epoch"], state["batch"], None
 
 
-def build_train_batches(cfg: DataConfig, tokenizer, transform: ImageTransform, image_tokens: int, *,
-                        rank: int, world: int, batch_size: int, seed: int, pin_memory: bool = False) -> TrainBatches:
+def build_train_batches(
+    cfg: DataConfig,
+    tokenizer,
+    transform: ImageTransform,
+    image_tokens: int,
+    *,
+    rank: int,
+    world: int,
+    batch_size: int,
+    seed: int,
+    pin_memory: bool = False,
+) -> TrainBatches:
     urls = expand_urls(cfg.urls)
     encoder = SampleEncoder(cfg, tokenizer, transform, image_tokens)
-    stream = ShardStream(urls, shard_sizes(urls), encoder, tokenizer.pad_token_id, rank=rank, world=world,
-                         workers=cfg.num_workers, batch_size=batch_size, seed=seed, shuffle_block=cfg.shuffle_block)
+    stream = ShardStream(
+        urls,
+        shard_sizes(urls),
+        encoder,
+        tokenizer.pad_token_id,
+        rank=rank,
+        world=world,
+        workers=cfg.num_workers,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle_block=cfg.shuffle_block,
+    )
     return TrainBatches(stream, cfg.num_workers, pin_memory)
 
 

@@ -36,7 +36,9 @@ def conversation_pieces(turns: list[dict], template: str, eos: str) -> list[tupl
     return pieces
 
 
-def encode(turns: list[dict], tokenizer, template: str, image_tokens: int, add_generation_prompt: bool = False) -> Encoded:
+def encode(
+    turns: list[dict], tokenizer, template: str, image_tokens: int, add_generation_prompt: bool = False
+) -> Encoded:
     """Token ids and labels; each `<image>` becomes `image_tokens` image-token ids (no labels).
 
     With `add_generation_prompt`, `turns` ends on a human turn and the ids end ready for the answer.

@@ -28,8 +28,12 @@ class CausalLM(nn.Module):
     def embed(self, ids_BT: torch.Tensor) -> torch.Tensor:
         return self.hf_model.get_input_embeddings()(ids_BT)
 
-    def forward(self, embeds_BTDl: torch.Tensor, attention_mask_BT: torch.Tensor | None = None,
-                position_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        embeds_BTDl: torch.Tensor,
+        attention_mask_BT: torch.Tensor | None = None,
+        position_ids_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         out = self.hf_model(
             inputs_embeds=embeds_BTDl,
             attention_mask=attention_mask_BT,

@@ -49,8 +49,13 @@ class VisionLanguageModel(nn.Module):
         """Visual tokens per image, i.e. image-token slots the text must carry per image."""
         return self.connector.num_tokens
 
-    def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> VLMOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> VLMOutput:
         embeds_BTDl = self.embed(pixel_values, input_ids)
         logits_BTV = self.llm(embeds_BTDl, attention_mask)
         if labels is None:

@@ -54,8 +54,13 @@ def pick_backend(cfg: ParallelConfig) -> str:
 
 def init_distributed(cfg: ParallelConfig, env: LaunchEnv) -> torch.device:
     """Start the default process group through DeepSpeed and return this rank's device."""
-    for key, value in (("RANK", env.rank), ("LOCAL_RANK", env.local_rank), ("WORLD_SIZE", env.world),
-                       ("MASTER_ADDR", env.master_addr), ("MASTER_PORT", env.master_port)):
+    for key, value in (
+        ("RANK", env.rank),
+        ("LOCAL_RANK", env.local_rank),
+        ("WORLD_SIZE", env.world),
+        ("MASTER_ADDR", env.master_addr),
+        ("MASTER_PORT", env.master_port),
+    ):
         os.environ[key] = str(value)
     backend = pick_backend(cfg)
     if backend == "gloo":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from vlm_train.config import Config
@@ -54,6 +56,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, device: to
     """Wrap the model in a DeepSpeed engine; only parameters that train reach the optimizer."""
     import deepspeed
 
+    deepspeed.utils.logger.setLevel(logging.ERROR)  # its per-step INFO/WARNING lines drown the progress
     precision = resolve_precision(cfg.train.precision, device)
     engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -98,8 +98,17 @@ def set_rng_state(state: dict) -> None:
 
 
 # What must match for a checkpoint to resume: the model, the sharding and the data layout.
-RESUME_KEYS = ("vision", "llm", "connector", "parallel.zero_stage", "parallel.tensor_parallel",
-               "train.micro_batch_size", "train.grad_accum", "data.urls", "data.num_workers")
+RESUME_KEYS = (
+    "vision",
+    "llm",
+    "connector",
+    "parallel.zero_stage",
+    "parallel.tensor_parallel",
+    "train.micro_batch_size",
+    "train.grad_accum",
+    "data.urls",
+    "data.num_workers",
+)
 
 
 def check_resumable(saved_yaml: str, cfg: Config, folder: Path) -> None:

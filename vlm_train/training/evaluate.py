@@ -40,8 +40,15 @@ def questions_of(raw: dict, encoder: SampleEncoder) -> list[Question]:
 
 
 @torch.no_grad()
-def greedy_generate(model, pixels: torch.Tensor, prompts: list[list[int]], max_new_tokens: int,
-                    eos_id: int, pad_id: int, device: torch.device) -> list[list[int]]:
+def greedy_generate(
+    model,
+    pixels: torch.Tensor,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    device: torch.device,
+) -> list[list[int]]:
     """Greedy answers for right-padded prompts (full recompute per token: short answers)."""
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     width = int(lengths.max()) + max_new_tokens
@@ -74,8 +81,17 @@ def _anyone_active(finished: torch.Tensor, device: torch.device) -> bool:
     return bool(active.item())
 
 
-def evaluate(model, records: list[dict], encoder: SampleEncoder, *, batch_size: int, max_new_tokens: int,
-             rank: int, world: int, device: torch.device) -> dict[str, float]:
+def evaluate(
+    model,
+    records: list[dict],
+    encoder: SampleEncoder,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> dict[str, float]:
     """eval_loss (teacher-forced, token-weighted) and eval_accuracy (exact match), with per-kind accuracy."""
     model.eval()
     share = records[rank::world][: len(records) // world]  # equal shares keep ranks in step
@@ -83,15 +99,23 @@ def evaluate(model, records: list[dict], encoder: SampleEncoder, *, batch_size: 
     for start in range(0, len(share), batch_size):
         chunk = [s for s in map(encoder, share[start : start + batch_size]) if s is not None]
         _add_loss(model, chunk, encoder, sums, device)
-        _add_accuracy(model, [q for raw in share[start : start + batch_size] for q in questions_of(raw, encoder)],
-                      encoder, max_new_tokens, sums, device)
+        _add_accuracy(
+            model,
+            [q for raw in share[start : start + batch_size] for q in questions_of(raw, encoder)],
+            encoder,
+            max_new_tokens,
+            sums,
+            device,
+        )
     model.train()
     totals = _all_reduce_sums(sums, device)
-    metrics = {"eval_loss": totals["loss_sum"] / max(totals["loss_tokens"], 1),
-               "eval_accuracy": totals["correct"] / max(totals["asked"], 1)}
+    metrics = {
+        "eval_loss": totals["loss_sum"] / max(totals["loss_tokens"], 1),
+        "eval_accuracy": totals["correct"] / max(totals["asked"], 1),
+    }
     for key in sorted(totals):
         if key.startswith("asked_"):
-            kind = key[len("asked_"):]
+            kind = key[len("asked_") :]
             metrics[f"eval_accuracy_{kind}"] = totals[f"correct_{kind}"] / totals[key]
     return metrics
 
@@ -101,8 +125,12 @@ def _add_loss(model, chunk, encoder, sums, device) -> None:
     if not chunk:
         return
     batch = collate(chunk, encoder.tokenizer.pad_token_id)
-    out = model(batch["pixel_values"].to(device), batch["input_ids"].to(device),
-                batch["attention_mask"].to(device), batch["labels"].to(device))
+    out = model(
+        batch["pixel_values"].to(device),
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        batch["labels"].to(device),
+    )
     sums["loss_sum"] += float(out.loss_sum)
     sums["loss_tokens"] += float(out.num_label_tokens)
 
@@ -110,8 +138,15 @@ def _add_loss(model, chunk, encoder, sums, device) -> None:
 def _add_accuracy(model, questions: list[Question], encoder, max_new_tokens, sums, device) -> None:
     tokenizer = encoder.tokenizer
     pixels = torch.cat([q.pixels for q in questions]).to(device)
-    answers = greedy_generate(model, pixels, [q.prompt for q in questions], max_new_tokens,
-                              tokenizer.eos_token_id, tokenizer.pad_token_id, device)
+    answers = greedy_generate(
+        model,
+        pixels,
+        [q.prompt for q in questions],
+        max_new_tokens,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        device,
+    )
     for question, answer_ids in zip(questions, answers):
         said = " ".join(tokenizer.decode(answer_ids, skip_special_tokens=True).split())
         expected = " ".join(tokenizer.decode(tokenizer(question.answer, add_special_tokens=False).input_ids).split())

@@ -22,8 +22,9 @@ from vlm_train.training.metrics import MetricsLogger, memory_gb
 
 
 class Trainer:
-    def __init__(self, engine, batches: TrainBatches, cfg: Config, layout: Layout, device: torch.device,
-                 metrics: MetricsLogger):
+    def __init__(
+        self, engine, batches: TrainBatches, cfg: Config, layout: Layout, device: torch.device, metrics: MetricsLogger
+    ):
         self.engine, self.batches, self.cfg = engine, batches, cfg
         self.layout, self.device, self.metrics = layout, device, metrics
         self.run_dir = Path(cfg.run.dir)
@@ -48,11 +49,15 @@ class Trainer:
     def train_step(self) -> tuple[float, int, int]:
         """One optimizer step over `grad_accum` micro-batches; returns the global loss, samples, tokens."""
         micro_batches = [next(self.batches) for _ in range(self.cfg.train.grad_accum)]
-        local = torch.tensor([
-            sum(float((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches),
-            sum(float(mb["input_ids"].shape[0]) for mb in micro_batches),
-            sum(float(mb["attention_mask"].sum()) for mb in micro_batches),
-        ], dtype=torch.float64, device=self.device)
+        local = torch.tensor(
+            [
+                sum(float((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches),
+                sum(float(mb["input_ids"].shape[0]) for mb in micro_batches),
+                sum(float(mb["attention_mask"].sum()) for mb in micro_batches),
+            ],
+            dtype=torch.float64,
+            device=self.device,
+        )
         answer_tokens, samples, tokens = self.all_reduce(local).tolist()
         # DeepSpeed divides by grad_accum and averages gradients over dp ranks; undo both so the
         # gradient is that of (sum of token losses) / (answer tokens in the global batch).

@@ -8,7 +8,6 @@ eval_loss, eval_accuracy.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 from pathlib import Path
@@ -36,16 +35,21 @@ class MetricsLogger:
 
     def _console_line(self, record: dict) -> str:
         if "eval_accuracy" in record:
-            kinds = " ".join(f"{k[len('eval_accuracy_'):]} {v:.2f}" for k, v in record.items()
-                             if k.startswith("eval_accuracy_"))
-            return (f"eval  step {record['step']}  eval_loss {record['eval_loss']:.4f}  "
-                    f"eval_accuracy {record['eval_accuracy']:.3f}  ({kinds})")
+            kinds = " ".join(
+                f"{k[len('eval_accuracy_') :]} {v:.2f}" for k, v in record.items() if k.startswith("eval_accuracy_")
+            )
+            return (
+                f"eval  step {record['step']}  eval_loss {record['eval_loss']:.4f}  "
+                f"eval_accuracy {record['eval_accuracy']:.3f}  ({kinds})"
+            )
         width = len(str(self.max_steps))
         done = record["step"] / self.max_steps
         bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
-        return (f"[{bar}] step {record['step']:>{width}}/{self.max_steps}  loss {record['loss']:.4f}  "
-                f"lr {record['lr']:.2e}  {record['samples_per_s']:.1f} samples/s  "
-                f"{record['tokens_per_s']:.0f} tokens/s")
+        return (
+            f"[{bar}] step {record['step']:>{width}}/{self.max_steps}  loss {record['loss']:.4f}  "
+            f"lr {record['lr']:.2e}  {record['samples_per_s']:.1f} samples/s  "
+            f"{record['tokens_per_s']:.0f} tokens/s"
+        )
 
     def close(self) -> None:
         if self.wandb is not None:
@@ -80,7 +84,3 @@ def memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak_kb / 2**20 if sys.platform != "darwin" else peak_kb / 2**30
-
-
-def is_console_rank() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0

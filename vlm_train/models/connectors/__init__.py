@@ -52,5 +52,5 @@ def load_connector_weights(connector: nn.Module, path: str) -> None:
 def _strip(key: str, prefixes: tuple[str, ...]) -> str:
     for prefix in prefixes:
         if key.startswith(prefix):
-            return key[len(prefix):]
+            return key[len(prefix) :]
     return key
