@@ -61,8 +61,11 @@ def test_toy_composes_and_builds():
 
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.startswith("llava")])
 def test_real_recipe_needs_paths(experiment):
-    with pytest.raises(ConfigError, match=r"vision\.path is required"):
+    with pytest.raises(ConfigError, match=r"required but not set: .*llm\.path.*vision\.path"):
         compose([f"experiment={experiment}"])
+    if experiment.endswith("stage2"):
+        with pytest.raises(ConfigError, match=r"connector\.path"):
+            compose([f"experiment={experiment}", "vision.path=v", "llm.path=l", "data.urls=d"])
 
 
 def test_llava_stages_build_from_local_checkpoints(tiny_checkpoints, tmp_path):

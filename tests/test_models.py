@@ -39,7 +39,7 @@ def make_batch(model, tokenizer, with_image=(True, True)):
 def test_forward_backward(vision):
     torch.manual_seed(0)
     tokenizer = build_toy_tokenizer()
-    model = build_model(compose(["experiment=toy", f"vision={vision}"]), tokenizer)
+    model = build_model(compose(["experiment=toy", f"vision={vision}", "vision.freeze=false"]), tokenizer)
     pixel_values, input_ids, mask, labels = make_batch(model, tokenizer)
     out = model(pixel_values, input_ids, attention_mask=mask, labels=labels)
     assert out.logits.shape == (*input_ids.shape, len(tokenizer))
@@ -52,7 +52,8 @@ def test_forward_backward(vision):
     assert out.num_label_tokens == (shifted != IGNORE_INDEX).sum()
     out.loss.backward()
     for name, param in model.named_parameters():
-        assert param.grad is not None, f"{name} got no gradient"
+        assert (param.grad is not None) == param.requires_grad, f"{name}: gradient only where it trains"
+    assert sum(p.requires_grad for p in model.vision.parameters()) > len(model.vision.unused_parameters())
     assert model.vision.hf_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
 
 
@@ -79,7 +80,7 @@ def test_images_change_the_logits_only_after_their_position():
 def test_text_only_batch_keeps_vision_in_the_graph():
     """A rank whose micro-batch has no image must still touch the tower (ZeRO-3 would hang)."""
     tokenizer = build_toy_tokenizer()
-    model = build_model(compose(["experiment=toy"]), tokenizer)
+    model = build_model(compose(["experiment=toy", "vision.freeze=false"]), tokenizer)
     pixel_values, input_ids, mask, labels = make_batch(model, tokenizer, with_image=(False, False))
     assert pixel_values.shape[0] == 0
     model(pixel_values, input_ids, mask, labels).loss.backward()

@@ -37,6 +37,27 @@ def test_zero_stages_match_on_two_ranks(toy_data, tmp_path):
     assert losses[0][4] < losses[0][1]
 
 
+def test_loss_is_token_weighted_across_micro_batches(toy_data, tmp_path):
+    """8 samples as one micro-batch or as 2 accumulated micro-batches of 4: the same loss and the
+    same update (a mean of per-micro-batch means would differ when answer lengths differ)."""
+    runs = {}
+    for micro, accum in ((8, 1), (4, 2)):
+        run_dir = tmp_path / f"mb{micro}"
+        overrides = toy_overrides(
+            toy_data,
+            run_dir,
+            f"train.micro_batch_size={micro}",
+            f"train.grad_accum={accum}",
+            "train.max_steps=3",
+            "train.precision=fp32",
+        )
+        result = run_cli(overrides)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[micro] = step_losses(run_dir)
+    for step in (1, 2, 3):
+        assert runs[4][step] == pytest.approx(runs[8][step], rel=1e-5), step
+
+
 def test_resume_continues_the_loss_curve_exactly(toy_data, tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     common = ("train.max_steps=6", "train.save_every=3", "train.precision=fp32", "data.num_workers=2")

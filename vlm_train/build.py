@@ -24,6 +24,8 @@ def build_model(cfg: Config, tokenizer=None) -> VisionLanguageModel:
     model = VisionLanguageModel(vision, connector, llm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     for module, frozen in ((vision, cfg.vision.freeze), (llm, cfg.llm.freeze), (connector, cfg.connector.freeze)):
         _set_trainable(module, not frozen)
+    for param in vision.unused_parameters():
+        param.requires_grad_(False)  # no gradient ever reaches them (ZeRO would wait for it)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("vision, llm and connector are all frozen: nothing would train")
     return model

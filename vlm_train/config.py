@@ -26,7 +26,7 @@ class VisionConfig:
 
     name: str = "clip-tiny"  # readable id, e.g. clip-vit-l-336px
     family: str = "clip"  # clip | siglip
-    path: str | None = None  # local HF checkpoint dir; when set, the size fields below are ignored
+    path: str | None = MISSING  # local HF checkpoint dir; null: build from the size fields below
     image_size: int = 48
     patch_size: int = 16
     hidden_size: int = 64
@@ -45,7 +45,7 @@ class LLMConfig:
     name: str = "llama-tiny"
     backend: str = "hf"  # hf (megatron: tensor-parallel decoder, see the TP issue)
     family: str = "llama"
-    path: str | None = None  # local HF checkpoint dir; when set, the size fields below are ignored
+    path: str | None = MISSING  # local HF checkpoint dir; null: build from the size fields below
     tokenizer: str | None = None  # local tokenizer dir; "toy" = the built-in toy tokenizer; None = path
     hidden_size: int = 128
     num_layers: int = 2
@@ -64,7 +64,7 @@ class ConnectorConfig:
     """Fields every connector has; each connector's schema extends it."""
 
     name: str = MISSING
-    path: str | None = None  # pretrained connector weights (safetensors or state-dict .bin/.pt)
+    path: str | None = MISSING  # pretrained weights (safetensors or state-dict .bin/.pt); null: random init
     freeze: bool = False
 
 
@@ -190,6 +190,9 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             raw = hydra_compose("config", overrides=[_quote_braces(o) for o in overrides])
+        missing = sorted(OmegaConf.missing_keys(raw))
+        if missing:
+            raise ConfigError(f"required but not set: {', '.join(missing)} (give them as key=value overrides)")
         cfg = OmegaConf.to_object(raw)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         raise ConfigError(_one_line(err)) from None
@@ -244,8 +247,4 @@ def _get(cfg: Config, dotted: str) -> Any:
 
 def _one_line(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    text = " ".join(lines[:3]) if lines else type(err).__name__
-    if "Missing mandatory value" in text:
-        key = text.split("Missing mandatory value:")[-1].split()[0].strip()
-        return f"{key} is required: set it on the command line ({key}=...)"
-    return text
+    return " ".join(lines[:3]) if lines else type(err).__name__

@@ -40,6 +40,17 @@ class VisionTower(nn.Module):
         self.num_patches: int = (config.image_size // config.patch_size) ** 2
         self.image_mean, self.image_std = IMAGE_STATS[family]
 
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Parameters the selected features never depend on: layers after `select_layer`, the
+        post-layernorm and SigLIP's pooling head. Kept (checkpoints stay loadable), never trained."""
+        body = getattr(self.hf_model, "vision_model", self.hf_model)  # transformers 4 nests it
+        layers = body.encoder.layers
+        selected = self.select_layer % (len(layers) + 1)  # index into hidden_states (0 = embeddings)
+        unused = [*layers[selected:], body.post_layernorm]
+        if getattr(body, "head", None) is not None:
+            unused.append(body.head)
+        return [p for module in unused for p in module.parameters()]
+
     def forward(self, pixels_ICHW: torch.Tensor) -> torch.Tensor:
         out = self.hf_model(pixel_values=pixels_ICHW, output_hidden_states=True)
         features_IPDv = out.hidden_states[self.select_layer]

@@ -31,6 +31,8 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.tokens_seen = 0
+        self.grad_norm: float | None = None
+        self.skipped_samples = 0  # bad samples replaced by placeholders, all ranks
 
     def fit(self) -> None:
         train = self.cfg.train
@@ -49,27 +51,42 @@ class Trainer:
     def train_step(self) -> tuple[float, int, int]:
         """One optimizer step over `grad_accum` micro-batches; returns the global loss, samples, tokens."""
         micro_batches = [next(self.batches) for _ in range(self.cfg.train.grad_accum)]
+        answer_tokens, samples, tokens, skipped = self.global_counts(micro_batches)
+        # DeepSpeed divides by grad_accum and averages gradients over dp ranks; undo both so the
+        # gradient is that of (sum of token losses) / (answer tokens in the global batch).
+        scale = self.cfg.train.grad_accum * self.layout.dp / max(answer_tokens, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for index, mb in enumerate(micro_batches):
+            out = self.engine(*self.model_inputs(mb))
+            self.engine.backward(out.loss_sum * scale)
+            if index == len(micro_batches) - 1 and self.layout.zero_stage == 0:
+                self.grad_norm = self.unsharded_grad_norm()
+            self.engine.step()
+            loss_sum += out.loss_sum.detach().double()
+        if self.layout.zero_stage > 0:
+            self.grad_norm = self.engine.get_global_grad_norm()
+        self.skipped_samples += int(skipped)
+        global_loss = float(self.all_reduce(loss_sum)) / max(answer_tokens, 1.0)
+        return global_loss, int(samples), int(tokens)
+
+    def global_counts(self, micro_batches: list[dict]) -> list[float]:
+        """Answer tokens, samples, tokens and skipped samples of the step, summed over all ranks."""
         local = torch.tensor(
             [
                 sum(float((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches),
                 sum(float(mb["input_ids"].shape[0]) for mb in micro_batches),
                 sum(float(mb["attention_mask"].sum()) for mb in micro_batches),
+                sum(float(mb.get("skipped", 0)) for mb in micro_batches),
             ],
             dtype=torch.float64,
             device=self.device,
         )
-        answer_tokens, samples, tokens = self.all_reduce(local).tolist()
-        # DeepSpeed divides by grad_accum and averages gradients over dp ranks; undo both so the
-        # gradient is that of (sum of token losses) / (answer tokens in the global batch).
-        scale = self.cfg.train.grad_accum * self.layout.dp / max(answer_tokens, 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for mb in micro_batches:
-            out = self.engine(*self.model_inputs(mb))
-            self.engine.backward(out.loss_sum * scale)
-            self.engine.step()
-            loss_sum += out.loss_sum.detach().double()
-        global_loss = float(self.all_reduce(loss_sum)) / max(answer_tokens, 1.0)
-        return global_loss, int(samples), int(tokens)
+        return self.all_reduce(local).tolist()
+
+    def unsharded_grad_norm(self) -> float:
+        """Without ZeRO, DeepSpeed reports no norm; the reduced gradients are whole on every rank."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
     def model_inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
         names = ("pixel_values", "input_ids", "attention_mask", "labels")
@@ -80,7 +97,6 @@ class Trainer:
         return tensor
 
     def log_step(self, loss: float, samples: int, tokens: int, elapsed: float) -> None:
-        grad_norm = self.engine.get_global_grad_norm()
         record = {
             "step": self.step,
             "loss": loss,
@@ -89,8 +105,10 @@ class Trainer:
             "tokens_per_s": tokens / elapsed,
             "mem_gb": round(memory_gb(self.device), 3),
         }
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
+        if self.grad_norm is not None:
+            record["grad_norm"] = float(self.grad_norm)
+        if self.skipped_samples:
+            record["data_skipped"] = self.skipped_samples
         self.metrics.log(record)
 
     def trainer_state(self) -> dict:
