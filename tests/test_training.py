@@ -17,6 +17,8 @@ def test_zero_stages_match_on_two_ranks(toy_data, tmp_path):
     losses = {}
     for stage in (0, 1, 2, 3):
         run_dir = tmp_path / f"zero{stage}"
+        # ZeRO-3 also evaluates: greedy decoding on 2 ranks must keep their parameter gathers in step
+        evaluation = ("train.eval=true", "data.eval_samples=8", "data.max_new_tokens=4") if stage == 3 else ()
         result = run_cli(
             toy_overrides(
                 toy_data,
@@ -25,12 +27,15 @@ def test_zero_stages_match_on_two_ranks(toy_data, tmp_path):
                 "train.max_steps=4",
                 "train.grad_accum=2",
                 "train.precision=fp32",
+                "vision.freeze=false",
+                *evaluation,
             ),
             nproc=2,
         )
         assert result.returncode == 0, result.stderr[-3000:]
         losses[stage] = step_losses(run_dir)
         assert sorted(losses[stage]) == [1, 2, 3, 4]
+    assert "eval_accuracy" in read_metrics(tmp_path / "zero3")[-1]
     for stage in (1, 2, 3):
         for step, reference in losses[0].items():
             assert losses[stage][step] == pytest.approx(reference, rel=1e-3), (stage, step)
@@ -93,6 +98,25 @@ def test_toy_run_writes_the_run_dir_and_evaluates(toy_data, tmp_path):
     assert "eval_accuracy" in records[-1] and "eval_loss" in records[-1]
     assert (run_dir / "config.yaml").read_text().startswith("vision:")
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_3"
+
+
+def test_bf16_run_with_offline_wandb(toy_data, tmp_path):
+    """bf16 through DeepSpeed's bf16 path on CPU, ZeRO-2, wandb writing locally without network."""
+    run_dir = tmp_path / "bf16"
+    result = run_cli(
+        toy_overrides(
+            toy_data,
+            run_dir,
+            "train.precision=bf16",
+            "parallel.zero_stage=2",
+            "train.max_steps=2",
+            "wandb.mode=offline",
+        )
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = step_losses(run_dir)
+    assert sorted(losses) == [1, 2] and all(0 < loss < 10 for loss in losses.values())
+    assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
 def test_incompatible_config_in_run_dir_is_refused(toy_data, tmp_path):

@@ -36,9 +36,11 @@ class Trainer:
 
     def fit(self) -> None:
         train = self.cfg.train
+        fit_started, first_loss, loss = time.perf_counter(), None, None
         while self.step < train.max_steps:
             started = time.perf_counter()
             loss, samples, tokens = self.train_step()
+            first_loss = loss if first_loss is None else first_loss
             elapsed = time.perf_counter() - started
             self.step += 1
             self.samples_seen += samples
@@ -47,6 +49,9 @@ class Trainer:
                 self.log_step(loss, samples, tokens, elapsed)
             if self.step == train.max_steps or (train.save_every and self.step % train.save_every == 0):
                 self.save()
+        if self.layout.rank == 0 and first_loss is not None:
+            took = time.perf_counter() - fit_started
+            print(f"trained to step {self.step}: loss {first_loss:.4f} -> {loss:.4f} in {took:.0f} s", flush=True)
 
     def train_step(self) -> tuple[float, int, int]:
         """One optimizer step over `grad_accum` micro-batches; returns the global loss, samples, tokens."""
