@@ -22,10 +22,13 @@ def build_model(cfg: Config, tokenizer=None) -> VisionLanguageModel:
         cfg.connector, vision_dim=vision.hidden_size, llm_dim=llm.hidden_size, num_patches=vision.num_patches
     )
     model = VisionLanguageModel(vision, connector, llm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-    for module, frozen in ((vision, cfg.vision.freeze), (llm, cfg.llm.freeze), (connector, cfg.connector.freeze)):
+    llm_frozen = cfg.llm.freeze or connector.freezes_llm()
+    vision_frozen = cfg.vision.freeze or connector.freezes_llm()
+    for module, frozen in ((vision, vision_frozen), (llm, llm_frozen), (connector, cfg.connector.freeze)):
         _set_trainable(module, not frozen)
-    for param in vision.unused_parameters():
-        param.requires_grad_(False)  # no gradient ever reaches them (ZeRO would wait for it)
+    # Never trained: tower parts no gradient reaches (ZeRO would wait for it), fixed connector parts.
+    for param in vision.unused_parameters() + connector.fixed_parameters():
+        param.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("vision, llm and connector are all frozen: nothing would train")
     return model

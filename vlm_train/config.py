@@ -77,6 +77,51 @@ class MLPConnectorConfig(ConnectorConfig):
 
 
 @dataclass
+class QFormerConnectorConfig(ConnectorConfig):
+    """BLIP-2's Q-Former: learned queries, BERT-style layers, cross-attention to the image."""
+
+    name: str = "qformer"
+    num_queries: int = 32  # visual tokens per image
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_freq: int = 2  # a cross-attention to the image every N layers
+
+
+@dataclass
+class PerceiverConnectorConfig(ConnectorConfig):
+    """Idefics2's modality-projection MLP then a Perceiver resampler of `num_latents` latents."""
+
+    name: str = "perceiver"
+    num_latents: int = 64  # visual tokens per image
+    depth: int = 3
+    num_heads: int = 16
+    head_dim: int = 96
+    num_kv_heads: int = 4
+    intermediate_size: int = 0  # modality-projection MLP width; 0: 4 x the LLM width
+
+
+@dataclass
+class CrossAttentionConnectorConfig(ConnectorConfig):
+    """Flamingo's tanh-gated cross-attention blocks inside the decoder (gates start at zero)."""
+
+    name: str = "cross_attention"
+    every: int = 1  # a block before every k-th decoder layer
+    num_heads: int = 8
+    ff_mult: int = 4
+
+
+@dataclass
+class LNAdapterConnectorConfig(ConnectorConfig):
+    """LayerNorm (no affine) + per-channel scale and shift + one linear map to the LLM width."""
+
+    name: str = "ln_adapter"
+    train_projection: bool = True  # false: the linear map stays at its random initialisation
+    modality_norms: bool = False  # a second affine per LLM norm at image positions; LLM frozen
+
+
+@dataclass
 class DataConfig:
     """WebDataset shards and how samples become token sequences."""
 
@@ -152,7 +197,13 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-CONNECTOR_SCHEMAS: dict[str, type[ConnectorConfig]] = {"mlp": MLPConnectorConfig}
+CONNECTOR_SCHEMAS: dict[str, type[ConnectorConfig]] = {
+    "mlp": MLPConnectorConfig,
+    "qformer": QFormerConnectorConfig,
+    "perceiver": PerceiverConnectorConfig,
+    "cross_attention": CrossAttentionConnectorConfig,
+    "ln_adapter": LNAdapterConnectorConfig,
+}
 
 _CHOICES = {
     "vision.family": ("clip", "siglip"),

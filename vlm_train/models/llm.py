@@ -25,6 +25,25 @@ class CausalLM(nn.Module):
     def vocab_size(self) -> int:
         return self.hf_model.get_input_embeddings().weight.shape[0]
 
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder's layer list (Llama/Mistral/Qwen: model.layers; OPT: model.decoder.layers)."""
+        body = self.hf_model.base_model
+        layers = getattr(body, "layers", None) or getattr(getattr(body, "decoder", None), "layers", None)
+        if layers is None:
+            raise TypeError(f"cannot find the decoder layers of {type(self.hf_model).__name__}")
+        return layers
+
+    def norm_modules(self) -> list[nn.Module]:
+        """Every normalisation layer over the hidden width (per-layer norms and the final one)."""
+        width = self.hidden_size
+        return [
+            m
+            for m in self.hf_model.modules()
+            if (isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm"))
+            and getattr(m, "weight", None) is not None
+            and tuple(m.weight.shape) == (width,)
+        ]
+
     def embed(self, ids_BT: torch.Tensor) -> torch.Tensor:
         return self.hf_model.get_input_embeddings()(ids_BT)
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm_train.models.connectors.base import Connector
 from vlm_train.models.llm import CausalLM
 from vlm_train.models.vision import VisionTower
 
@@ -37,16 +38,17 @@ class VisionLanguageModel(nn.Module):
     order their slots appear, [I, C, H, W].
     """
 
-    def __init__(self, vision: VisionTower, connector: nn.Module, llm: CausalLM, image_token_id: int):
+    def __init__(self, vision: VisionTower, connector: Connector, llm: CausalLM, image_token_id: int):
         super().__init__()
         self.vision = vision
         self.connector = connector
         self.llm = llm
         self.image_token_id = image_token_id
+        connector.attach(llm)
 
     @property
     def num_image_tokens(self) -> int:
-        """Visual tokens per image, i.e. image-token slots the text must carry per image."""
+        """Image-token slots the text must carry per image (visual tokens, or 1 for cross-attention)."""
         return self.connector.num_tokens
 
     def forward(
@@ -56,32 +58,39 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> VLMOutput:
-        embeds_BTDl = self.embed(pixel_values, input_ids)
-        logits_BTV = self.llm(embeds_BTDl, attention_mask)
+        slots_BT = input_ids == self.image_token_id
+        if self.connector.placement == "sequence":
+            embeds_BTDl, media_IMDl = self.embed(pixel_values, input_ids), None
+        else:
+            embeds_BTDl, media_IMDl = self.llm.embed(input_ids), self.encode_images_or_blank(pixel_values, slots_BT)
+        with self.connector.conditioned(slots_BT, media_IMDl):
+            logits_BTV = self.llm(embeds_BTDl, attention_mask)
         if labels is None:
             return VLMOutput(logits=logits_BTV)
         loss_sum, count = token_cross_entropy(logits_BTV, labels)
         return VLMOutput(logits_BTV, loss=loss_sum / count.clamp(min=1), loss_sum=loss_sum, num_label_tokens=count)
 
     def embed(self, pixel_values: torch.Tensor | None, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the visual tokens in the image-token slots."""
         embeds_BTDl = self.llm.embed(input_ids_BT)
         slots_BT = input_ids_BT == self.image_token_id
-        if pixel_values is None or pixel_values.shape[0] == 0:
-            if slots_BT.any():
-                raise ValueError("input_ids hold image tokens but no pixel_values were given")
-            # Run the vision path on a blank image anyway, contributing zero: under ZeRO-3 every
-            # rank must gather the same parameters, or a rank without images hangs the others.
-            blank_ICHW = embeds_BTDl.new_zeros(1, 3, self.vision.image_size, self.vision.image_size)
-            return embeds_BTDl + 0.0 * self.encode_images(blank_ICHW).sum()
-        visual_INDl = self.encode_images(pixel_values)
-        num_visual = visual_INDl.shape[0] * visual_INDl.shape[1]
-        if num_visual != int(slots_BT.sum()):
-            raise ValueError(
-                f"{visual_INDl.shape[0]} images give {num_visual} visual tokens but input_ids hold "
-                f"{int(slots_BT.sum())} image-token slots ({self.num_image_tokens} per image expected)"
-            )
+        visual_INDl = self.encode_images_or_blank(pixel_values, slots_BT)
+        if not slots_BT.any():
+            return embeds_BTDl + 0.0 * visual_INDl.sum()
+        self._check_slots(visual_INDl, slots_BT)
         flat_visual = visual_INDl.reshape(-1, visual_INDl.shape[-1]).to(embeds_BTDl.dtype)
         return embeds_BTDl.masked_scatter(slots_BT.unsqueeze(-1), flat_visual)
+
+    def encode_images_or_blank(self, pixel_values: torch.Tensor | None, slots_BT: torch.Tensor) -> torch.Tensor:
+        """Connector outputs for the batch's images. Without images, those of one blank image:
+        under ZeRO-3 every rank must gather the same parameters, or a rank without images hangs
+        the others (its output is then used with weight zero)."""
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            return self.encode_images(pixel_values)
+        if slots_BT.any():
+            raise ValueError("input_ids hold image tokens but no pixel_values were given")
+        size = self.vision.image_size
+        return self.encode_images(torch.zeros(1, 3, size, size, device=slots_BT.device))
 
     def encode_images(self, pixels_ICHW: torch.Tensor) -> torch.Tensor:
         tower_dtype = next(self.vision.parameters()).dtype
@@ -89,6 +98,14 @@ class VisionLanguageModel(nn.Module):
         with torch.set_grad_enabled(tower_trains and torch.is_grad_enabled()):
             features_IPDv = self.vision(pixels_ICHW.to(tower_dtype))
         return self.connector(features_IPDv)
+
+    def _check_slots(self, visual_INDl: torch.Tensor, slots_BT: torch.Tensor) -> None:
+        num_visual = visual_INDl.shape[0] * visual_INDl.shape[1]
+        if num_visual != int(slots_BT.sum()):
+            raise ValueError(
+                f"{visual_INDl.shape[0]} images give {num_visual} visual tokens but input_ids hold "
+                f"{int(slots_BT.sum())} image-token slots ({self.num_image_tokens} per image expected)"
+            )
 
 
 def token_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

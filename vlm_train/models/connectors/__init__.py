@@ -14,14 +14,25 @@ from torch import nn
 
 from vlm_train.config import ConnectorConfig
 from vlm_train.errors import ConfigError
+from vlm_train.models.connectors.base import Connector, count_trainable
+from vlm_train.models.connectors.cross_attention import CrossAttentionConnector
+from vlm_train.models.connectors.ln_adapter import LNAdapterConnector
 from vlm_train.models.connectors.mlp import MLPConnector
+from vlm_train.models.connectors.perceiver import PerceiverConnector
+from vlm_train.models.connectors.qformer import QFormerConnector
 
-Connector = nn.Module
+CONNECTORS: dict[str, type[Connector]] = {
+    "mlp": MLPConnector,
+    "qformer": QFormerConnector,
+    "perceiver": PerceiverConnector,
+    "cross_attention": CrossAttentionConnector,
+    "ln_adapter": LNAdapterConnector,
+}
 
-CONNECTORS: dict[str, type[nn.Module]] = {"mlp": MLPConnector}
+__all__ = ["CONNECTORS", "Connector", "build_connector", "count_trainable", "load_connector_weights"]
 
 
-def build_connector(cfg: ConnectorConfig, vision_dim: int, llm_dim: int, num_patches: int) -> nn.Module:
+def build_connector(cfg: ConnectorConfig, vision_dim: int, llm_dim: int, num_patches: int) -> Connector:
     """Build the connector named by `cfg.name`; widths come from the built tower and LLM."""
     if cfg.name not in CONNECTORS:
         raise ConfigError(f"connector={cfg.name} is unknown: choose one of {', '.join(CONNECTORS)}")

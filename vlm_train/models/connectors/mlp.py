@@ -6,21 +6,20 @@ from torch import nn
 
 from vlm_train.config import MLPConnectorConfig
 from vlm_train.errors import ConfigError
+from vlm_train.models.connectors.base import Connector
 
 
-class MLPConnector(nn.Sequential):
+class MLPConnector(Connector, nn.Sequential):
     """Linear(Dv, Dl) then (GELU, Linear(Dl, Dl)) x (depth - 1); depth 2 is LLaVA-1.5's mlp2x_gelu.
 
     A Sequential, like LLaVA's `mm_projector`, so its weights ("0.weight", "2.weight") load as-is.
     """
 
-    placement = "sequence"
-
     def __init__(self, vision_dim: int, llm_dim: int, depth: int, num_patches: int):
         layers: list[nn.Module] = [nn.Linear(vision_dim, llm_dim)]
         for _ in range(depth - 1):
             layers += [nn.GELU(), nn.Linear(llm_dim, llm_dim)]
-        super().__init__(*layers)
+        nn.Sequential.__init__(self, *layers)
         self.num_tokens = num_patches
 
     @classmethod

@@ -1,0 +1,109 @@
+"""The five connectors: each builds, trains and handles text-only batches; cross-attention and
+modality norms leave the plain LLM exactly as it was where no image is involved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_models import make_batch
+from vlm_train import build_model, compose
+from vlm_train.data.tokenizer import build_toy_tokenizer
+from vlm_train.models.connectors import CONNECTORS, count_trainable
+
+TOKENIZER = build_toy_tokenizer()
+
+
+def toy_model(connector: str, *extra: str):
+    torch.manual_seed(0)
+    return build_model(compose(["experiment=toy", f"connector={connector}", *extra]), TOKENIZER)
+
+
+@pytest.mark.parametrize("connector", sorted(CONNECTORS))
+def test_connector_trains_with_and_without_images(connector):
+    model = toy_model(connector, "vision.freeze=false")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(6):
+        out = model(*make_batch(model, TOKENIZER))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0]
+    text_only = model(*make_batch(model, TOKENIZER, with_image=(False, False)))
+    text_only.loss.backward()  # the vision path stays in the graph (ZeRO-3 needs it), contributing 0
+    assert count_trainable(model.connector) > 0
+
+
+def test_connectors_report_their_visual_tokens():
+    assert toy_model("mlp").num_image_tokens == 9  # one per patch
+    assert toy_model("qformer", "connector.num_queries=5").num_image_tokens == 5
+    assert toy_model("perceiver", "connector.num_latents=4").num_image_tokens == 4
+    assert toy_model("cross_attention").num_image_tokens == 1  # marks where the image is
+
+
+def plain_llm_logits(model, input_ids, mask):
+    return model.llm(model.llm.embed(input_ids), mask)
+
+
+def test_cross_attention_starts_as_the_plain_llm():
+    model = toy_model("cross_attention").eval()
+    pixel_values, input_ids, mask, _ = make_batch(model, TOKENIZER)
+    assert len(model.connector.blocks) == len(model.llm.decoder_layers())
+    torch.testing.assert_close(
+        model(pixel_values, input_ids, mask).logits, plain_llm_logits(model, input_ids, mask), rtol=0, atol=0
+    )
+
+
+def test_cross_attention_gates_receive_gradients():
+    model = toy_model("cross_attention")
+    model(*make_batch(model, TOKENIZER)).loss.backward()
+    for block in model.connector.blocks:
+        assert block.attn_gate.grad.abs().item() > 0 and block.ff_gate.grad.abs().item() > 0
+
+
+def test_cross_attention_tokens_before_an_image_do_not_see_it():
+    model = toy_model("cross_attention").eval()
+    for block in model.connector.blocks:  # open the gates so images matter
+        block.attn_gate.data.fill_(1.0)
+        block.ff_gate.data.fill_(1.0)
+    pixel_values, input_ids, mask, _ = make_batch(model, TOKENIZER)
+    image_at = int((input_ids[0] == model.image_token_id).nonzero()[0])
+    assert image_at > 1
+    a = model(pixel_values, input_ids, mask).logits
+    b = model(torch.randn_like(pixel_values), input_ids, mask).logits
+    torch.testing.assert_close(a[:, :image_at], b[:, :image_at], rtol=0, atol=0)
+    assert (a[:, image_at:] - b[:, image_at:]).abs().max() > 1e-3
+    # and a sample only sees its own image: changing sample 1's image leaves sample 0 alone
+    other = pixel_values.clone()
+    other[1] = torch.randn_like(other[1])
+    torch.testing.assert_close(model(other, input_ids, mask).logits[0], a[0], rtol=0, atol=0)
+
+
+def test_ln_adapter_modality_norms_train_alone_and_leave_text_exact():
+    model = toy_model("ln_adapter", "connector.modality_norms=true", "connector.train_projection=false")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"connector.scale", "connector.shift"} | {
+        name for name, _ in model.connector.image_norms.named_parameters(prefix="connector.image_norms")
+    }
+    assert len(model.connector.image_norms) == len(model.llm.norm_modules()) == 2 * 2 + 1
+    model.eval()
+    for affine in model.connector.image_norms:  # as after training: image affines differ
+        affine.weight.data.mul_(1.5)
+    pixel_values, input_ids, mask, labels = make_batch(model, TOKENIZER, with_image=(False, False))
+    torch.testing.assert_close(
+        model(pixel_values, input_ids, mask).logits, plain_llm_logits(model, input_ids, mask), rtol=0, atol=0
+    )
+    pixel_values, input_ids, mask, labels = make_batch(model, TOKENIZER)
+    image_at = int((input_ids[0] == model.image_token_id).nonzero()[0])
+    with_images = model(pixel_values, input_ids, mask).logits
+    torch.testing.assert_close(with_images[:, :image_at], plain_llm_logits(model, input_ids, mask)[:, :image_at])
+    model(pixel_values, input_ids, mask, labels).loss.backward()
+    assert all(p.grad is not None for p in model.connector.image_norms.parameters())
+
+
+def test_ln_adapter_is_tiny():
+    mlp, adapter = toy_model("mlp"), toy_model("ln_adapter", "connector.train_projection=false")
+    assert count_trainable(adapter.connector) == 2 * 64  # scale and shift over the tower width
+    assert count_trainable(adapter.connector) <= 0.05 * count_trainable(mlp.connector)

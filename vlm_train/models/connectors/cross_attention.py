@@ -1,0 +1,112 @@
+"""Flamingo's gated cross-attention: blocks inserted before every k-th decoder layer let text
+attend to the images that precede it in its sample. Legend: B batch, T tokens, I images in the
+batch, M media tokens per image, Dv/Dl widths, H heads.
+
+Each block is x + tanh(g_attn) * xattn(LN(x), media), then x + tanh(g_ff) * ff(LN(x)), with both
+gates initialised to zero: at initialisation the model is exactly the plain LLM. The decoder's
+code is not copied: a forward pre-hook on each chosen layer runs the block on its input.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm_train.config import CrossAttentionConnectorConfig
+from vlm_train.models.connectors.base import Connector
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, ff_mult: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff_norm = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Linear(ff_mult * dim, dim))
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x_BTD: torch.Tensor, media_IMD: torch.Tensor, allowed_BTI: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        I, M, _ = media_IMD.shape
+        H, dh = self.heads, D // self.heads
+        q_BHTd = self.to_q(self.norm(x_BTD)).view(B, T, H, dh).transpose(1, 2)
+        k_HNd, v_HNd = self.to_kv(media_IMD.to(x_BTD.dtype)).view(I * M, 2, H, dh).permute(1, 2, 0, 3)
+        scores_BHTN = q_BHTd @ k_HNd.transpose(-1, -2) / math.sqrt(dh)
+        allowed_BTN = allowed_BTI.repeat_interleave(M, dim=-1)
+        # finite fill: a row with no image allowed gets harmless uniform weights, zeroed below
+        scores_BHTN = scores_BHTN.masked_fill(~allowed_BTN[:, None], torch.finfo(scores_BHTN.dtype).min)
+        attended_BTD = (F.softmax(scores_BHTN, dim=-1) @ v_HNd).transpose(1, 2).reshape(B, T, D)
+        sees_image_BT1 = allowed_BTI.any(-1, keepdim=True).to(x_BTD.dtype)
+        x_BTD = x_BTD + torch.tanh(self.attn_gate) * self.to_out(attended_BTD) * sees_image_BT1
+        return x_BTD + torch.tanh(self.ff_gate) * self.ff(self.ff_norm(x_BTD)) * sees_image_BT1
+
+
+class CrossAttentionConnector(Connector):
+    """Media = a linear map of the patch features to the LLM width; gated blocks read it."""
+
+    placement = "cross_attention"
+
+    def __init__(self, vision_dim: int, llm_dim: int, every: int, heads: int, ff_mult: int):
+        super().__init__()
+        self.proj = nn.Linear(vision_dim, llm_dim)
+        self.every, self.heads, self.ff_mult, self.llm_dim = every, heads, ff_mult, llm_dim
+        self.blocks = nn.ModuleList()
+        self.num_tokens = 1  # one image token marks where each image occurs
+        self._state: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def from_config(
+        cls, cfg: CrossAttentionConnectorConfig, vision_dim: int, llm_dim: int, num_patches: int
+    ) -> CrossAttentionConnector:
+        return cls(vision_dim, llm_dim, cfg.every, cfg.num_heads, cfg.ff_mult)
+
+    def forward(self, features_IPDv: torch.Tensor) -> torch.Tensor:
+        return self.proj(features_IPDv)
+
+    def attach(self, llm: nn.Module) -> None:
+        for index, layer in enumerate(llm.decoder_layers()):
+            if index % self.every == 0:
+                self.blocks.append(GatedCrossAttentionBlock(self.llm_dim, self.heads, self.ff_mult))
+                layer.register_forward_pre_hook(self._pre_hook(len(self.blocks) - 1), with_kwargs=True)
+
+    def _pre_hook(self, block_index: int):
+        def run_block(module, args, kwargs):
+            if self._state is None:
+                return None
+            media_IMD, allowed_BTI = self._state
+            if args:
+                return (self.blocks[block_index](args[0], media_IMD, allowed_BTI), *args[1:]), kwargs
+            hidden = self.blocks[block_index](kwargs["hidden_states"], media_IMD, allowed_BTI)
+            return args, {**kwargs, "hidden_states": hidden}
+
+        return run_block
+
+    @contextmanager
+    def conditioned(self, image_positions_BT: torch.Tensor, media_IMDl: torch.Tensor | None = None):
+        self._state = (media_IMDl, media_mask(image_positions_BT, media_IMDl.shape[0]))
+        try:
+            yield
+        finally:
+            self._state = None
+
+
+def media_mask(image_positions_BT: torch.Tensor, num_images: int) -> torch.Tensor:
+    """allowed[b, t, i]: image i (in row-major order of its image token) is in sample b at or
+    before position t. A batch without images gets one blank image nobody may see."""
+    rows_I, cols_I = image_positions_BT.nonzero(as_tuple=True)
+    B, T = image_positions_BT.shape
+    allowed = torch.zeros(B, T, num_images, dtype=torch.bool, device=image_positions_BT.device)
+    if rows_I.numel():
+        positions_T = torch.arange(T, device=image_positions_BT.device)
+        same_row_BI = torch.arange(B, device=rows_I.device)[:, None] == rows_I[None, :]
+        after_TI = positions_T[:, None] >= cols_I[None, :]
+        allowed[:, :, : rows_I.numel()] = same_row_BI[:, None, :] & after_TI[None, :, :]
+    return allowed

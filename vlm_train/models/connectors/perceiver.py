@@ -1,0 +1,50 @@
+"""The Flamingo/Idefics2 Perceiver resampler: Idefics2's modality-projection MLP maps patch
+features to the LLM width, then `num_latents` learned latents attend to [features; latents] for
+`depth` layers: [I, P, Dv] -> [I, L, Dl].
+
+The modules are transformers' own (`Idefics2MLP`, `Idefics2PerceiverResampler`) under Idefics2's
+names (`modality_projection`, `perceiver_resampler`), so Idefics2 checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlm_train.config import PerceiverConnectorConfig
+from vlm_train.models.connectors.base import Connector
+
+
+class PerceiverConnector(Connector):
+    def __init__(self, modality_projection: torch.nn.Module, perceiver_resampler: torch.nn.Module, num_latents: int):
+        super().__init__()
+        self.modality_projection = modality_projection
+        self.perceiver_resampler = perceiver_resampler
+        self.num_tokens = num_latents
+
+    @classmethod
+    def from_config(
+        cls, cfg: PerceiverConnectorConfig, vision_dim: int, llm_dim: int, num_patches: int
+    ) -> PerceiverConnector:
+        from transformers.models.idefics2.configuration_idefics2 import Idefics2PerceiverConfig
+        from transformers.models.idefics2.modeling_idefics2 import Idefics2MLP, Idefics2PerceiverResampler
+
+        projection = Idefics2MLP(
+            hidden_size=vision_dim,
+            intermediate_size=cfg.intermediate_size or 4 * llm_dim,
+            output_size=llm_dim,
+            hidden_act="silu",
+        )
+        config = Idefics2PerceiverConfig(
+            hidden_size=llm_dim,
+            resampler_n_latents=cfg.num_latents,
+            resampler_depth=cfg.depth,
+            resampler_n_heads=cfg.num_heads,
+            resampler_head_dim=cfg.head_dim,
+            num_key_value_heads=cfg.num_kv_heads,
+        )
+        return cls(projection, Idefics2PerceiverResampler._from_config(config), cfg.num_latents)
+
+    def forward(self, features_IPDv: torch.Tensor) -> torch.Tensor:
+        context_IPDl = self.modality_projection(features_IPDv)
+        patch_mask_IP = torch.ones(features_IPDv.shape[:2], dtype=torch.long, device=features_IPDv.device)
+        return self.perceiver_resampler(context=context_IPDl, attention_mask=patch_mask_IP)
