@@ -19,7 +19,7 @@ def build_model(cfg: Config, tokenizer=None) -> VisionLanguageModel:
     vision = build_vision_tower(cfg.vision)
     llm = build_llm(cfg.llm, vocab_size=len(tokenizer))
     connector = build_connector(
-        cfg.connector, vision_dim=vision.hidden_size, llm_dim=llm.hidden_size, num_patches=vision.num_patches
+        cfg.connector, vision_dim=vision.hidden_size, llm_dim=llm.hidden_size, num_patches=vision.num_features
     )
     model = VisionLanguageModel(vision, connector, llm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     llm_frozen = cfg.llm.freeze or connector.freezes_llm()

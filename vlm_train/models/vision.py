@@ -18,14 +18,20 @@ from vlm_train.errors import ConfigError
 IMAGE_STATS = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "blip2": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "idefics2": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
+HAS_CLS = {"clip": True, "siglip": False, "blip2": True, "idefics2": False}
+# BLIP-2 and Idefics2 feed their connectors the post-layernormed last layer (last_hidden_state).
+USES_LAST_HIDDEN_STATE = {"blip2", "idefics2"}
 
 
 class VisionTower(nn.Module):
-    """Runs a HF vision model and returns one hidden layer's patch features.
+    """Runs a HF vision model and returns one hidden layer's patch features [I, P, Dv].
 
     `select_layer` indexes `hidden_states` (-1 = last layer, -2 = penultimate as in LLaVA-1.5);
-    `drop_cls` removes the CLS token of towers that have one.
+    `drop_cls` removes the CLS token of towers that have one. BLIP-2 and Idefics2 towers give
+    their post-layernormed last layer instead, as those models do.
     """
 
     def __init__(self, hf_model: nn.Module, family: str, select_layer: int, drop_cls: bool):
@@ -33,27 +39,35 @@ class VisionTower(nn.Module):
         self.hf_model = hf_model
         self.family = family
         self.select_layer = select_layer
-        self.drop_cls = drop_cls and family == "clip"
+        self.drop_cls = drop_cls and HAS_CLS[family]
         config = hf_model.config
         self.hidden_size: int = config.hidden_size
         self.image_size: int = config.image_size
-        self.num_patches: int = (config.image_size // config.patch_size) ** 2
+        patches = (config.image_size // config.patch_size) ** 2
+        self.num_features: int = patches + int(HAS_CLS[family] and not self.drop_cls)  # tokens per image
         self.image_mean, self.image_std = IMAGE_STATS[family]
 
     def unused_parameters(self) -> list[nn.Parameter]:
         """Parameters the selected features never depend on: layers after `select_layer`, the
         post-layernorm and SigLIP's pooling head. Kept (checkpoints stay loadable), never trained."""
         body = getattr(self.hf_model, "vision_model", self.hf_model)  # transformers 4 nests it
-        layers = body.encoder.layers
-        selected = self.select_layer % (len(layers) + 1)  # index into hidden_states (0 = embeddings)
-        unused = [*layers[selected:], body.post_layernorm]
+        if self.family in USES_LAST_HIDDEN_STATE:
+            unused = []
+        else:
+            layers = body.encoder.layers
+            selected = self.select_layer % (len(layers) + 1)  # index into hidden_states (0 = embeddings)
+            unused = [*layers[selected:], body.post_layernorm]
         if getattr(body, "head", None) is not None:
             unused.append(body.head)
         return [p for module in unused for p in module.parameters()]
 
     def forward(self, pixels_ICHW: torch.Tensor) -> torch.Tensor:
-        out = self.hf_model(pixel_values=pixels_ICHW, output_hidden_states=True)
-        features_IPDv = out.hidden_states[self.select_layer]
+        if self.family in USES_LAST_HIDDEN_STATE:
+            features_IPDv = self.hf_model(pixel_values=pixels_ICHW).last_hidden_state
+        else:
+            features_IPDv = self.hf_model(pixel_values=pixels_ICHW, output_hidden_states=True).hidden_states[
+                self.select_layer
+            ]
         if self.drop_cls:
             features_IPDv = features_IPDv[:, 1:]
         return features_IPDv

@@ -1,0 +1,176 @@
+"""Hugging Face parity on tiny random configs: HF model -> from_hf -> our logits equal HF's, and
+our model -> to_hf -> transformers.from_pretrained -> the same logits again."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlm_train.errors import ConfigError
+from vlm_train.interop import from_hf, to_hf
+
+IMAGE_TOKEN = 60
+VOCAB = 64
+
+
+def tiny_llava():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28, patch_size=14
+    )
+    text = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=IMAGE_TOKEN)
+    return LlavaForConditionalGeneration(config), 4  # 2x2 patches, CLS dropped
+
+
+def tiny_blip2():
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
+
+    config = Blip2Config(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=28,
+            patch_size=14,
+        ),
+        qformer_config=dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, encoder_hidden_size=32
+        ),
+        text_config=OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+        ).to_dict(),
+        num_query_tokens=5,
+        image_token_index=IMAGE_TOKEN,
+    )
+    return Blip2ForConditionalGeneration(config), 5
+
+
+def tiny_idefics2():
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+    config = Idefics2Config(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=28,
+            patch_size=14,
+        ),
+        perceiver_config=dict(
+            hidden_size=32,
+            resampler_n_latents=3,
+            resampler_depth=2,
+            resampler_n_heads=4,
+            resampler_head_dim=8,
+            num_key_value_heads=2,
+        ),
+        text_config=dict(
+            model_type="mistral",
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        image_token_id=IMAGE_TOKEN,
+    )
+    return Idefics2ForConditionalGeneration(config), 3
+
+
+FAMILIES = {"llava": tiny_llava, "blip2": tiny_blip2, "idefics2": tiny_idefics2}
+
+
+def inputs(tokens_per_image: int):
+    """Two samples, one image each, text around the expanded image-token slots."""
+    torch.manual_seed(1)
+    pixel_values = torch.randn(2, 3, 28, 28)
+    rows = []
+    for offset in (0, 7):
+        text_before = [(offset + i) % 50 + 1 for i in range(3)]
+        text_after = [(offset + i) % 50 + 5 for i in range(4)]
+        rows.append(text_before + [IMAGE_TOKEN] * tokens_per_image + text_after)
+    return pixel_values, torch.tensor(rows)
+
+
+def hf_logits(family: str, hf_model, pixel_values, input_ids):
+    if family == "idefics2":
+        pixel_values = pixel_values[:, None]  # [B, images per sample, C, H, W]
+    with torch.no_grad():
+        return hf_model(pixel_values=pixel_values, input_ids=input_ids).logits
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_import_and_export_keep_the_logits(family, tmp_path):
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    hf_model, tokens_per_image = FAMILIES[family]()
+    hf_model.eval().save_pretrained(tmp_path / "hf")
+    pixel_values, input_ids = inputs(tokens_per_image)
+    reference = hf_logits(family, hf_model, pixel_values, input_ids)
+
+    assert (
+        hf_logits(family, hf_model, pixel_values.flip(0), input_ids) - reference
+    ).abs().max() > 1e-4  # images matter
+    ours = from_hf(tmp_path / "hf").eval()
+    assert ours.num_image_tokens == tokens_per_image
+    with torch.no_grad():
+        torch.testing.assert_close(ours(pixel_values, input_ids).logits, reference, rtol=0, atol=1e-4)
+
+    to_hf(ours, tmp_path / "exported")
+    hf_class = type(hf_model)
+    assert AutoConfig.from_pretrained(tmp_path / "exported").model_type == hf_model.config.model_type
+    reloaded = hf_class.from_pretrained(tmp_path / "exported").eval()
+    torch.testing.assert_close(hf_logits(family, reloaded, pixel_values, input_ids), reference, rtol=0, atol=1e-4)
+
+
+def test_trained_llava_exports_what_it_learned(tmp_path):
+    torch.manual_seed(0)
+    hf_model, tokens_per_image = tiny_llava()
+    hf_model.save_pretrained(tmp_path / "hf")
+    ours = from_hf(tmp_path / "hf")
+    pixel_values, input_ids = inputs(tokens_per_image)
+    optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = ours(pixel_values, input_ids, labels=input_ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    ours.eval()
+    to_hf(ours, tmp_path / "trained")
+    reloaded = type(hf_model).from_pretrained(tmp_path / "trained").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hf_logits("llava", reloaded, pixel_values, input_ids),
+            ours(pixel_values, input_ids).logits,
+            rtol=0,
+            atol=1e-4,
+        )
+        assert (
+            hf_logits("llava", hf_model.eval(), pixel_values, input_ids) - ours(pixel_values, input_ids).logits
+        ).abs().max() > 1e-3
+
+
+def test_unknown_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ConfigError, match="'gpt2' model"):
+        from_hf(tmp_path)
+    with pytest.raises(ConfigError, match="no config.json"):
+        from_hf(tmp_path / "missing")

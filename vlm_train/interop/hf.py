@@ -1,0 +1,185 @@
+"""Hugging Face <-> vlm_train, for the families that made each connector famous:
+
+    LlavaForConditionalGeneration      <-> mlp        (CLIP/SigLIP tower, Llama-family decoder)
+    Blip2ForConditionalGeneration      <-> qformer    (BLIP-2 ViT, OPT decoder)
+    Idefics2ForConditionalGeneration   <-> perceiver  (Idefics2 ViT, Mistral decoder)
+
+Conversion moves modules, not tensors through renamed keys: our tower, connector and decoder wrap
+the very transformers modules these models are made of (and the connectors use their parameter
+names), so an import is a re-parenting and an export builds the HF model on the meta device and
+hands it our modules. Logits match the HF model's to float rounding (tests/test_interop.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlm_train.errors import ConfigError
+from vlm_train.models import CausalLM, VisionLanguageModel, VisionTower
+from vlm_train.models.connectors.mlp import MLPConnector
+from vlm_train.models.connectors.perceiver import PerceiverConnector
+from vlm_train.models.connectors.qformer import QFormerConnector
+
+
+def from_hf(path: str | Path) -> VisionLanguageModel:
+    """Import a local HF checkpoint directory of a LLaVA, BLIP-2 or Idefics2 model."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{path} has no config.json: give a local Hugging Face checkpoint directory")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    importers = {"llava": _from_llava, "blip-2": _from_blip2, "idefics2": _from_idefics2}
+    if model_type not in importers:
+        raise ConfigError(f"{path} is a '{model_type}' model; vlm_train imports {', '.join(importers)}")
+    return importers[model_type](path)
+
+
+def to_hf(model: VisionLanguageModel, path: str | Path, tokenizer=None) -> None:
+    """Write `model` as the HF family of its connector; `from_pretrained` then loads it."""
+    exporters = {MLPConnector: _to_llava, QFormerConnector: _to_blip2, PerceiverConnector: _to_idefics2}
+    exporter = exporters.get(type(model.connector))
+    if exporter is None:
+        raise ConfigError(
+            f"no Hugging Face family takes a {type(model.connector).__name__}: export mlp, qformer or perceiver"
+        )
+    hf_model = exporter(model)
+    hf_model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def _causal_lm(text_config, body: nn.Module, lm_head: nn.Module) -> CausalLM:
+    """A *ForCausalLM around an existing decoder body and head (built on meta, nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(text_config)
+    lm.model, lm.lm_head = body, lm_head
+    return CausalLM(lm)
+
+
+def _family_of(vision_config) -> str:
+    return {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}[vision_config.model_type]
+
+
+# --- LLaVA <-> mlp -----------------------------------------------------------------------------
+
+
+def _from_llava(path) -> VisionLanguageModel:
+    from transformers import LlavaForConditionalGeneration
+
+    hf = LlavaForConditionalGeneration.from_pretrained(path, torch_dtype=torch.float32)
+    config = hf.config
+    if config.projector_hidden_act != "gelu" or not isinstance(config.vision_feature_layer, int):
+        raise ConfigError("vlm_train imports LLaVA projectors with GELU and one vision feature layer")
+    tower = VisionTower(
+        hf.model.vision_tower,
+        _family_of(config.vision_config),
+        config.vision_feature_layer,
+        drop_cls=config.vision_feature_select_strategy == "default",
+    )
+    projector = hf.model.multi_modal_projector
+    connector = MLPConnector(tower.hidden_size, config.text_config.hidden_size, depth=2, num_patches=tower.num_features)
+    connector[0], connector[2] = projector.linear_1, projector.linear_2
+    llm = _causal_lm(config.text_config, hf.model.language_model, hf.lm_head)
+    return VisionLanguageModel(tower, connector, llm, config.image_token_id)
+
+
+def _to_llava(model: VisionLanguageModel) -> nn.Module:
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    connector = model.connector
+    if len(connector) != 3 or not isinstance(connector[1], nn.GELU):
+        raise ConfigError("LLaVA's projector is Linear-GELU-Linear: export an mlp connector of depth 2")
+    config = LlavaConfig(
+        vision_config=model.vision.hf_model.config.to_dict(),
+        text_config=model.llm.hf_model.config.to_dict(),
+        image_token_id=model.image_token_id,
+        vision_feature_layer=model.vision.select_layer,
+        vision_feature_select_strategy="default" if model.vision.drop_cls else "full",
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=connector[0].bias is not None,
+    )
+    with torch.device("meta"):
+        hf = LlavaForConditionalGeneration(config)
+    hf.model.vision_tower = model.vision.hf_model
+    hf.model.multi_modal_projector.linear_1, hf.model.multi_modal_projector.linear_2 = connector[0], connector[2]
+    hf.model.language_model, hf.lm_head = model.llm.hf_model.model, model.llm.hf_model.lm_head
+    return hf
+
+
+# --- BLIP-2 <-> qformer ------------------------------------------------------------------------
+
+
+def _from_blip2(path) -> VisionLanguageModel:
+    from transformers import Blip2ForConditionalGeneration
+
+    hf = Blip2ForConditionalGeneration.from_pretrained(path, torch_dtype=torch.float32)
+    config = hf.config
+    if config.use_decoder_only_language_model is False:
+        raise ConfigError("vlm_train imports BLIP-2 with a decoder-only language model (OPT), not T5")
+    tower = VisionTower(hf.vision_model, "blip2", select_layer=-1, drop_cls=False)
+    connector = QFormerConnector(hf.qformer, config.num_query_tokens, config.text_config.hidden_size)
+    connector.query_tokens, connector.language_projection = hf.query_tokens, hf.language_projection
+    return VisionLanguageModel(tower, connector, CausalLM(hf.language_model), config.image_token_index)
+
+
+def _to_blip2(model: VisionLanguageModel) -> nn.Module:
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    if model.vision.family != "blip2":
+        raise ConfigError("BLIP-2 checkpoints carry a BLIP-2 vision model: export a model imported from BLIP-2")
+    connector = model.connector
+    config = Blip2Config(
+        vision_config=model.vision.hf_model.config.to_dict(),
+        qformer_config=connector.qformer.config.to_dict(),
+        text_config=model.llm.hf_model.config.to_dict(),
+        num_query_tokens=connector.num_tokens,
+        image_token_index=model.image_token_id,
+    )
+    with torch.device("meta"):
+        hf = Blip2ForConditionalGeneration(config)
+    hf.vision_model, hf.qformer = model.vision.hf_model, connector.qformer
+    hf.query_tokens, hf.language_projection = connector.query_tokens, connector.language_projection
+    hf.language_model = model.llm.hf_model
+    return hf
+
+
+# --- Idefics2 <-> perceiver --------------------------------------------------------------------
+
+
+def _from_idefics2(path) -> VisionLanguageModel:
+    from transformers import Idefics2ForConditionalGeneration
+
+    hf = Idefics2ForConditionalGeneration.from_pretrained(path, torch_dtype=torch.float32)
+    config = hf.config
+    tower = VisionTower(hf.model.vision_model, "idefics2", select_layer=-1, drop_cls=False)
+    hf_connector = hf.model.connector
+    connector = PerceiverConnector(
+        hf_connector.modality_projection, hf_connector.perceiver_resampler, config.perceiver_config.resampler_n_latents
+    )
+    llm = _causal_lm(config.text_config, hf.model.text_model, hf.lm_head)
+    return VisionLanguageModel(tower, connector, llm, config.image_token_id)
+
+
+def _to_idefics2(model: VisionLanguageModel) -> nn.Module:
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+    if model.vision.family != "idefics2":
+        raise ConfigError("Idefics2 checkpoints carry an Idefics2 vision model: export a model imported from Idefics2")
+    config = Idefics2Config(
+        vision_config=model.vision.hf_model.config.to_dict(),
+        perceiver_config=model.connector.perceiver_resampler.config.to_dict(),
+        text_config=model.llm.hf_model.config.to_dict(),
+        image_token_id=model.image_token_id,
+    )
+    with torch.device("meta"):
+        hf = Idefics2ForConditionalGeneration(config)
+    hf.model.vision_model = model.vision.hf_model
+    hf.model.connector.modality_projection = model.connector.modality_projection
+    hf.model.connector.perceiver_resampler = model.connector.perceiver_resampler
+    hf.model.text_model, hf.lm_head = model.llm.hf_model.model, model.llm.hf_model.lm_head
+    return hf
