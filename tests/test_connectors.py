@@ -107,3 +107,55 @@ def test_ln_adapter_is_tiny():
     mlp, adapter = toy_model("mlp"), toy_model("ln_adapter", "connector.train_projection=false")
     assert count_trainable(adapter.connector) == 2 * 64  # scale and shift over the tower width
     assert count_trainable(adapter.connector) <= 0.05 * count_trainable(mlp.connector)
+
+
+@pytest.fixture(scope="module")
+def half_text_only_shards(tmp_path_factory) -> str:
+    """Two shards of 32: one of image samples, one of text-only samples. With 2 ranks each rank
+    gets one whole shard, so at every step one rank's micro-batch has no image at all."""
+    import json
+    import random
+
+    import webdataset as wds
+
+    from vlm_train.data.synthetic import make_sample
+
+    folder, rng = tmp_path_factory.mktemp("mixed"), random.Random(0)
+    with wds.TarWriter(str(folder / "part-0.tar")) as sink:
+        for i in range(32):
+            png, record = make_sample(rng)
+            sink.write({"__key__": f"img{i:03d}", "png": png, "json": json.dumps(record).encode()})
+    with wds.TarWriter(str(folder / "part-1.tar")) as sink:
+        for i in range(32):
+            turns = [{"from": "human", "value": "what color is the circle ?"}, {"from": "gpt", "value": "red"}]
+            sink.write({"__key__": f"txt{i:03d}", "json": json.dumps({"conversations": turns}).encode()})
+    return str(folder / "part-{0..1}.tar")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("connector", [*sorted(CONNECTORS), "ln_adapter connector.modality_norms=true"])
+def test_connector_trains_under_zero3_when_a_rank_has_no_image(connector, half_text_only_shards, tmp_path):
+    from tests.conftest import run_cli, step_losses
+
+    name, *options = connector.split()
+    overrides = [
+        "experiment=toy",
+        f"connector={name}",
+        *options,
+        f"data.urls={half_text_only_shards}",
+        f"run.dir={tmp_path}",
+        "parallel.zero_stage=3",
+        "vision.freeze=false",
+        "data.num_workers=1",
+        "train.micro_batch_size=4",
+        "train.max_steps=8",
+        "train.warmup_steps=1",
+        "train.lr=2e-3",
+        "train.log_every=1",
+        "train.eval=false",
+    ]
+    result = run_cli(overrides, nproc=2, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = step_losses(tmp_path)
+    assert sorted(losses) == list(range(1, 9))
+    assert (losses[7] + losses[8]) / 2 < (losses[1] + losses[2]) / 2
