@@ -174,3 +174,38 @@ def test_unknown_checkpoint_is_a_clear_error(tmp_path):
         from_hf(tmp_path)
     with pytest.raises(ConfigError, match="no config.json"):
         from_hf(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_vlm_convert_exports_a_trained_zero3_run(toy_data, tmp_path):
+    """A run trained under ZeRO-3 -> `vlm-convert to-hf` -> transformers' LLaVA gives our logits."""
+    import subprocess
+    import sys
+
+    from transformers import LlavaForConditionalGeneration
+
+    from tests.conftest import run_cli, toy_overrides
+    from tests.test_models import make_batch
+    from vlm_train.build import build_model
+    from vlm_train.config import load_yaml
+    from vlm_train.data.tokenizer import build_toy_tokenizer
+    from vlm_train.training.checkpoint import consolidated_state_dict, latest_checkpoint
+
+    run_dir = tmp_path / "run"
+    result = run_cli(toy_overrides(toy_data, run_dir, "parallel.zero_stage=3", "train.max_steps=2"), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    convert = [sys.executable, "-m", "vlm_train.convert", "to-hf", str(run_dir), str(tmp_path / "hf")]
+    assert subprocess.run(convert, capture_output=True, text=True).returncode == 0
+
+    folder = latest_checkpoint(run_dir)
+    cfg = load_yaml(folder / "config.yaml")
+    tokenizer = build_toy_tokenizer()
+    ours = build_model(cfg, tokenizer)
+    ours.load_state_dict(consolidated_state_dict(folder, zero_stage=3))
+    ours.eval()
+    hf_model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    pixel_values, input_ids, mask, _ = make_batch(ours, tokenizer)
+    with torch.no_grad():
+        expected = ours(pixel_values, input_ids, mask).logits
+        got = hf_model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)

@@ -274,6 +274,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.num_workers and train.save_every must not be negative")
 
 
+def load_yaml(path: str | Path) -> Config:
+    """A resolved config written by a run (`<run.dir>/config.yaml`), typed again."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.load(path)
+    schema = CONNECTOR_SCHEMAS[raw.connector.name]
+    merged = OmegaConf.merge(OmegaConf.structured(Config(connector=schema())), raw)
+    return OmegaConf.to_object(merged)
+
+
 def to_yaml(cfg: Config) -> str:
     from omegaconf import OmegaConf
 

@@ -65,6 +65,16 @@ def load(engine, folder: Path) -> dict:
     return torch.load(trainer_file, map_location="cpu", weights_only=True)
 
 
+def consolidated_state_dict(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The whole model's fp32 weights from one checkpoint folder, whatever the ZeRO stage."""
+    if zero_stage == 0:
+        states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        return {name: tensor.float() for name, tensor in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+
+
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
