@@ -13,7 +13,7 @@ IMAGE_TOKEN = 60
 VOCAB = 64
 
 
-def tiny_llava():
+def tiny_llava(image_token: int = IMAGE_TOKEN):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(
@@ -27,11 +27,11 @@ def tiny_llava():
         num_attention_heads=4,
         num_key_value_heads=2,
     )
-    config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=IMAGE_TOKEN)
+    config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_token)
     return LlavaForConditionalGeneration(config), 4  # 2x2 patches, CLS dropped
 
 
-def tiny_blip2():
+def tiny_blip2(image_token: int = IMAGE_TOKEN):
     from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
 
     config = Blip2Config(
@@ -55,12 +55,12 @@ def tiny_blip2():
             word_embed_proj_dim=32,
         ).to_dict(),
         num_query_tokens=5,
-        image_token_index=IMAGE_TOKEN,
+        image_token_index=image_token,
     )
     return Blip2ForConditionalGeneration(config), 5
 
 
-def tiny_idefics2():
+def tiny_idefics2(image_token: int = IMAGE_TOKEN):
     from transformers import Idefics2Config, Idefics2ForConditionalGeneration
 
     config = Idefics2Config(
@@ -89,7 +89,7 @@ def tiny_idefics2():
             num_attention_heads=4,
             num_key_value_heads=2,
         ),
-        image_token_id=IMAGE_TOKEN,
+        image_token_id=image_token,
     )
     return Idefics2ForConditionalGeneration(config), 3
 
@@ -97,15 +97,15 @@ def tiny_idefics2():
 FAMILIES = {"llava": tiny_llava, "blip2": tiny_blip2, "idefics2": tiny_idefics2}
 
 
-def inputs(tokens_per_image: int):
+def inputs(tokens_per_image: int, image_token: int = IMAGE_TOKEN):
     """Two samples, one image each, text around the expanded image-token slots."""
     torch.manual_seed(1)
     pixel_values = torch.randn(2, 3, 28, 28)
     rows = []
     for offset in (0, 7):
-        text_before = [(offset + i) % 50 + 1 for i in range(3)]
-        text_after = [(offset + i) % 50 + 5 for i in range(4)]
-        rows.append(text_before + [IMAGE_TOKEN] * tokens_per_image + text_after)
+        text_before = [(offset + i) % 40 + 10 for i in range(3)]
+        text_after = [(offset + i) % 40 + 15 for i in range(4)]
+        rows.append(text_before + [image_token] * tokens_per_image + text_after)
     return pixel_values, torch.tensor(rows)
 
 
@@ -166,6 +166,38 @@ def test_trained_llava_exports_what_it_learned(tmp_path):
         assert (
             hf_logits("llava", hf_model.eval(), pixel_values, input_ids) - ours(pixel_values, input_ids).logits
         ).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_vlm_convert_from_hf_gives_pieces_vlm_train_builds_again(family, tmp_path):
+    """HF VLM -> `vlm-convert from-hf` -> the printed overrides -> build_model: the HF logits."""
+    import contextlib
+    import io
+
+    from vlm_train import build_model, compose
+    from vlm_train.convert import main as convert
+    from vlm_train.data.tokenizer import IMAGE_TOKEN as IMAGE
+    from vlm_train.data.tokenizer import build_toy_tokenizer
+
+    tokenizer = build_toy_tokenizer()
+    image_token = tokenizer.convert_tokens_to_ids(IMAGE)
+    torch.manual_seed(0)
+    hf_model, tokens_per_image = FAMILIES[family](image_token)
+    hf_model.eval().save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert convert(["from-hf", str(tmp_path / "hf"), str(tmp_path / "pieces")]) == 0
+    overrides = printed.getvalue().split()
+    ours = build_model(compose(["experiment=toy", *overrides])).eval()
+    pixel_values, input_ids = inputs(tokens_per_image, image_token)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(pixel_values, input_ids).logits,
+            hf_logits(family, hf_model, pixel_values, input_ids),
+            rtol=0,
+            atol=1e-4,
+        )
 
 
 def test_unknown_checkpoint_is_a_clear_error(tmp_path):

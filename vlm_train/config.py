@@ -25,7 +25,7 @@ class VisionConfig:
     """A Hugging Face CLIP or SigLIP vision tower."""
 
     name: str = "clip-tiny"  # readable id, e.g. clip-vit-l-336px
-    family: str = "clip"  # clip | siglip
+    family: str = "clip"  # clip | siglip (| blip2 | idefics2: towers imported from those VLMs, path only)
     path: str | None = MISSING  # local HF checkpoint dir; null: build from the size fields below
     image_size: int = 48
     patch_size: int = 16
@@ -44,7 +44,7 @@ class LLMConfig:
 
     name: str = "llama-tiny"
     backend: str = "hf"  # hf (megatron: tensor-parallel decoder, see the TP issue)
-    family: str = "llama"
+    family: str = "llama"  # llama builds from the size fields; any causal LM loads from a path
     path: str | None = MISSING  # local HF checkpoint dir; null: build from the size fields below
     tokenizer: str | None = None  # local tokenizer dir; "toy" = the built-in toy tokenizer; None = path
     hidden_size: int = 128
@@ -206,9 +206,9 @@ CONNECTOR_SCHEMAS: dict[str, type[ConnectorConfig]] = {
 }
 
 _CHOICES = {
-    "vision.family": ("clip", "siglip"),
+    "vision.family": ("clip", "siglip", "blip2", "idefics2"),
     "llm.backend": ("hf",),
-    "llm.family": ("llama",),
+    "llm.family": ("llama", "mistral", "opt"),
     "data.template": ("chat", "plain"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "train.precision": ("auto", "bf16", "fp32"),

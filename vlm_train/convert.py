@@ -1,6 +1,8 @@
 """`vlm-convert`: move models between vlm_train runs and Hugging Face checkpoints.
 
     vlm-convert to-hf RUN_DIR OUT [--step N]   newest (or step N) checkpoint of a run -> HF folder
+    vlm-convert from-hf HF_DIR OUT              a HF VLM -> tower, decoder and connector files in OUT,
+                                                and prints the overrides that train from them
     vlm-convert inspect HF_DIR                  import a LLaVA/BLIP-2/Idefics2 folder and summarise it
 
 An mlp model exports as LlavaForConditionalGeneration; qformer and perceiver models export as
@@ -34,6 +36,66 @@ def to_hf_command(run_dir: Path, out: Path, step: int | None) -> None:
     print(f"wrote {out} from {folder}")
 
 
+def from_hf_command(hf_dir: Path, out: Path) -> None:
+    """Split a HF VLM into the pieces vlm-train's configs load, and print the overrides."""
+    from safetensors.torch import save_file
+
+    from vlm_train.interop import from_hf
+
+    model = from_hf(hf_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.vision.hf_model.save_pretrained(out / "vision")
+    model.llm.hf_model.save_pretrained(out / "llm")
+    _copy_tokenizer(hf_dir, out / "llm")
+    save_file({k: v.contiguous() for k, v in model.connector.state_dict().items()}, str(out / "connector.safetensors"))
+    print(" ".join(connector_overrides(model, out)))
+
+
+def connector_overrides(model, out: Path) -> list[str]:
+    """The overrides that rebuild `model` from the pieces in `out` (vlm-train resizes nothing)."""
+    vision, connector = model.vision, model.connector
+    overrides = [
+        f"vision.family={vision.family}",
+        f"vision.path={out / 'vision'}",
+        f"vision.select_layer={vision.select_layer}",
+        f"vision.drop_cls={str(vision.drop_cls).lower()}",
+        f"llm.path={out / 'llm'}",
+        f"llm.tokenizer={out / 'llm'}",
+        f"connector={type(connector).__name__.removesuffix('Connector').lower()}",
+        f"connector.path={out / 'connector.safetensors'}",
+    ]
+    if overrides[-2] == "connector=qformer":
+        q = connector.qformer.config
+        overrides += [
+            f"connector.num_queries={connector.num_tokens}",
+            f"connector.hidden_size={q.hidden_size}",
+            f"connector.num_layers={q.num_hidden_layers}",
+            f"connector.num_heads={q.num_attention_heads}",
+            f"connector.intermediate_size={q.intermediate_size}",
+            f"connector.cross_attention_freq={q.cross_attention_frequency}",
+        ]
+    elif overrides[-2] == "connector=perceiver":
+        p = connector.perceiver_resampler.config
+        overrides += [
+            f"connector.num_latents={p.resampler_n_latents}",
+            f"connector.depth={p.resampler_depth}",
+            f"connector.num_heads={p.resampler_n_heads}",
+            f"connector.head_dim={p.resampler_head_dim}",
+            f"connector.num_kv_heads={p.num_key_value_heads}",
+            f"connector.intermediate_size={connector.modality_projection.gate_proj.out_features}",
+        ]
+    return overrides
+
+
+def _copy_tokenizer(hf_dir: Path, target: Path) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(hf_dir).save_pretrained(target)
+    except (OSError, ValueError, TypeError):
+        print(f"note: {hf_dir} has no tokenizer; give llm.tokenizer=... when training", file=sys.stderr)
+
+
 def inspect_command(hf_dir: Path) -> None:
     from vlm_train.interop import from_hf
     from vlm_train.models.connectors import count_trainable
@@ -54,12 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("run_dir", type=Path)
     export.add_argument("out", type=Path)
     export.add_argument("--step", type=int, default=None)
+    split = commands.add_parser("from-hf", help="a Hugging Face VLM -> pieces vlm-train loads (+ overrides)")
+    split.add_argument("hf_dir", type=Path)
+    split.add_argument("out", type=Path)
     look = commands.add_parser("inspect", help="import a Hugging Face VLM folder and summarise it")
     look.add_argument("hf_dir", type=Path)
     args = parser.parse_args(argv)
     try:
         if args.command == "to-hf":
             to_hf_command(args.run_dir, args.out, args.step)
+        elif args.command == "from-hf":
+            from_hf_command(args.hf_dir, args.out)
         else:
             inspect_command(args.hf_dir)
     except UserError as err:

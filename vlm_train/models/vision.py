@@ -77,6 +77,8 @@ def build_vision_tower(cfg: VisionConfig) -> VisionTower:
     """A tower from `cfg.path` (local HF checkpoint) or, without a path, from the size fields."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
+    if cfg.family in ("blip2", "idefics2"):
+        return _imported_tower(cfg)
     model_cls, config_cls = {
         "clip": (CLIPVisionModel, CLIPVisionConfig),
         "siglip": (SiglipVisionModel, SiglipVisionConfig),
@@ -99,6 +101,18 @@ def build_vision_tower(cfg: VisionConfig) -> VisionTower:
     if cfg.path:
         tower.image_mean, tower.image_std = _checkpoint_image_stats(cfg.path, tower)
     return tower
+
+
+def _imported_tower(cfg: VisionConfig) -> VisionTower:
+    """BLIP-2's and Idefics2's own towers, as `vlm-convert from-hf` writes them."""
+    from transformers import Blip2VisionModel
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
+
+    if not cfg.path:
+        raise ConfigError(f"vision.family={cfg.family} loads from vision.path only (see vlm-convert from-hf)")
+    _require_dir(cfg.path, "vision.path")
+    model_cls = Blip2VisionModel if cfg.family == "blip2" else Idefics2VisionTransformer
+    return VisionTower(model_cls.from_pretrained(cfg.path, torch_dtype=torch.float32), cfg.family, -1, drop_cls=False)
 
 
 def _checkpoint_image_stats(path: str, tower: VisionTower) -> tuple[tuple, tuple]:
