@@ -144,3 +144,43 @@ def test_user_mistakes_exit_with_one_line(overrides, message, tmp_path):
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("vlm-train: error:")]
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_stop_signal_saves_and_exits_with_the_documented_code(signal_name, toy_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+    from vlm_train.training.signals import EXIT_PREEMPTED
+
+    run_dir = tmp_path / "run"
+    overrides = toy_overrides(toy_data, run_dir, "train.max_steps=100000", "train.keep_last=2", "train.save_every=2")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vlm_train.train", *overrides],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 7):
+        time.sleep(0.2)
+    process.send_signal(getattr(signal, signal_name))
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == EXIT_PREEMPTED, stderr[-2000:]
+    assert f"stopped by {signal_name}" in stderr and "Traceback" not in stderr
+    last_step = max(step_losses(run_dir))
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{last_step}"
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert len(kept) == 2 and f"step_{last_step}" in kept  # train.keep_last=2 pruned the older ones
+
+    resumed = run_cli(toy_overrides(toy_data, run_dir, f"train.max_steps={last_step + 2}", "train.keep_last=2"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{last_step}'}" in resumed.stdout
+    assert max(step_losses(run_dir)) == last_step + 2
+    assert os.path.exists(run_dir / "checkpoints" / f"step_{last_step + 2}")

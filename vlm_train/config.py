@@ -166,6 +166,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    keep_last: int = 3  # checkpoints kept (the one `latest` names is never deleted); 0 keeps all
+    requeue: bool = False  # under Slurm, requeue the job when SIGTERM/SIGUSR1 stops it
     log_every: int = 10
     eval: bool = True  # score held-out samples at the end (needs data.eval_urls)
 
@@ -270,8 +272,8 @@ def validate(cfg: Config) -> None:
     for dotted in positive:
         if _get(cfg, dotted) < 1:
             raise ConfigError(f"{dotted}={_get(cfg, dotted)} must be at least 1")
-    if cfg.data.num_workers < 0 or cfg.train.save_every < 0:
-        raise ConfigError("data.num_workers and train.save_every must not be negative")
+    if min(cfg.data.num_workers, cfg.train.save_every, cfg.train.keep_last) < 0:
+        raise ConfigError("data.num_workers, train.save_every and train.keep_last must not be negative")
 
 
 def load_yaml(path: str | Path) -> Config:

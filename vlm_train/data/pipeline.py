@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import random
+import signal
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -246,6 +247,13 @@ class ShardStream(IterableDataset):
             block_index, drop = block_index + 1, 0
 
 
+def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
+    # Slurm signals every process of a step; a worker killed by SIGTERM would abort the trainer's
+    # final save, so workers ignore what the trainer handles (training/signals.py).
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class TrainBatches:
     """This rank's endless batch stream, epoch after epoch, with a resumable position."""
 
@@ -266,6 +274,7 @@ class TrainBatches:
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 prefetch_factor=4 if self.num_workers else None,
+                worker_init_fn=_leave_stop_signals_to_the_trainer,
             )
             self._iterator = iter(loader)
         batch = next(self._iterator)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save(engine, run_dir: Path, step: int, trainer_state: dict, cfg: Config) -> Path:
-    """Collective: every rank writes its shards, then rank 0 moves `latest`."""
+    """Collective: every rank writes its shards, then rank 0 moves `latest` and prunes old ones."""
     tag = f"step_{step}"
     root = checkpoint_root(run_dir)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
@@ -50,8 +51,22 @@ def save(engine, run_dir: Path, step: int, trainer_state: dict, cfg: Config) -> 
     dist.barrier()
     if rank == 0:
         _write_atomic(root / LATEST, lambda f: f.write(tag.encode()))
+        prune(root, keep=cfg.train.keep_last)
     dist.barrier()
     return root / tag
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` step folders; never the one `latest` names."""
+    if keep <= 0:
+        return
+    latest = (root / LATEST).read_text().strip()
+    steps = sorted(
+        (p for p in root.glob("step_*") if p.name.split("_")[-1].isdigit()), key=lambda p: int(p.name.split("_")[-1])
+    )
+    for folder in steps[:-keep]:
+        if folder.name != latest:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def load(engine, folder: Path) -> dict:

@@ -19,6 +19,7 @@ from vlm_train.models.vlm import IGNORE_INDEX
 from vlm_train.parallel.layout import Layout
 from vlm_train.training import checkpoint
 from vlm_train.training.metrics import MetricsLogger, memory_gb
+from vlm_train.training.signals import Preempted, StopFlag, requeue_slurm_job
 
 
 class Trainer:
@@ -32,6 +33,8 @@ class Trainer:
         self.samples_seen = 0
         self.tokens_seen = 0
         self.grad_norm: float | None = None
+        self.stop_flag = StopFlag().install()
+        self.stop_everywhere = False
         self.skipped_samples = 0  # bad samples replaced by placeholders, all ranks
 
     def fit(self) -> None:
@@ -49,6 +52,10 @@ class Trainer:
                 self.log_step(loss, samples, tokens, elapsed)
             if self.step == train.max_steps or (train.save_every and self.step % train.save_every == 0):
                 self.save()
+            elif self.stop_everywhere:
+                self.save()
+            if self.stop_everywhere and self.step < train.max_steps:
+                self.stop_for_preemption()
         if self.layout.rank == 0 and first_loss is not None:
             took = time.perf_counter() - fit_started
             print(f"trained to step {self.step}: loss {first_loss:.4f} -> {loss:.4f} in {took:.0f} s", flush=True)
@@ -56,7 +63,8 @@ class Trainer:
     def train_step(self) -> tuple[float, int, int]:
         """One optimizer step over `grad_accum` micro-batches; returns the global loss, samples, tokens."""
         micro_batches = [next(self.batches) for _ in range(self.cfg.train.grad_accum)]
-        answer_tokens, samples, tokens, skipped = self.global_counts(micro_batches)
+        answer_tokens, samples, tokens, skipped, stopping = self.global_counts(micro_batches)
+        self.stop_everywhere = stopping > 0
         # DeepSpeed divides by grad_accum and averages gradients over dp ranks; undo both so the
         # gradient is that of (sum of token losses) / (answer tokens in the global batch).
         scale = self.cfg.train.grad_accum * self.layout.dp / max(answer_tokens, 1.0)
@@ -75,13 +83,14 @@ class Trainer:
         return global_loss, int(samples), int(tokens)
 
     def global_counts(self, micro_batches: list[dict]) -> list[float]:
-        """Answer tokens, samples, tokens and skipped samples of the step, summed over all ranks."""
+        """Answer tokens, samples, tokens, skipped samples and stop requests, summed over all ranks."""
         local = torch.tensor(
             [
                 sum(float((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches),
                 sum(float(mb["input_ids"].shape[0]) for mb in micro_batches),
                 sum(float(mb["attention_mask"].sum()) for mb in micro_batches),
                 sum(float(mb.get("skipped", 0)) for mb in micro_batches),
+                float(self.stop_flag.raised),  # a signal on any rank stops every rank after this step
             ],
             dtype=torch.float64,
             device=self.device,
@@ -124,6 +133,14 @@ class Trainer:
             "data": self.batches.state_dict(),
             "rng": checkpoint.rng_state(),
         }
+
+    def stop_for_preemption(self) -> None:
+        requeued = self.cfg.train.requeue and self.layout.rank == 0 and requeue_slurm_job()
+        signal_name = self.stop_flag.signal_name or "a signal on another rank"
+        raise Preempted(
+            f"stopped by {signal_name} after step {self.step}, checkpoint saved"
+            + ("; job requeued" if requeued else "; start again with the same run.dir to resume")
+        )
 
     def save(self) -> None:
         folder = checkpoint.save(self.engine, self.run_dir, self.step, self.trainer_state(), self.cfg)
