@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg: Config) -> None:
     """Train (or resume) the run `cfg` describes, then evaluate on held-out data."""
-    from vlm_train.parallel.distributed import init_distributed, launch_env, shutdown
+    from vlm_train.parallel.distributed import init_distributed, shutdown
+    from vlm_train.parallel.launch_env import launch_env
     from vlm_train.parallel.layout import Layout
 
     env = launch_env()

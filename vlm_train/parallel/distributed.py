@@ -1,49 +1,21 @@
-"""Process-group start-up: the launch environment, the backend, and DeepSpeed's comm layer.
+"""Process-group start-up: the backend and DeepSpeed's comm layer.
 
-Reads torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); a plain
-`vlm-train` start is a world of one. No GPU -> gloo on CPU; GPUs -> NCCL.
+Where this process sits (rank, world, master) comes from `launch_env` (torchrun, Slurm,
+Kubernetes or a single process; see launch_env.py). No GPU -> gloo on CPU; GPUs -> NCCL.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import socket
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
 from vlm_train.config import ParallelConfig
+from vlm_train.parallel.launch_env import LaunchEnv, launch_env
 
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    rank: int
-    local_rank: int
-    world: int
-    master_addr: str
-    master_port: int
-
-
-def launch_env() -> LaunchEnv:
-    """The launcher's view of this process; a single process when no launcher set it."""
-    env = os.environ
-    if "RANK" not in env or "WORLD_SIZE" not in env:
-        return LaunchEnv(0, 0, 1, "127.0.0.1", _free_port())
-    return LaunchEnv(
-        rank=int(env["RANK"]),
-        local_rank=int(env.get("LOCAL_RANK", 0)),
-        world=int(env["WORLD_SIZE"]),
-        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-        master_port=int(env.get("MASTER_PORT", 29500)),
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["LaunchEnv", "init_distributed", "launch_env", "pick_backend", "shutdown"]
 
 
 def pick_backend(cfg: ParallelConfig) -> str:
