@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vlm_train.config import Config, compose, to_yaml
 from vlm_train.errors import UserError
+from vlm_train.training.signals import Preempted
 
 USAGE = """usage: vlm-train [key=value ...]
 
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose(overrides)
         run(cfg)
     except UserError as err:
-        print(f"vlm-train: error: {err}", file=sys.stderr, flush=True)
+        kind = "" if isinstance(err, Preempted) else "error: "
+        print(f"vlm-train: {kind}{err}", file=sys.stderr, flush=True)
         return err.exit_code
     return 0
 
