@@ -74,18 +74,23 @@ vlm_container_args() {
 # here, in seconds, before any node starts training.
 vlm_resolve_run_dir() {
   local code='import sys
-from vlm_train.config import compose
-from vlm_train.errors import UserError
+try:
+    from vlm_train.config import compose
+    from vlm_train.errors import UserError
+    import hydra, torch  # imported lazily by vlm_train; missing means the wrong interpreter
+except ImportError as err:
+    sys.exit(f"{sys.executable} cannot import vlm_train ({err}): set PYTHON to your environment'"'"'s interpreter")
 try:
     print(compose(sys.argv[1:]).run.dir)
 except UserError as err:
     sys.exit(f"vlm-train: error: {err}")'
-  local dir
+  local dir  # (errexit does not reach into $(...): every failure below is checked by hand)
   if [[ ${#VLM_CONTAINER_ARGS[@]} -gt 0 ]]; then
-    dir="$(srun --nodes=1 --ntasks=1 "${VLM_CONTAINER_ARGS[@]}" "$PYTHON" -c "$code" "$@" | tail -n 1)"
+    dir="$(srun --nodes=1 --ntasks=1 "${VLM_CONTAINER_ARGS[@]}" "$PYTHON" -c "$code" "$@" | tail -n 1)" || return 1
   else
-    dir="$("$PYTHON" -c "$code" "$@" | tail -n 1)"
+    dir="$("$PYTHON" -c "$code" "$@" | tail -n 1)" || return 1
   fi
+  [[ -n "$dir" ]] || return 1
   [[ "$dir" == /* ]] || dir="$PWD/$dir"
   echo "$dir"
 }
@@ -187,7 +192,7 @@ vlm_launch() {
   vlm_container_args
 
   local run_dir log
-  run_dir="$(vlm_resolve_run_dir "${overrides[@]}")"
+  run_dir="$(vlm_resolve_run_dir "${overrides[@]}")" || { vlm_log "job $SLURM_JOB_ID: the overrides do not compose (above); nothing started"; exit 2; }
   mkdir -p "$run_dir/logs"
   log="$run_dir/logs/slurm-$SLURM_JOB_ID.log"
   vlm_log "job $SLURM_JOB_ID: logging to $log"
