@@ -111,6 +111,11 @@ def _job_field(job_id: str, field: str) -> str:
     return match.group(1) if match else ""
 
 
+def _batch_step_running(job_id: str) -> bool:
+    # slurmd runs each job's batch script under a slurmstepd titled "slurmstepd: [<job>.batch]".
+    return _run(["pgrep", "-f", rf"slurmstepd: \[{job_id}\.batch\]"]).returncode == 0
+
+
 def _wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -145,10 +150,13 @@ def test_usr1_requeues_and_the_next_start_resumes(slurm_cluster, toy_data, tmp_p
         signal = _run(["scancel", "--batch", "--signal=USR1", job_id])
         assert signal.returncode == 0, signal.stderr
         _wait_for(lambda: _job_field(job_id, "Restarts") == "1", 60, "the requeue")
-        # A requeued job may wait up to ~2 minutes (BeginTime) before it starts again; an admin
-        # may release it at once, as we do here (a no-op when it has started already).
-        if _job_field(job_id, "JobState") == "PENDING":
-            _run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+        # A requeued job waits ~2 minutes (BeginTime) before it starts again, long enough for the
+        # first start's batch step to report its end. We release it early, so wait for that report
+        # first: the end of an old batch step arriving after the new start would end the new one.
+        _wait_for(lambda: _job_field(job_id, "JobState") == "PENDING", 60, "the job to be pending")
+        _wait_for(lambda: not _batch_step_running(job_id), 60, "the first batch step to end")
+        time.sleep(1)
+        _run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
         _wait_for(lambda: _job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the job")
     finally:
         _run(["scancel", job_id])
@@ -203,3 +211,20 @@ def test_nodelist_parser_matches_scontrol(slurm_cluster, nodelist):
     shown = _run(["scontrol", "show", "hostnames", nodelist])
     assert shown.returncode == 0, shown.stderr
     assert expand_nodelist(nodelist) == shown.stdout.split()
+
+
+def test_bad_override_fails_fast_from_any_directory(slurm_cluster, tmp_path):
+    """Submitted from outside the repository (the script finds slurm/common.sh through the job
+    record); an override that does not compose ends the job with Hydra's one-line reason."""
+    command = ["sbatch", "--wait", "--nodes=1", "--gres=none", "--cpus-per-task=2", f"--output={tmp_path}/slurm-%j.out"]
+    command += [str(REPO / "slurm" / "finetune.sh"), "experiment=toy", "no.such_key=1"]
+    try:
+        result = subprocess.run(command, cwd=tmp_path, env=_job_env(), capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as err:
+        _cancel_submitted(err.stdout)
+        pytest.fail("the job did not end in 300 s")
+    out = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert result.returncode != 0, out
+    assert "vlm-train: error: Could not override 'no.such_key'" in out, out
+    assert "nothing started" in out
+    assert not (tmp_path / "logs").exists()  # no run dir was guessed
