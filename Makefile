@@ -17,8 +17,8 @@ test-fast:
 	$(PY) -m pytest -m "not slow"
 
 lint:
-	$(VENV)/bin/ruff check vlm_train tests
-	$(VENV)/bin/ruff format --check vlm_train tests
+	$(VENV)/bin/ruff check vlm_train tests launch bench
+	$(VENV)/bin/ruff format --check vlm_train tests launch bench
 
 format:
 	$(VENV)/bin/ruff format vlm_train tests
