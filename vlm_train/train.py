@@ -139,7 +139,7 @@ def prepare_synthetic_data(cfg: Config, rank: int) -> None:
         generate(data.synthetic_dir, train=data.synthetic_train, eval=data.synthetic_eval)
     dist.barrier()
     expand_urls(data.urls)  # a pattern that matches nothing fails here, before any model is built
-    if data.eval_urls:
+    if data.eval_urls and cfg.train.eval:
         expand_urls(data.eval_urls, key="data.eval_urls")
 
 
