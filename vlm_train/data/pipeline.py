@@ -132,7 +132,7 @@ class SampleEncoder:
         return key, pixels, encoded
 
     def conversation(self, raw: dict) -> list[dict]:
-        if self.cfg.text_key in raw and self.cfg.text_key == "json":
+        if self.cfg.text_key == "json" and "json" in raw:
             return json.loads(raw["json"])["conversations"]
         if self.cfg.text_key in raw:  # a caption: image-caption corpora (LAION/CC style)
             return [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": raw[self.cfg.text_key].decode()}]
@@ -198,7 +198,8 @@ class ShardStream(IterableDataset):
         self.rank, self.world, self.workers = rank, world, max(workers, 1)
         self.batch_size, self.seed, self.shuffle_block = batch_size, seed, max(shuffle_block, 1)
         self.epoch, self.start_batch = 0, 0
-        self.batches_per_slot = (sum(sizes) // (world * self.workers)) // batch_size
+        self.samples_per_slot = sum(sizes) // (world * self.workers)
+        self.batches_per_slot = self.samples_per_slot // batch_size
         if self.batches_per_slot == 0:
             raise DataError(
                 f"{sum(sizes)} samples cannot give {world} ranks x {self.workers} workers a batch of "
@@ -220,8 +221,7 @@ class ShardStream(IterableDataset):
         logical = (worker + self.start_batch) % self.workers
         done = max(0, -(-(self.start_batch - logical) // self.workers))
         slot = self.rank * self.workers + logical
-        per_slot = sum(self.sizes) // (self.world * self.workers)
-        lo, used = slot * per_slot, self.batches_per_slot * self.batch_size
+        lo, used = slot * self.samples_per_slot, self.batches_per_slot * self.batch_size
         raw = self.shuffled(lo, lo + used, skip=done * self.batch_size, slot=slot)
         fallback = None
         while raw_batch := list(islice(raw, self.batch_size)):
