@@ -1,0 +1,215 @@
+"""`vlm-shards`: turn a dataset into the WebDataset shards `vlm-train` reads.
+
+    vlm-shards llava --json data.json --images DIR --out OUT [--max-count N] [--max-size 1G] [--workers K]
+    vlm-shards captions --csv pairs.csv --images DIR --out OUT [--image-column image] [--caption-column caption]
+    vlm-shards captions --jsonl pairs.jsonl --images DIR --out OUT
+    vlm-shards manifest DIR    count the samples of existing shards (LAION/CC style) into DIR/manifest.json
+
+A sample is `<key>.json` (the LLaVA record: id, image, conversations) plus `<key>.<ext>` holding
+the image file's bytes unchanged; text-only records have no image member. Shards are
+`OUT/shard-NNNNNN.tar`, closed at --max-count samples or before --max-size bytes, in input order
+whatever the number of workers. `OUT/manifest.json` gives the sample count of every shard (the
+pipeline reads it instead of scanning the tars); `OUT/skipped.jsonl` says which records were left
+out and why. Records are checked and images decoded in parallel, then shards written in parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+from vlm_train.data.shard_records import Checked, Record, Skipped, check_or_skip, read_captions, read_llava
+from vlm_train.errors import DataError, UserError
+
+BLOCK = 512  # tar header and data granularity
+RECORD = 20 * BLOCK  # a tar stream is padded to whole records of this size
+DEFAULT_IMAGE_KEYS = {"png", "jpg", "jpeg", "webp"}  # data.image_key's default
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `123`, `500K`, `256M` or `1G` (powers of 1024)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)B?\s*", text.upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 1000000, 500M or 1G")
+    return int(match.group(1)) * 1024 ** " KMG".index(match.group(2) or " ")
+
+
+def _member_bytes(size: int) -> int:
+    return BLOCK + -(-size // BLOCK) * BLOCK
+
+
+def _tar_bytes(content: int) -> int:
+    """File size of a tar stream whose members take `content` bytes (end marker and padding added)."""
+    return -(-(content + 2 * BLOCK) // RECORD) * RECORD
+
+
+def plan_shards(samples: list[Checked], max_count: int, max_size: int) -> list[list[Checked]]:
+    """Consecutive groups of at most `max_count` samples whose tar stays within `max_size` bytes
+    (a single sample larger than that gets a shard of its own)."""
+    shards: list[list[Checked]] = []
+    current: list[Checked] = []
+    content = 0
+    for sample in samples:
+        size = _member_bytes(len(sample.json_bytes)) + (
+            _member_bytes(sample.image_bytes_len) if sample.image_ext else 0
+        )
+        if current and (len(current) == max_count or _tar_bytes(content + size) > max_size):
+            shards.append(current)
+            current, content = [], 0
+        current.append(sample)
+        content += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def write_shard(job: tuple[str, list[Checked]]) -> int:
+    """Write one shard (to a temporary name first, so a crash never leaves a plausible tar)."""
+    import webdataset as wds
+
+    path, samples = job
+    partial_path = f"{path}.partial"
+    with wds.TarWriter(partial_path, encoder=False, mtime=0) as sink:  # fixed mtime: reproducible bytes
+        for sample in samples:
+            member = {"__key__": sample.key, "json": sample.json_bytes}
+            if sample.image_path is not None:
+                data = Path(sample.image_path).read_bytes()
+                if len(data) != sample.image_bytes_len:
+                    raise DataError(f"{sample.image_path} changed while converting; run vlm-shards again")
+                member[sample.image_ext] = data
+            sink.write(member)
+    os.replace(partial_path, path)
+    return len(samples)
+
+
+def _parallel_map(function: Callable, items: Iterable, workers: int, chunksize: int = 1) -> list:
+    """`map` in input order, over a process pool when workers > 1."""
+    if workers <= 1:
+        return list(map(function, items))
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return list(pool.imap(function, items, chunksize=chunksize))
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    old = sorted(out.glob("shard-*.tar")) + [p for p in (out / "manifest.json", out / "skipped.jsonl") if p.exists()]
+    if old and not force:
+        raise DataError(f"{out} already holds shards ({old[0].name}, ...): choose another --out or pass --force")
+    for path in old:
+        path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def convert(records: list[Record], images: Path, out: Path, max_count: int, max_size: int, workers: int) -> dict:
+    """Check, shard and write `records`; returns the manifest (written with skipped.jsonl)."""
+    if not images.is_dir():
+        raise DataError(f"--images {images} is not a folder")
+    results = _parallel_map(partial(check_or_skip, images=images), records, workers, chunksize=64)
+    checked = [r for r in results if isinstance(r, Checked)]
+    skipped = [r for r in results if isinstance(r, Skipped)]
+    with open(out / "skipped.jsonl", "w") as report:
+        for skip in skipped:
+            report.write(json.dumps(asdict(skip), ensure_ascii=False) + "\n")
+    if not checked:
+        raise DataError(f"all {len(records)} records were skipped, e.g. {_example(skipped[0])} (see {report.name})")
+    groups = plan_shards(checked, max_count, max_size)
+    names = [f"shard-{i:06d}.tar" for i in range(len(groups))]
+    counts = _parallel_map(write_shard, [(str(out / n), g) for n, g in zip(names, groups)], workers)
+    manifest = {
+        "shards": dict(zip(names, counts)),
+        "total": sum(counts),
+        "skipped": dict(sorted(Counter(s.reason for s in skipped).items())),
+        "image_extensions": dict(sorted(Counter(c.image_ext for c in checked if c.image_ext).items())),
+        "text_only": sum(c.image_ext is None for c in checked),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    _print_report(out, manifest, skipped, len(records))
+    return manifest
+
+
+def _example(skip: Skipped) -> str:
+    return f"{skip.where}{f' (id {skip.id})' if skip.id else ''}: {skip.detail}"
+
+
+def _print_report(out: Path, manifest: dict, skipped: list[Skipped], total: int) -> None:
+    print(f"wrote {manifest['total']} samples in {len(manifest['shards'])} shards to {out}")
+    if skipped:
+        print(f"skipped {len(skipped)} of {total} records (all in {out / 'skipped.jsonl'}):")
+        for reason, count in manifest["skipped"].items():
+            first = next(s for s in skipped if s.reason == reason)
+            print(f"  {reason:<18} {count:>8}  e.g. {_example(first)}")
+    overrides = [f"data.urls={brace_pattern(out, list(manifest['shards']))}"]
+    extra = set(manifest.get("image_extensions", {})) - DEFAULT_IMAGE_KEYS
+    if extra:
+        overrides.append(f"data.image_key={';'.join(sorted(DEFAULT_IMAGE_KEYS | extra))}")
+    print(f"train on them with: {' '.join(overrides)}")
+
+
+def brace_pattern(folder: Path, names: list[str]) -> str:
+    """A `data.urls` pattern for these shard files: `{000000..000009}` when numbered contiguously."""
+    parts = [re.fullmatch(r"(.*?)(\d+)(\.tar)", n) for n in sorted(names)]
+    if all(parts) and len({(p[1], p[3], len(p[2])) for p in parts}) == 1:
+        numbers = [int(p[2]) for p in parts]
+        if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+            first, last = parts[0], parts[-1]
+            span = first[2] if len(parts) == 1 else f"{{{first[2]}..{last[2]}}}"
+            return str(folder / f"{first[1]}{span}{first[3]}")
+    return str(folder / ("{" + ",".join(sorted(names)) + "}" if len(names) > 1 else names[0]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vlm_train.data.shard_manifest import manifest_command
+
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "manifest":
+            manifest_command(args.folder, args.workers)
+            return 0
+        if args.command == "llava":
+            records = read_llava(args.json)
+        else:
+            records = read_captions(args.csv or args.jsonl, args.image_column, args.caption_column)
+        prepare_out(args.out, args.force)
+        convert(records, args.images, args.out, args.max_count, args.max_size, args.workers)
+    except UserError as err:
+        print(f"vlm-shards: error: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlm-shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    llava = commands.add_parser("llava", help="LLaVA-format JSON/JSONL + an image folder -> shards")
+    llava.add_argument("--json", type=Path, required=True, help="a JSON list of records, or JSON lines (.jsonl)")
+    captions = commands.add_parser("captions", help="image-caption pairs (CSV or JSON lines) -> shards")
+    source = captions.add_mutually_exclusive_group(required=True)
+    source.add_argument("--csv", type=Path, help="a CSV file with a header row")
+    source.add_argument("--jsonl", type=Path, help="one JSON object per line")
+    captions.add_argument("--image-column", default="image", help="the field holding the image path")
+    captions.add_argument("--caption-column", default="caption", help="the field holding the caption")
+    for command in (llava, captions):
+        command.add_argument("--images", type=Path, required=True, help="image paths are relative to this folder")
+        command.add_argument("--out", type=Path, required=True, help="folder for shard-NNNNNN.tar and manifest.json")
+        command.add_argument("--max-count", type=int, default=10000, help="samples per shard at most")
+        command.add_argument("--max-size", type=parse_size, default="1G", help="bytes per shard at most (500M, 1G)")
+        command.add_argument("--force", action="store_true", help="replace shards already in --out")
+    manifest = commands.add_parser("manifest", help="count the samples of existing shards into manifest.json")
+    manifest.add_argument("folder", type=Path)
+    for command in (llava, captions, manifest):
+        command.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())
