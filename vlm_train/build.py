@@ -31,7 +31,20 @@ def build_model(cfg: Config, tokenizer=None) -> VisionLanguageModel:
         param.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("vision, llm and connector are all frozen: nothing would train")
+    _enable_activation_checkpointing(model, cfg)
     return model
+
+
+def _enable_activation_checkpointing(model: VisionLanguageModel, cfg: Config) -> None:
+    """HF gradient checkpointing per component: each layer's activations are recomputed in
+    backward instead of kept. Non-reentrant, so frozen layers and ZeRO-3 hooks work as usual."""
+    for section, component in ((cfg.vision, model.vision), (cfg.llm, model.llm)):
+        if not section.activation_checkpointing:
+            continue
+        hf_model = getattr(component, "hf_model", None)
+        if hf_model is None or not getattr(hf_model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"{section.name} does not support activation_checkpointing")
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _set_trainable(module: nn.Module, trainable: bool) -> None:

@@ -36,6 +36,7 @@ class VisionConfig:
     select_layer: int = -1  # hidden state fed to the connector (LLaVA-1.5 uses -2)
     drop_cls: bool = True  # drop the CLS token where the tower has one (CLIP)
     freeze: bool = False
+    activation_checkpointing: bool = False  # recompute each layer in backward (HF gradient checkpointing)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class LLMConfig:
     tie_embeddings: bool = False
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     freeze: bool = False
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward (HF gradient checkpointing)
 
 
 @dataclass
@@ -170,6 +172,8 @@ class TrainConfig:
     requeue: bool = False  # under Slurm, requeue the job when SIGTERM/SIGUSR1 stops it
     log_every: int = 10
     eval: bool = True  # score held-out samples at the end (needs data.eval_urls)
+    peak_tflops: float | None = None  # per-device peak for MFU; None: data-sheet table (GPU) or a matmul probe (CPU)
+    compile: bool = False  # torch.compile the model before DeepSpeed wraps it
 
 
 @dataclass

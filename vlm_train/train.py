@@ -77,6 +77,7 @@ def _train(cfg: Config, layout, device) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
+    check_fits_and_report(cfg, layout, device)  # refuses a layout whose model states cannot fit
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     tokenizer = load_tokenizer(cfg.llm)
     model = build_model(cfg, tokenizer)
@@ -122,6 +123,17 @@ def evaluate_run(trainer, cfg: Config, tokenizer, transform) -> None:
         device=trainer.device,
     )
     trainer.metrics.log({"step": trainer.step, **results})
+
+
+def check_fits_and_report(cfg: Config, layout, device) -> None:
+    """The planner's model-state check (vlm_train/plan.py), then one line on the kernels in use."""
+    from vlm_train.parallel.kernels import probe_kernels
+    from vlm_train.plan import check_fits
+
+    ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # CPU ranks share this machine's RAM
+    check_fits(cfg, tp=layout.tp, dp=layout.dp, device=device, ranks_on_node=ranks_on_node)
+    if layout.rank == 0:
+        print(probe_kernels(device.type).report(cfg.llm.attn_implementation), flush=True)
 
 
 def prepare_synthetic_data(cfg: Config, rank: int) -> None:

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from vlm_train.config import Config
+from vlm_train.parallel.kernels import compile_model
 from vlm_train.parallel.layout import Layout
 
 
@@ -16,7 +17,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def deepspeed_config(cfg: Config, layout: Layout, precision: str) -> dict:
+def deepspeed_config(cfg: Config, layout: Layout, precision: str, on_gpu: bool = False) -> dict:
     """ZeRO stage, batch sizes, AdamW, warmup + cosine, clipping and precision for DeepSpeed."""
     train = cfg.train
     return {
@@ -44,7 +45,9 @@ def deepspeed_config(cfg: Config, layout: Layout, precision: str) -> dict:
                 "warmup_type": "linear",
             },
         },
-        "zero_optimization": {"stage": layout.zero_stage, "contiguous_gradients": True, "overlap_comm": False},
+        # Overlapping the gradient reduction with backward pays on GPUs (NCCL on its own stream);
+        # on CPU/gloo there is nothing to overlap with.
+        "zero_optimization": {"stage": layout.zero_stage, "contiguous_gradients": True, "overlap_comm": on_gpu},
         "bf16": {"enabled": precision == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
@@ -58,9 +61,11 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, device: to
 
     deepspeed.utils.logger.setLevel(logging.ERROR)  # its per-step INFO/WARNING lines drown the progress
     precision = resolve_precision(cfg.train.precision, device)
+    if cfg.train.compile:
+        compile_model(model, layout.zero_stage)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(cfg, layout, precision),
+        config=deepspeed_config(cfg, layout, precision, on_gpu=device.type == "cuda"),
     )
     return engine

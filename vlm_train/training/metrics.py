@@ -1,8 +1,8 @@
 """Metrics: `metrics.jsonl` in the run dir, wandb (offline/disabled by default), and the console.
 
 Only rank 0 writes. Every record is one JSON object: training records carry step, loss, lr,
-samples_per_s, tokens_per_s (and grad_norm, mem_gb when known); evaluation records carry step,
-eval_loss, eval_accuracy.
+samples_per_s, tokens_per_s (and grad_norm, mem_gb, mfu when known); evaluation records carry
+step, eval_loss, eval_accuracy. At the end, `loss_curve.png` in the run dir.
 """
 
 from __future__ import annotations
@@ -48,12 +48,48 @@ class MetricsLogger:
         return (
             f"[{bar}] step {record['step']:>{width}}/{self.max_steps}  loss {record['loss']:.4f}  "
             f"lr {record['lr']:.2e}  {record['samples_per_s']:.1f} samples/s  "
-            f"{record['tokens_per_s']:.0f} tokens/s"
+            f"{record['tokens_per_s']:.0f} tokens/s" + (f"  mfu {record['mfu']:.2%}" if "mfu" in record else "")
         )
 
     def close(self) -> None:
+        """Finish wandb and draw the run's loss curve to `<run.dir>/loss_curve.png`."""
         if self.wandb is not None:
             self.wandb.finish()
+        if self.enabled and self.path.is_file():
+            draw_loss_curve(self.path, self.path.with_name("loss_curve.png"))
+
+
+def draw_loss_curve(metrics_path: Path, png_path: Path, size: tuple[int, int] = (800, 500)) -> None:
+    """Training loss (and evaluation loss, as dots) against step, drawn with PIL (no matplotlib)."""
+    from PIL import Image, ImageDraw
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = 70, 30, size[0] - 20, size[1] - 50
+    draw.rectangle((left, top, right, bottom), outline="black")
+    points = train + evals
+    if points:
+        max_step = max(step for step, _ in points) or 1
+        low, high = min(loss for _, loss in points), max(loss for _, loss in points)
+        span = (high - low) or 1.0
+
+        def xy(step: float, loss: float) -> tuple[float, float]:
+            return left + (right - left) * step / max_step, bottom - (bottom - top) * (loss - low) / span
+
+        if len(train) > 1:
+            draw.line([xy(*p) for p in train], fill=(31, 119, 180), width=2)
+        for step, loss in evals:
+            x, y = xy(step, loss)
+            draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=(214, 39, 40))
+        draw.text((5, top), f"{high:.4g}", fill="black")
+        draw.text((5, bottom - 10), f"{low:.4g}", fill="black")
+        draw.text((right - 60, bottom + 8), f"step {max_step}", fill="black")
+    draw.text((left, 8), "loss (blue: train, red: eval)", fill="black")
+    draw.text((left, bottom + 8), "0", fill="black")
+    image.save(png_path)
 
 
 def _start_wandb(cfg: Config, run_dir: Path):

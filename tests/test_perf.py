@@ -1,0 +1,212 @@
+"""Performance pieces: FLOP count vs a hand-derived formula, peak FLOPS, the planner (parameter
+counts exact, model states vs what DeepSpeed holds), the start-up refusal, kernels report,
+activation checkpointing, and the loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_cli, toy_overrides
+from vlm_train.build import build_model
+from vlm_train.config import compose
+from vlm_train.errors import ConfigError
+from vlm_train.models.vlm import IGNORE_INDEX
+from vlm_train.plan import build_meta_model, check_fits, model_state_bytes, parameter_counts
+from vlm_train.training.flops import TrainingFlops, gpu_peak_tflops, measured_matmul_flops, peak_flops, training_flops
+
+
+def toy_model(*extra: str):
+    torch.manual_seed(0)
+    return build_model(compose(["experiment=toy", *extra]))
+
+
+def hand_counted_forward(model, lengths: list[int], images: int) -> tuple[float, float, float]:
+    """Forward FLOPs of the toy VLM (CLIP tower, 2-layer MLP projector, Llama decoder) from the
+    config sizes alone, per the convention in flops.py: 2·N·T + 2·2·T²·D per attention layer."""
+    v = compose(["experiment=toy"]).vision
+    l_cfg = compose(["experiment=toy"]).llm
+    dv, iv, patches = v.hidden_size, v.intermediate_size, (v.image_size // v.patch_size) ** 2
+    seq_v = patches + 1  # CLIP's CLS
+    clip_layer = 4 * (dv * dv + dv) + (dv * iv + iv) + (iv * dv + dv) + 2 * 2 * dv  # attn, mlp, 2 LayerNorms
+    tower_n = 3 * v.patch_size**2 * dv + 2 * dv + v.num_layers * clip_layer  # conv (no bias), pre-LN, layers
+    tower = images * (2 * tower_n * seq_v + v.num_layers * 4 * seq_v**2 * dv)
+    dl = l_cfg.hidden_size
+    connector = images * 2 * (dv * dl + dl * dl) * patches  # matmuls only (FlopCounterMode counts no bias)
+    vocab = model.llm.vocab_size
+    llama_layer = 4 * dl * dl + 3 * dl * l_cfg.intermediate_size + 2 * dl
+    llm_n = l_cfg.num_layers * llama_layer + dl + vocab * dl  # layers, final norm, LM head
+    tokens = sum(lengths)
+    llm = 2 * llm_n * tokens + l_cfg.num_layers * 4 * sum(t * t for t in lengths) * dl
+    return float(tower), float(connector), float(llm)
+
+
+def test_training_flops_match_a_hand_derived_count():
+    model = toy_model()
+    lengths = [40, 25, 31]
+    mask = torch.zeros(3, 40, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    batch = {"attention_mask": mask, "pixel_values": torch.zeros(2, 3, 48, 48)}
+    tower, connector, llm = hand_counted_forward(model, lengths, images=2)
+    # the toy: frozen tower (forward only), connector and LLM train (3x)
+    assert training_flops(model, batch) == pytest.approx(tower + 3 * connector + 3 * llm, rel=1e-9)
+    # frozen LLM under a trainable connector: its input-gradient half only (2x)
+    for p in model.llm.parameters():
+        p.requires_grad_(False)
+    assert training_flops(model, batch) == pytest.approx(tower + 3 * connector + 2 * llm, rel=1e-9)
+    # tower trains: 3x, and the gradient crosses the (frozen) connector: 2x
+    for p in model.vision.parameters():
+        p.requires_grad_(p not in set(model.vision.unused_parameters()))
+    for p in model.connector.parameters():
+        p.requires_grad_(False)
+    assert training_flops(model, batch) == pytest.approx(3 * tower + 2 * connector + 2 * llm, rel=1e-9)
+    # no images in the batch: one blank image is still encoded
+    no_images = {"attention_mask": mask, "pixel_values": torch.zeros(0, 3, 48, 48)}
+    tower1, connector1, _ = hand_counted_forward(model, lengths, images=1)
+    assert training_flops(model, no_images) == pytest.approx(3 * tower1 + 2 * connector1 + 2 * llm, rel=1e-9)
+
+
+def test_flops_on_meta_model_equal_built_model_and_cross_attention_counts_media():
+    for connector in ("mlp", "qformer", "cross_attention"):
+        cfg = compose(["experiment=toy", f"connector={connector}"])
+        batch = {"attention_mask": torch.ones(2, 50, dtype=torch.long), "pixel_values": torch.zeros(2, 3, 48, 48)}
+        built = TrainingFlops.of(toy_model(f"connector={connector}"))
+        assert built == TrainingFlops.of(build_meta_model(cfg))
+        assert built(batch) > 0
+    # cross-attention: the text's attention over media grows with the number of images
+    assert built.forward_flops(4, 100, 5000)[1] > built.forward_flops(2, 100, 5000)[1]
+
+
+def test_peak_flops_table_override_and_cpu_probe():
+    assert gpu_peak_tflops("NVIDIA H200", "bf16") == 989.0
+    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert gpu_peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5
+    assert gpu_peak_tflops("Some Future GPU", "bf16") is None
+    cpu = torch.device("cpu")
+    assert peak_flops(cpu, "fp32", override_tflops=2.5) == 2.5e12
+    probed = peak_flops(cpu, "fp32")
+    assert 1e8 < probed < 1e13  # a real measurement of this CPU
+    assert measured_matmul_flops(cpu, "fp32") == probed  # cached: probed once per process
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["connector=mlp"],
+        ["connector=qformer", "llm.freeze=true"],
+        ["connector=ln_adapter", "connector.modality_norms=true"],
+        ["connector=cross_attention", "vision.freeze=false", "vision.select_layer=-2"],
+    ],
+)
+def test_planner_parameter_counts_are_exact(extra):
+    cfg = compose(["experiment=toy", *extra])
+    built, meta = toy_model(*extra), build_meta_model(cfg)
+    assert next(meta.parameters()).device.type == "meta"
+    counts = parameter_counts(meta)
+    assert counts == parameter_counts(built)
+    assert sum(c.trainable for c in counts.values()) == sum(p.numel() for p in built.parameters() if p.requires_grad)
+    assert sum(c.total for c in counts.values()) == sum(p.numel() for p in built.parameters())
+
+
+def test_model_state_formulas_shard_as_zero_does():
+    model = build_meta_model(compose(["experiment=toy"]))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    z0 = model_state_bytes(model, "bf16", 0, dp=8)
+    assert (z0.weights, z0.grads, z0.optimizer) == (2 * total, 2 * trainable, 12 * trainable)
+    z2 = model_state_bytes(model, "bf16", 2, dp=8)
+    assert (z2.weights, z2.grads, z2.optimizer) == (2 * total, 2 * trainable / 8, 12 * trainable / 8)
+    # the toy's tensors are all under ZeRO-3's persistence threshold: weights stay whole
+    assert model_state_bytes(model, "fp32", 3, dp=8).weights == 4 * total
+
+
+def test_check_fits_refuses_in_one_line():
+    huge = compose(["experiment=toy", "llm.hidden_size=16384", "llm.num_layers=64", "llm.intermediate_size=53248"])
+    with pytest.raises(ConfigError, match=r"model states need \d+\.\d GB per rank") as err:
+        check_fits(huge, tp=1, dp=1, device=torch.device("cpu"))
+    assert "\n" not in str(err.value)
+    check_fits(compose(["experiment=toy"]), tp=1, dp=1, device=torch.device("cpu"))  # the toy fits
+
+
+@pytest.mark.slow
+def test_zero_memory_planner_within_10_percent_of_deepspeed():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import zero_memory
+    finally:
+        sys.path.pop(0)
+    measured = zero_memory.measure(dp=2, precision="fp32")
+    planned = zero_memory.planned(dp=2, precision="fp32")
+    for stage in range(4):
+        held = zero_memory.model_states(measured[stage])
+        assert abs(planned[stage] / held - 1) <= 0.10, (stage, planned[stage], held)
+    # ZeRO-3 shards what ZeRO-0 keeps whole: at DP=2 about half of DP=1 (the planner's DP=1)
+    dp1 = zero_memory.planned(dp=1, precision="fp32")[3]
+    assert zero_memory.model_states(measured[3]) <= 0.55 * dp1
+
+
+@pytest.mark.slow
+def test_vlm_train_refuses_a_layout_that_cannot_fit(toy_data, tmp_path):
+    overrides = toy_overrides(toy_data, tmp_path / "run", "llm.hidden_size=16384", "llm.num_layers=64")
+    done = run_cli([*overrides, "llm.intermediate_size=53248", "train.max_steps=1"])
+    assert done.returncode == 2, done.stderr[-2000:]
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("vlm-train: error:")]
+    assert len(error_lines) == 1 and "model states need" in error_lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_kernels_probe_reports_the_fallback():
+    from vlm_train.parallel.kernels import probe_kernels
+
+    kernels = probe_kernels("cpu")
+    assert probe_kernels("cpu") is kernels  # probed once
+    assert not kernels.apex  # NVIDIA apex is absent here: the fallback runs
+    assert kernels.optimizer_kwargs() == {}
+    line = kernels.report("sdpa")
+    assert line.startswith("kernels: attention sdpa") and "norms torch (apex absent)" in line
+    with pytest.raises(ConfigError, match="flash_attention_2 needs the flash-attn package"):
+        kernels.check_attention("flash_attention_2")
+    assert probe_kernels("cuda").optimizer_kwargs() == {"fused": True}
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    extra = ["vision.freeze=false", "vision.activation_checkpointing=true", "llm.activation_checkpointing=true"]
+    plain, checkpointed = toy_model("vision.freeze=false"), toy_model(*extra)
+    assert checkpointed.llm.hf_model.is_gradient_checkpointing
+    ids = torch.randint(5, 15, (3, 24))
+    ids[:, :9] = plain.image_token_id
+    labels = ids.masked_fill(ids == plain.image_token_id, IGNORE_INDEX)
+    pixels = torch.randn(3, 3, 48, 48)
+    for model in (plain, checkpointed):
+        model.train()
+        model(pixels, ids, torch.ones_like(ids), labels).loss.backward()
+    grads = {n: p.grad for n, p in checkpointed.named_parameters() if p.grad is not None}
+    assert any(n.startswith("vision.") for n in grads)
+    for name, param in plain.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_loss_curve_png_and_mfu_in_the_console(tmp_path, capsys):
+    from PIL import Image
+
+    from vlm_train.training.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, compose(["experiment=toy", "train.max_steps=30"]), enabled=True)
+    for step in range(1, 31):
+        record = {"step": step, "loss": 3.0 / step, "lr": 1e-3, "samples_per_s": 10.0, "tokens_per_s": 900.0}
+        logger.log({**record, "mfu": 0.0123} if step > 1 else record)
+    logger.log({"step": 30, "eval_loss": 0.1, "eval_accuracy": 0.9})
+    logger.close()
+    assert "mfu 1.23%" in capsys.readouterr().out
+    with Image.open(tmp_path / "loss_curve.png") as image:
+        assert image.size == (800, 500)
+        pixels = image.convert("RGB").getdata()
+        assert sum(1 for p in pixels if p == (31, 119, 180)) > 200  # the curve was drawn
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])["mfu"] == 0.0123
