@@ -173,6 +173,12 @@ def test_captions_and_an_existing_laion_style_corpus_train_alike(tmp_path, capsy
     converted = read_shards(out)
     assert [json.loads(s["json"])["conversations"][1]["value"] for s in converted] == [text for _, text in pairs]
     assert json.loads(converted[0]["json"])["conversations"][0] == {"from": "human", "value": "<image>"}
+    jsonl = tmp_path / "pairs.jsonl"  # the same pairs as JSON lines: the same shards
+    jsonl.write_text("".join(json.dumps({"image": image, "caption": text}) + "\n" for image, text in rows[1:]))
+    args = ["--images", str(images), "--out", str(tmp_path / "from_jsonl"), "--max-count", "4"]
+    assert main(["captions", "--jsonl", str(jsonl), *args]) == 0
+    for shard in sorted(out.glob("shard-*.tar")):
+        assert (tmp_path / "from_jsonl" / shard.name).read_bytes() == shard.read_bytes()
 
     laion = tmp_path / "laion"
     laion.mkdir()
