@@ -217,6 +217,8 @@ def test_captions_and_an_existing_laion_style_corpus_train_alike(tmp_path, capsy
         (["llava", "--json", "{tmp}/ok.json", "--out", "{tmp}/full"], "already holds shards"),
         (["captions", "--csv", "{tmp}/nocol.csv"], "no column 'caption' in the header ['image', 'text']"),
         (["manifest", "{tmp}/images"], "holds no .tar shards"),
+        (["manifest", "{tmp}/full"], "full/shard-000000.tar is not a readable tar file"),
+        (["llava", "--json", "{tmp}/ok.json", "--out", "{tmp}/ok.json"], "--out {tmp}/ok.json is a file, not a folder"),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, capsys, args, message):

@@ -25,7 +25,7 @@ def scan_tar(path: Path) -> tuple[int, Counter, bytes | None]:
     consecutive members sharing a key form one sample."""
     count, extensions, first_json, previous = 0, Counter(), None, None
     try:
-        with tarfile.open(path) as tar:
+        with tarfile.open(path, "r:") as tar:  # plain tar: headers are read, data is seeked over
             for member in tar:
                 match = WDS_KEY.match(member.name) if member.isreg() and not WDS_META.match(member.name) else None
                 if match is None:
@@ -37,7 +37,8 @@ def scan_tar(path: Path) -> tuple[int, Counter, bytes | None]:
                 if ext == "json" and first_json is None:
                     first_json = tar.extractfile(member).read()
     except (tarfile.TarError, OSError) as err:
-        raise DataError(f"{path} is not a readable tar file: {err}") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{path} is not a readable tar file: {reason}") from None
     return count, extensions, first_json
 
 

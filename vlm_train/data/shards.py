@@ -100,6 +100,8 @@ def _parallel_map(function: Callable, items: Iterable, workers: int, chunksize: 
 
 
 def prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a folder")
     old = sorted(out.glob("shard-*.tar")) + [p for p in (out / "manifest.json", out / "skipped.jsonl") if p.exists()]
     if old and not force:
         raise DataError(f"{out} already holds shards ({old[0].name}, ...): choose another --out or pass --force")
