@@ -192,7 +192,7 @@ def test_captions_and_an_existing_laion_style_corpus_train_alike(tmp_path, capsy
     assert main(["manifest", str(laion), "--workers", "2"]) == 0
     stdout = capsys.readouterr().out
     assert "10 samples in 3 shards (json 10, png 10, txt 10)" in stdout
-    assert f"data.urls={laion}/{{00000..00002}}.tar data.text_key=txt data.template=plain" in stdout
+    assert f"'data.urls={laion}/{{00000..00002}}.tar' data.text_key=txt data.template=plain" in stdout
     counts = json.loads((laion / "manifest.json").read_text())["shards"]
     assert counts == {"00000.tar": 4, "00001.tar": 4, "00002.tar": 2}
 

@@ -66,7 +66,7 @@ def reading_overrides(extensions: Counter, first_json: bytes | None) -> tuple[li
 
 
 def manifest_command(folder: Path, workers: int) -> dict:
-    from vlm_train.data.shards import _parallel_map, brace_pattern
+    from vlm_train.data.shards import _parallel_map, brace_pattern, shell_words
 
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder")
@@ -90,5 +90,5 @@ def manifest_command(folder: Path, workers: int) -> dict:
     for note in notes:
         print(f"note: {note}")
     urls = f"data.urls={brace_pattern(folder, [t.name for t in tars])}"
-    print(f"train on them with: {' '.join([urls, *overrides])}")
+    print(f"train on them with: {shell_words([urls, *overrides])}")
     return manifest

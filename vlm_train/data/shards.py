@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import re
+import shlex
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -152,7 +153,12 @@ def _print_report(out: Path, manifest: dict, skipped: list[Skipped], total: int)
     extra = set(manifest.get("image_extensions", {})) - DEFAULT_IMAGE_KEYS
     if extra:
         overrides.append(f"data.image_key={';'.join(sorted(DEFAULT_IMAGE_KEYS | extra))}")
-    print(f"train on them with: {' '.join(overrides)}")
+    print(f"train on them with: {shell_words(overrides)}")
+
+
+def shell_words(overrides: list[str]) -> str:
+    """Overrides as one pastes them into a shell (braces and ';' quoted)."""
+    return " ".join(shlex.quote(o) for o in overrides)
 
 
 def brace_pattern(folder: Path, names: list[str]) -> str:
