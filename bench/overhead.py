@@ -1,0 +1,121 @@
+"""Framework overhead: a vlm_train training step vs a bare PyTorch loop, in the same process.
+
+    python bench/overhead.py [--pairs 150] [--batch 32]
+
+Both sides train the same tiny VLM (the toy: CLIP tower frozen, MLP projector, 2-layer Llama)
+from the same initial weights on the same fixed batch with the same optimizer (torch AdamW,
+gradient clipping at 1.0):
+- vlm_train: the real Trainer.train_step (global token counts, token-weighted loss, step-time
+  phases, NaN guard) around a real DeepSpeed engine (ZeRO-0, fp32, 1 gloo rank);
+- bare: model(...).loss, backward, clip_grad_norm_, AdamW step, zero_grad.
+Single steps alternate between the two (which goes first alternates too), so load from other
+processes hits both alike; printed: the median of the per-pair time ratios, and the ratio of the
+fastest steps (the least disturbed). The batch
+is fixed (no data loading on either side): this measures the training step only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def toy_batch(model, batch_size: int, text_tokens: int = 30) -> dict:
+    """A batch shaped like the toy's: one image per sample, answer tokens labelled."""
+    generator = torch.Generator().manual_seed(0)
+    slots = model.num_image_tokens
+    ids = torch.randint(5, 20, (batch_size, slots + text_tokens), generator=generator)
+    ids[:, :slots] = model.image_token_id
+    labels = torch.full_like(ids, -100)
+    labels[:, -8:] = ids[:, -8:]
+    return {
+        "pixel_values": torch.randn(batch_size, 3, model.vision.image_size, model.vision.image_size),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+    }
+
+
+def build_sides(batch_size: int, run_dir: Path):
+    from vlm_train.build import build_model
+    from vlm_train.config import compose
+    from vlm_train.parallel.distributed import init_distributed, launch_env
+    from vlm_train.parallel.engine import build_engine
+    from vlm_train.parallel.layout import Layout
+    from vlm_train.training.loop import Trainer
+    from vlm_train.training.metrics import MetricsLogger
+
+    overrides = ["experiment=toy", f"run.dir={run_dir}", f"train.micro_batch_size={batch_size}"]
+    cfg = compose([*overrides, "train.max_steps=100000", "train.warmup_steps=1", "train.log_every=100000"])
+    env = launch_env()
+    device = init_distributed(cfg.parallel, env)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    bare_model = copy.deepcopy(model)
+    batch = toy_batch(model, batch_size)
+    layout = Layout.from_config(cfg, world=env.world, rank=env.rank)
+    engine = build_engine(model, cfg, layout, device)
+    trainer = Trainer(engine, itertools.repeat(batch), cfg, layout, device, MetricsLogger(run_dir, cfg, enabled=False))
+    optimizer = torch.optim.AdamW(
+        [p for p in bare_model.parameters() if p.requires_grad],
+        lr=cfg.train.lr,
+        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+        eps=1e-8,
+        weight_decay=cfg.train.weight_decay,
+    )
+
+    def bare_step() -> None:
+        out = bare_model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(bare_model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return trainer.train_step, bare_step
+
+
+def seconds_per_step(step, steps: int) -> float:
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - started) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=150)
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        vlm_step, bare_step = build_sides(args.batch, Path(tmp))
+        for _ in range(3):  # warm-up: allocator, first-step optimizer state
+            vlm_step(), bare_step()
+        vlm, bare = [], []
+        for index in range(args.pairs):  # alternate which side goes first within a pair
+            first, second = (vlm, bare) if index % 2 == 0 else (bare, vlm)
+            for times in (first, second):
+                times.append(seconds_per_step(vlm_step if times is vlm else bare_step, 1))
+    pair_ratios = [v / b for v, b in zip(vlm, bare)]
+    print(f"framework overhead (toy VLM, batch {args.batch}, {args.pairs} interleaved pairs of single steps)")
+    print(f"  vlm_train step  median {statistics.median(vlm) * 1e3:7.1f} ms  min {min(vlm) * 1e3:7.1f} ms")
+    print(f"  bare PyTorch    median {statistics.median(bare) * 1e3:7.1f} ms  min {min(bare) * 1e3:7.1f} ms")
+    print(
+        f"  ratio vlm_train / bare: {statistics.median(pair_ratios):.3f}x (median of pair ratios), "
+        f"{min(vlm) / min(bare):.3f}x (fastest steps)"
+    )
+
+
+if __name__ == "__main__":
+    main()
