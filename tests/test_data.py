@@ -94,9 +94,16 @@ def test_mid_epoch_resume_continues_the_same_sequence(tmp_path):
 
 def test_resume_with_a_different_layout_is_refused(tmp_path):
     pattern = write_shards(tmp_path, [32, 32])
-    state = batches_for(pattern, rank=0, world=2, workers=2, batch_size=4).state_dict()
-    with pytest.raises(DataError, match="data position"):
-        batches_for(pattern, rank=0, world=1, workers=2, batch_size=4).load_state_dict(state)
+    batches = batches_for(pattern, rank=0, world=2, workers=0, batch_size=4)
+    at_epoch_start = batches.state_dict()
+    next(batches)
+    mid_epoch = batches.state_dict()
+    for world, workers in ((1, 0), (2, 2)):
+        other = batches_for(pattern, rank=0, world=world, workers=workers, batch_size=4)
+        with pytest.raises(DataError, match="data position .* is for 2 data-parallel ranks x 1 workers"):
+            other.load_state_dict(mid_epoch)
+        other.load_state_dict(at_epoch_start)  # the next epoch is split anew: nothing to redistribute
+        assert (other.epoch, other.batch) == (0, 0)
 
 
 def test_batch_contents(tmp_path):

@@ -124,6 +124,14 @@ class LNAdapterConnectorConfig(ConnectorConfig):
 
 
 @dataclass
+class MixtureSource:
+    """One more source of a data mixture: a shard pattern and its relative weight."""
+
+    urls: str = MISSING
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     """WebDataset shards and how samples become token sequences."""
 
@@ -140,6 +148,12 @@ class DataConfig:
     text_key: str = "json"
     eval_samples: int = 400  # held-out samples scored at the end of a run
     max_new_tokens: int = 20  # greedy decoding budget per evaluation answer
+    max_skip_fraction: float = 0.01  # abort (DataError) when skipped bad samples / samples seen exceeds this
+    weight: float = 1.0  # relative weight of data.urls when data.mixture adds sources
+    mixture: list[MixtureSource] = field(default_factory=list)  # more sources, e.g. [{urls: b/{0..9}.tar, weight: 0.5}]
+    samples_per_shard: int | None = None  # samples in each remote (pipe:, http) shard; local ones are counted
+    packing: bool = False  # several samples per row up to max_length, attention and positions kept per sample
+    log_keys: str | None = None  # debug: a folder where each rank appends the sample keys of every batch it takes
 
 
 @dataclass
@@ -278,6 +292,19 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{dotted}={_get(cfg, dotted)} must be at least 1")
     if min(cfg.data.num_workers, cfg.train.save_every, cfg.train.keep_last) < 0:
         raise ConfigError("data.num_workers, train.save_every and train.keep_last must not be negative")
+    _validate_data(cfg)
+
+
+def _validate_data(cfg: Config) -> None:
+    data = cfg.data
+    if not 0 <= data.max_skip_fraction <= 1:
+        raise ConfigError(f"data.max_skip_fraction={data.max_skip_fraction} must be between 0 and 1")
+    if min([data.weight] + [m.weight for m in data.mixture]) <= 0:
+        raise ConfigError("data.weight and every data.mixture weight must be positive")
+    if data.samples_per_shard is not None and data.samples_per_shard < 1:
+        raise ConfigError(f"data.samples_per_shard={data.samples_per_shard} must be at least 1")
+    if data.packing and cfg.connector.name == "cross_attention":
+        raise ConfigError("data.packing needs a connector whose visual tokens sit in the sequence, not cross_attention")
 
 
 def load_yaml(path: str | Path) -> Config:

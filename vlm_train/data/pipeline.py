@@ -4,7 +4,11 @@ Splitting is by sample ranges, not whole shards: each epoch the shard list is sh
 seed, concatenated, and cut into equal contiguous ranges, one per (rank, worker) slot. So every
 rank gets the same number of batches whatever the shard count (an uneven split hangs the
 collectives), every sample is seen at most once per epoch (exactly once when the total divides
-evenly), and a position (epoch, batch) is enough to resume without replaying earlier epochs.
+evenly), and a position (epoch, batch) is enough to resume without replaying earlier epochs: a
+worker seeks to its block of the shuffled range (tar headers only, see reader.py).
+
+Bad samples never stop a run: each is replaced by a masked placeholder (every rank keeps full,
+equal batches) and counted by reason in `batch["skipped"]`, an int64 tensor [len(SKIP_REASONS)].
 """
 
 from __future__ import annotations
@@ -14,9 +18,7 @@ import json
 import logging
 import random
 import signal
-import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -25,82 +27,36 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm_train.config import DataConfig
+from vlm_train.data.packing import collate_packed
 from vlm_train.data.preprocess import ImageTransform
+from vlm_train.data.reader import Skipped, Slice, read_slice
+from vlm_train.data.sources import MixSchedule, Source, expand_urls, shard_sizes, slot_slices
 from vlm_train.data.templates import Encoded, encode, truncate
 from vlm_train.errors import DataError
 
 log = logging.getLogger(__name__)
 
+__all__ = ["SKIP_REASONS", "Skipped", "Slice", "TrainBatches", "build_train_batches", "expand_urls", "shard_sizes"]
 
-def expand_urls(pattern: str, key: str = "data.urls") -> list[str]:
-    """Brace-expand a shard pattern; local shards must exist (remote ones are opened lazily)."""
-    import webdataset as wds
-
-    urls = wds.shardlists.expand_urls(pattern)
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    missing = [u for u in local if not Path(u).is_file()]
-    if not urls or len(missing) == len(urls):
-        raise DataError(f"{key}={pattern} matches no shard")
-    if missing:
-        raise DataError(f"{key}={pattern}: {len(missing)} of {len(urls)} shards are missing, e.g. {missing[0]}")
-    return urls
+SKIP_REASONS: tuple[str, ...] = (
+    "corrupt_tar",  # a truncated or corrupt tar member, or a shard shorter than its declared size
+    "bad_image",  # image bytes that do not decode
+    "missing_field",  # no (or malformed) text field: data.text_key
+    "too_long",  # longer than data.max_length even after cutting text (visual tokens are never cut)
+    "image_token_mismatch",  # <image> markers != images in the sample
+    "empty_shard",  # a shard without samples (counted once per epoch; takes no batch position)
+)
+REASON_INDEX = {reason: index for index, reason in enumerate(SKIP_REASONS)}
 
 
-def shard_sizes(urls: list[str]) -> list[int]:
-    """Samples per shard, from a `manifest.json` beside the shards or by reading tar headers."""
-    sizes = []
-    manifests: dict[Path, dict] = {}
-    for url in urls:
-        path = Path(url)
-        manifest_file = path.parent / "manifest.json"
-        if manifest_file.is_file() and manifest_file not in manifests:
-            manifests[manifest_file] = json.loads(manifest_file.read_text()).get("shards", {})
-        known = manifests.get(manifest_file, {}).get(path.name)
-        sizes.append(known if known is not None else _count_tar_samples(url))
-    return sizes
-
-
-def _count_tar_samples(url: str) -> int:
-    if not Path(url).is_file():
-        raise DataError(f"{url}: remote shards need a manifest.json with sample counts")
-    try:
-        with tarfile.open(url) as tar:
-            return len({m.name.split("/")[-1].split(".")[0] for m in tar.getmembers() if m.isreg()})
-    except tarfile.TarError as err:
-        raise DataError(f"{url} is not a readable tar file: {err}") from None
-
-
-@dataclass(frozen=True)
-class Slice:
-    url: str
-    start: int  # first sample within the shard
-    stop: int
-
-
-def slot_slices(urls: list[str], sizes: list[int], epoch: int, seed: int, lo: int, hi: int) -> list[Slice]:
-    """The shard pieces covering samples [lo, hi) of this epoch's shuffled concatenation."""
-    order = list(range(len(urls)))
-    random.Random(f"shards-{seed}-{epoch}").shuffle(order)
-    slices, offset = [], 0
-    for index in order:
-        begin, end = max(lo, offset), min(hi, offset + sizes[index])
-        if begin < end:
-            slices.append(Slice(urls[index], begin - offset, end - offset))
-        offset += sizes[index]
-    return slices
-
-
-def read_raw(slices: list[Slice]) -> Iterator[dict]:
-    """Undecoded samples ({"__key__", ext: bytes}) of each slice, in order."""
-    import webdataset as wds
-
+def read_raw(slices: list[Slice]) -> Iterator[dict | Skipped]:
+    """Undecoded samples ({"__key__", ext: bytes}) of each slice, in order; `Skipped` for unreadable ones."""
     for piece in slices:
-        samples = wds.tariterators.tarfile_samples([{"url": piece.url}])
-        yield from islice(samples, piece.start, piece.stop)
+        yield from read_slice(piece)
 
 
 class SampleEncoder:
-    """Raw WebDataset sample -> (key, pixels [I,3,S,S], Encoded), or None for a bad sample."""
+    """Raw WebDataset sample -> (key, pixels [I,3,S,S], Encoded), or `Skipped` with the reason."""
 
     def __init__(self, cfg: DataConfig, tokenizer, transform: ImageTransform, image_tokens: int):
         self.cfg = cfg
@@ -111,24 +67,28 @@ class SampleEncoder:
         self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
 
     def __call__(self, raw: dict) -> tuple[str, torch.Tensor, Encoded] | None:
+        """The encoded sample, or None for a bad one (logged)."""
+        result = self.encode(raw)
+        return None if isinstance(result, Skipped) else result
+
+    def encode(self, raw: dict) -> tuple[str, torch.Tensor, Encoded] | Skipped:
         key = raw.get("__key__", "?")
         try:
             turns = self.conversation(raw)
-            image_bytes = next((raw[k] for k in self.image_keys if k in raw), None)
-            pixels = self.pixels(image_bytes)
-        except (ValueError, KeyError, OSError) as err:
-            log.warning("skipping sample %s: %s", key, err)
-            return None
-        encoded = encode(turns, self.tokenizer, self.cfg.template, self.image_tokens)
+            encoded = encode(turns, self.tokenizer, self.cfg.template, self.image_tokens)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            return _skip("missing_field", key, f"no usable '{self.cfg.text_key}' field ({err})")
+        try:
+            pixels = self.pixels(next((raw[k] for k in self.image_keys if k in raw), None))
+        except (ValueError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+            return _skip("bad_image", key, f"image does not decode ({err})")
         if encoded.num_images != pixels.shape[0]:
-            log.warning(
-                "skipping sample %s: %d <image> markers for %d images", key, encoded.num_images, pixels.shape[0]
+            return _skip(
+                "image_token_mismatch", key, f"{encoded.num_images} <image> markers for {pixels.shape[0]} images"
             )
-            return None
         encoded = truncate(encoded, self.cfg.max_length, self.image_token_id)
         if encoded is None:
-            log.warning("skipping sample %s: longer than data.max_length=%d", key, self.cfg.max_length)
-            return None
+            return _skip("too_long", key, f"longer than data.max_length={self.cfg.max_length} without cutting images")
         return key, pixels, encoded
 
     def conversation(self, raw: dict) -> list[dict]:
@@ -143,6 +103,11 @@ class SampleEncoder:
             return torch.empty(0, 3, self.transform.size, self.transform.size)
         with Image.open(io.BytesIO(image_bytes)) as image:
             return self.transform(image).unsqueeze(0)
+
+
+def _skip(reason: str, key: str, why: str) -> Skipped:
+    log.warning("skipping sample %s: %s", key, why)
+    return Skipped(reason, key)
 
 
 def collate(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int) -> dict:
@@ -167,23 +132,29 @@ def collate(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int) -> di
     }
 
 
-def _placeholder(sample: tuple[str, torch.Tensor, Encoded]) -> tuple[str, torch.Tensor, Encoded]:
+def _placeholder(sample: tuple[str, torch.Tensor, Encoded] | None, pad_id: int, size: int) -> tuple:
     """Stands in for a skipped sample so every rank still runs full batches (unequal batch counts
     hang the collectives): a copy of a good sample whose labels are all masked, so it adds nothing
-    to the loss or the token count."""
+    to the loss or the token count; a one-token text when the stream has no good sample yet."""
     from vlm_train.models.vlm import IGNORE_INDEX
 
+    if sample is None:
+        return "skipped:", torch.empty(0, 3, size, size), Encoded([pad_id], [IGNORE_INDEX], 0)
     key, pixels, enc = sample
     return f"skipped:{key}", pixels, Encoded(enc.input_ids, [IGNORE_INDEX] * len(enc.labels), enc.num_images)
 
 
 class ShardStream(IterableDataset):
-    """One epoch of batches for one rank; each DataLoader worker streams its own sample range."""
+    """One epoch of batches for one rank; each DataLoader worker streams its own sample range.
+
+    With several sources (a mixture), each source is split into slots on its own and cycles
+    through its own epochs; an epoch of the stream is then a nominal length (the sources' slot
+    shares summed), which only decides when the DataLoader restarts.
+    """
 
     def __init__(
         self,
-        urls: list[str],
-        sizes: list[int],
+        sources: list[Source],
         encoder: SampleEncoder,
         pad_id: int,
         *,
@@ -193,18 +164,14 @@ class ShardStream(IterableDataset):
         batch_size: int,
         seed: int,
         shuffle_block: int,
+        packing: bool = False,
     ):
-        self.urls, self.sizes, self.encoder, self.pad_id = urls, sizes, encoder, pad_id
+        self.sources, self.encoder, self.pad_id = sources, encoder, pad_id
         self.rank, self.world, self.workers = rank, world, max(workers, 1)
         self.batch_size, self.seed, self.shuffle_block = batch_size, seed, max(shuffle_block, 1)
+        self.packing = packing
         self.epoch, self.start_batch = 0, 0
-        self.samples_per_slot = sum(sizes) // (world * self.workers)
-        self.batches_per_slot = self.samples_per_slot // batch_size
-        if self.batches_per_slot == 0:
-            raise DataError(
-                f"{sum(sizes)} samples cannot give {world} ranks x {self.workers} workers a batch of "
-                f"{batch_size} each: use more data, fewer data.num_workers or a smaller train.micro_batch_size"
-            )
+        self.batches_per_slot = sum(source.used for source in sources) // batch_size
 
     @property
     def batches_per_epoch(self) -> int:
@@ -221,28 +188,77 @@ class ShardStream(IterableDataset):
         logical = (worker + self.start_batch) % self.workers
         done = max(0, -(-(self.start_batch - logical) // self.workers))
         slot = self.rank * self.workers + logical
-        lo, used = slot * self.samples_per_slot, self.batches_per_slot * self.batch_size
-        raw = self.shuffled(lo, lo + used, skip=done * self.batch_size, slot=slot)
+        items = self.slot_items(slot, (self.epoch * self.batches_per_slot + done) * self.batch_size)
         fallback = None
-        while raw_batch := list(islice(raw, self.batch_size)):
-            encoded = [self.encoder(sample) for sample in raw_batch]
-            fallback = next((e for e in encoded if e is not None), fallback)
-            if fallback is None:
-                raise DataError(f"no sample of {[r.get('__key__') for r in raw_batch]} could be decoded")
-            batch = collate([e if e is not None else _placeholder(fallback) for e in encoded], self.pad_id)
-            batch["skipped"] = sum(e is None for e in encoded)
+        for _ in range(done, self.batches_per_slot):
+            counts = torch.zeros(len(SKIP_REASONS), dtype=torch.int64)
+            raw_batch: list[dict | Skipped] = []
+            while len(raw_batch) < self.batch_size:
+                item = next(items)
+                if isinstance(item, Skipped) and item.reason == "empty_shard":
+                    counts[REASON_INDEX[item.reason]] += 1  # takes no position: the shard had none
+                else:
+                    raw_batch.append(item)
+            batch, fallback = self.make_batch(raw_batch, counts, fallback)
             yield batch
 
-    def shuffled(self, lo: int, hi: int, skip: int, slot: int) -> Iterator[dict]:
-        """Block-shuffled raw samples of [lo, hi), the first `skip` left out without reading
-        the whole blocks before them."""
-        block_size = self.shuffle_block
+    def make_batch(self, raw_batch: list[dict | Skipped], counts: torch.Tensor, fallback) -> tuple[dict, tuple]:
+        encoded = [
+            self.encoder.encode(item) if isinstance(item, dict) else _skip(item.reason, item.key, "unreadable")
+            for item in raw_batch
+        ]
+        fallback = next((e for e in encoded if not isinstance(e, Skipped)), fallback)
+        samples = []
+        for item in encoded:
+            if isinstance(item, Skipped):
+                counts[REASON_INDEX[item.reason]] += 1
+                item = _placeholder(fallback, self.pad_id, self.encoder.transform.size)
+            samples.append(item)
+        if self.packing:
+            batch = collate_packed(samples, self.pad_id, self.encoder.cfg.max_length)
+        else:
+            batch = collate(samples, self.pad_id)
+        batch["skipped_by_reason"] = counts
+        batch["skipped"] = int(counts.sum())  # until training/loop.py reads the per-reason tensor
+        return batch, fallback
+
+    def slot_items(self, slot: int, position: int) -> Iterator[dict | Skipped]:
+        """The slot's endless stream from sample `position` on, the sources interleaved by the mixture."""
+        schedule = MixSchedule([source.weight for source in self.sources], self.seed, slot)
+        streams = [
+            self.source_items(index, slot, consumed) for index, consumed in enumerate(schedule.consumed(position))
+        ]
+        for index in schedule.sources_from(position):
+            item = next(streams[index])
+            while isinstance(item, Skipped) and item.reason == "empty_shard":
+                yield item
+                item = next(streams[index])
+            yield item
+
+    def source_items(self, index: int, slot: int, position: int) -> Iterator[dict | Skipped]:
+        """One source's samples for this slot from its `position` on, epoch after epoch."""
+        source = self.sources[index]
+        epoch, skip = divmod(position, source.used)
+        lo = slot * source.per_slot
+        while True:
+            if skip == 0 and slot == 0:  # each empty shard counted once per epoch, by one slot
+                for url, size in zip(source.urls, source.sizes):
+                    if size == 0:
+                        yield Skipped("empty_shard", url)
+            yield from self.shuffled(index, epoch, lo, lo + source.used, skip, slot)
+            epoch, skip = epoch + 1, 0
+
+    def shuffled(self, index: int, epoch: int, lo: int, hi: int, skip: int, slot: int) -> Iterator[dict | Skipped]:
+        """Block-shuffled raw samples of [lo, hi) of one source's epoch, the first `skip` left out
+        without reading the whole blocks before them."""
+        tag = f"{self.seed}-{epoch}" if index == 0 else f"{self.seed}-source{index}-{epoch}"
+        source, block_size = self.sources[index], self.shuffle_block
         first_block = skip // block_size
-        slices = slot_slices(self.urls, self.sizes, self.epoch, self.seed, lo + first_block * block_size, hi)
+        slices = slot_slices(source.urls, source.sizes, f"shards-{tag}", lo + first_block * block_size, hi)
         raw = read_raw(slices)
         block_index, drop = first_block, skip % block_size
         while block := list(islice(raw, block_size)):
-            random.Random(f"block-{self.seed}-{self.epoch}-{slot}-{block_index}").shuffle(block)
+            random.Random(f"block-{tag}-{slot}-{block_index}").shuffle(block)
             yield from block[drop:]
             block_index, drop = block_index + 1, 0
 
@@ -257,9 +273,10 @@ def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
 class TrainBatches:
     """This rank's endless batch stream, epoch after epoch, with a resumable position."""
 
-    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False):
+    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False, keys_file: Path | None = None):
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
         self.epoch, self.batch = 0, 0
+        self.keys_file = keys_file
         self._iterator: Iterator[dict] | None = None
 
     def __iter__(self) -> TrainBatches:
@@ -278,29 +295,76 @@ class TrainBatches:
             )
             self._iterator = iter(loader)
         batch = next(self._iterator)
+        if self.keys_file is not None:
+            with self.keys_file.open("a") as out:  # debug aid (data.log_keys): one line per batch taken
+                out.write(f"{self.epoch} {self.batch} {' '.join(batch['keys'])}\n")
         self.batch += 1
         if self.batch == self.stream.batches_per_epoch:
             self.epoch, self.batch, self._iterator = self.epoch + 1, 0, None
         return batch
 
-    def state_dict(self) -> dict:
+    def layout(self) -> dict:
         return {
-            "epoch": self.epoch,
-            "batch": self.batch,
             "world": self.stream.world,
             "workers": self.stream.workers,
             "batch_size": self.stream.batch_size,
+            "sources": [[len(s.urls), sum(s.sizes), s.weight] for s in self.stream.sources],
         }
 
+    def state_dict(self) -> dict:
+        """This rank's data position: (epoch, batch) plus the layout it is valid for. Each worker's
+        shard, offset and shuffle state follow from it (seeded), so they need no storage."""
+        return {"epoch": self.epoch, "batch": self.batch, **self.layout()}
+
     def load_state_dict(self, state: dict) -> None:
-        layout = (self.stream.world, self.stream.workers, self.stream.batch_size)
-        saved = (state["world"], state["workers"], state["batch_size"])
-        if layout != saved:
+        """Continue exactly where `state` stopped: the next batch is the one an uninterrupted run
+        would take, no sample repeated or skipped, at a cost independent of how far the run got
+        (workers seek to their block, reading tar headers of one shard only).
+
+        The position is only valid for the same data-parallel world size, data.num_workers,
+        train.micro_batch_size and sources (shard count, total samples, weights): each of these
+        moves the slot boundaries. A resume that changes any of them mid-epoch is refused with a
+        DataError naming both layouts (never a silent repetition or loss); a resume saved exactly
+        at an epoch boundary (batch 0) may change them freely, since the next epoch is split anew.
+        """
+        saved = {key: state.get(key) for key in ("world", "workers", "batch_size", "sources")}
+        current = self.layout()
+        if state.get("sources") is None:  # a checkpoint from before mixtures: one source
+            saved["sources"] = current["sources"] if len(current["sources"]) == 1 else None
+        if saved != current and state["batch"] != 0:
             raise DataError(
-                f"the checkpoint's data position is for (ranks, workers, batch) = {saved}, this run has "
-                f"{layout}: resume with the same data.num_workers, train.micro_batch_size and world size"
+                f"the checkpoint's data position (epoch {state['epoch']}, batch {state['batch']}) is for "
+                f"{_describe(saved)}, this run has {_describe(current)}: resume with the same values, or "
+                "from a checkpoint saved at an epoch boundary"
             )
         self.epoch, self.batch, self._iterator = state["epoch"], state["batch"], None
+
+
+def _describe(layout: dict) -> str:
+    sources = layout["sources"]
+    shape = f"{len(sources)} source(s), {sum(s[1] for s in sources)} samples" if sources else "unknown sources"
+    return (
+        f"{layout['world']} data-parallel ranks x {layout['workers']} workers x micro-batch "
+        f"{layout['batch_size']}, {shape}"
+    )
+
+
+def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
+    # Slurm signals every process of a step; a worker killed by SIGTERM would abort the trainer's
+    # final save, so workers ignore what the trainer handles (training/signals.py).
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def build_sources(cfg: DataConfig, slots: int, batch_size: int) -> list[Source]:
+    """data.urls (weight data.weight) and each data.mixture entry, split into `slots` slot shares."""
+    patterns = [(cfg.urls, cfg.weight, "data.urls")]
+    patterns += [(m.urls, m.weight, f"data.mixture[{i}].urls") for i, m in enumerate(cfg.mixture)]
+    sources = []
+    for pattern, weight, key in patterns:
+        urls = expand_urls(pattern, key=key)
+        sources.append(Source.split(urls, shard_sizes(urls, cfg.samples_per_shard), weight, slots, batch_size))
+    return sources
 
 
 def build_train_batches(
@@ -315,12 +379,11 @@ def build_train_batches(
     seed: int,
     pin_memory: bool = False,
 ) -> TrainBatches:
-    urls = expand_urls(cfg.urls)
-    encoder = SampleEncoder(cfg, tokenizer, transform, image_tokens)
+    """This rank's batches: `world` data-parallel ranks, `cfg.num_workers` loader workers each."""
+    workers = max(cfg.num_workers, 1)
     stream = ShardStream(
-        urls,
-        shard_sizes(urls),
-        encoder,
+        build_sources(cfg, world * workers, batch_size),
+        SampleEncoder(cfg, tokenizer, transform, image_tokens),
         tokenizer.pad_token_id,
         rank=rank,
         world=world,
@@ -328,11 +391,17 @@ def build_train_batches(
         batch_size=batch_size,
         seed=seed,
         shuffle_block=cfg.shuffle_block,
+        packing=cfg.packing,
     )
-    return TrainBatches(stream, cfg.num_workers, pin_memory)
+    keys_file = None
+    if cfg.log_keys:
+        keys_file = Path(cfg.log_keys) / f"keys-rank{rank}.txt"
+        keys_file.parent.mkdir(parents=True, exist_ok=True)
+    return TrainBatches(stream, cfg.num_workers, pin_memory, keys_file)
 
 
 def read_eval_records(pattern: str, limit: int) -> list[dict]:
     """The first `limit` held-out samples, undecoded, in shard order (identical on every rank)."""
     urls = expand_urls(pattern, key="data.eval_urls")
-    return list(islice(read_raw([Slice(u, 0, size) for u, size in zip(urls, shard_sizes(urls))]), limit))
+    pieces = [Slice(u, 0, size) for u, size in zip(urls, shard_sizes(urls))]
+    return [r for r in islice(read_raw(pieces), limit) if isinstance(r, dict)]

@@ -1,0 +1,137 @@
+"""Reading WebDataset tar shards: local files (seekable), `pipe:` commands and http(s) URLs.
+
+A sample is the run of consecutive tar members sharing a key (`<key>.<ext>`), as WebDataset
+groups them. `read_slice` yields exactly as many items as the slice holds: a shard that ends
+early or breaks mid-way yields `Skipped` markers for the samples it could not give, so every
+(rank, worker) slot keeps its length and the ranks their equal batch counts.
+
+Positioning inside a local shard reads tar headers only (data is seeked over), so resuming deep
+into a shard costs a header scan of that one shard, whatever the training progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO
+
+log = logging.getLogger(__name__)
+
+META_MEMBER = re.compile(r"__[^/]*__($|/)")  # WebDataset's metadata members, not samples
+KEY_AND_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Samples [start, stop) of one shard, counted in the shard's own order."""
+
+    url: str
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A sample that could not be used: `reason` is one of pipeline.SKIP_REASONS."""
+
+    reason: str
+    key: str
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def remote_command(url: str) -> str:
+    """The shell command whose stdout is the shard: `pipe:CMD` as given, http(s) through curl."""
+    if url.startswith("pipe:"):
+        return url[len("pipe:") :]
+    if url.startswith(("http://", "https://")):
+        return f"curl --silent --show-error --fail --location {shlex.quote(url)}"
+    raise ValueError(f"{url}: unsupported URL scheme (use a local path, http(s):// or pipe:COMMAND)")
+
+
+@contextmanager
+def open_tar(url: str) -> Iterator[tarfile.TarFile]:
+    """A local shard opened for random access, or a remote one as a forward-only stream."""
+    if is_local(url):
+        with tarfile.open(url, "r:*") as tar:
+            yield tar
+        return
+    process = subprocess.Popen(remote_command(url), shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stream: IO[bytes] = process.stdout  # type: ignore[assignment]
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            yield tar
+    finally:
+        # stopping early (a slice ends mid-shard) is normal: end the command rather than drain it
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        stream.close()
+        process.stderr.close()  # type: ignore[union-attr]
+
+
+def _sample_members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """(key, extension, member) of each sample member, in tar order."""
+    for member in tar:
+        tar.members = []  # keep no headers: a long stream would otherwise hold all of them
+        if not member.isreg() or META_MEMBER.match(member.name):
+            continue
+        match = KEY_AND_EXT.match(member.name)
+        if match:
+            yield match.group(1), match.group(2).lower(), member
+
+
+def tar_samples(url: str, start: int = 0) -> Iterator[dict]:
+    """Samples of one shard from index `start` on; members before it are never read, only passed."""
+    with open_tar(url) as tar:
+        index, current = -1, None
+        for key, ext, member in _sample_members(tar):
+            if current is None or key != current["__key__"]:
+                if current is not None and index >= start:
+                    yield current
+                index, current = index + 1, {"__key__": key, "__url__": url}
+            if index >= start:
+                current[ext] = tar.extractfile(member).read()
+        if current is not None and index >= start:
+            yield current
+
+
+def read_slice(piece: Slice) -> Iterator[dict | Skipped]:
+    """Exactly `stop - start` items: raw samples ({"__key__", ext: bytes}) or `Skipped` markers
+    where the shard is truncated, corrupt, or shorter than its declared size."""
+    wanted, produced = piece.stop - piece.start, 0
+    try:
+        for sample in tar_samples(piece.url, piece.start):
+            if produced == wanted:
+                return
+            yield sample
+            produced += 1
+    except (tarfile.TarError, OSError, EOFError) as err:
+        log.warning("shard %s is unreadable after sample %d: %s", piece.url, piece.start + produced, err)
+    if produced < wanted:
+        log.warning(
+            "skipping samples %d-%d of %s: the shard ends early", piece.start + produced, piece.stop - 1, piece.url
+        )
+    for index in range(piece.start + produced, piece.stop):
+        yield Skipped("corrupt_tar", f"{piece.url}#{index}")
+
+
+def count_samples(url: str) -> int:
+    """Samples in a local shard, from its tar headers (a truncated last sample still counts: reading
+    it later reports it as skipped, so the loss is counted rather than silent)."""
+    count, last_key = 0, None
+    try:
+        with open_tar(url) as tar:
+            for key, _, _ in _sample_members(tar):
+                count, last_key = count + (key != last_key), key
+    except tarfile.TarError as err:
+        log.warning("shard %s is unreadable after %d samples: %s", url, count, err)
+    return count
