@@ -10,14 +10,16 @@ from vlm_train.errors import ConfigError
 from vlm_train.models import VisionLanguageModel, build_connector, build_llm, build_vision_tower
 
 
-def build_model(cfg: Config, tokenizer=None) -> VisionLanguageModel:
+def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel:
     """The model the config describes: tower, connector and decoder, frozen as configured.
 
     `tokenizer` defaults to `cfg.llm`'s; the decoder's vocabulary grows to fit it (image token).
+    `llm.backend=megatron` needs the run's `layout` (its groups built): the decoder is sharded
+    for this rank's place in its TP group; tower and connector are whole on every rank.
     """
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.llm)
     vision = build_vision_tower(cfg.vision)
-    llm = build_llm(cfg.llm, vocab_size=len(tokenizer))
+    llm = _build_decoder(cfg, len(tokenizer), layout)
     connector = build_connector(
         cfg.connector, vision_dim=vision.hidden_size, llm_dim=llm.hidden_size, num_patches=vision.num_features
     )
@@ -45,6 +47,16 @@ def _enable_activation_checkpointing(model: VisionLanguageModel, cfg: Config) ->
         if hf_model is None or not getattr(hf_model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"{section.name} does not support activation_checkpointing")
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _build_decoder(cfg: Config, vocab_size: int, layout):
+    if cfg.llm.backend != "megatron":
+        return build_llm(cfg.llm, vocab_size=vocab_size)
+    if layout is None:
+        raise ConfigError("llm.backend=megatron builds inside a run (it needs the run's layout): use llm.backend=hf")
+    from vlm_train.parallel.tensor_parallel import build_megatron_llm
+
+    return build_megatron_llm(cfg.llm, vocab_size, layout)
 
 
 def _set_trainable(module: nn.Module, trainable: bool) -> None:

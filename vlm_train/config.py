@@ -44,7 +44,7 @@ class LLMConfig:
     """The language decoder: a Hugging Face causal LM (Llama family), local path or config."""
 
     name: str = "llama-tiny"
-    backend: str = "hf"  # hf (megatron: tensor-parallel decoder, see the TP issue)
+    backend: str = "auto"  # hf | megatron (megatron-core, tensor parallel) | auto: megatron when TP > 1, else hf
     family: str = "llama"  # llama builds from the size fields; any causal LM loads from a path
     path: str | None = MISSING  # local HF checkpoint dir; null: build from the size fields below
     tokenizer: str | None = None  # local tokenizer dir; "toy" = the built-in toy tokenizer; None = path
@@ -161,7 +161,8 @@ class ParallelConfig:
     """Process layout: data parallel x tensor parallel, and ZeRO sharding."""
 
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
-    tensor_parallel: int = 1  # decoder split across this many ranks (needs llm.backend=megatron)
+    tensor_parallel: int = 1  # decoder split across this many ranks (megatron-core decoder, llm.backend=megatron)
+    sequence_parallel: bool = False  # megatron sequence parallel; needs Transformer Engine or apex norms
     backend: str = "auto"  # auto (nccl with GPUs, gloo without) | nccl | gloo
     timeout_s: int = 1800  # collective timeout
 
@@ -227,7 +228,7 @@ CONNECTOR_SCHEMAS: dict[str, type[ConnectorConfig]] = {
 
 _CHOICES = {
     "vision.family": ("clip", "siglip", "blip2", "idefics2"),
-    "llm.backend": ("hf",),
+    "llm.backend": ("auto", "hf", "megatron"),
     "llm.family": ("llama", "mistral", "opt"),
     "data.template": ("chat", "plain"),
     "parallel.backend": ("auto", "nccl", "gloo"),
@@ -268,7 +269,14 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         raise ConfigError(_one_line(err)) from None
     validate(cfg)
+    resolve_llm_backend(cfg)
     return cfg
+
+
+def resolve_llm_backend(cfg: Config) -> None:
+    """`llm.backend=auto`: the HF decoder at TP=1, the megatron-core decoder at TP > 1."""
+    if cfg.llm.backend == "auto":
+        cfg.llm.backend = "megatron" if cfg.parallel.tensor_parallel > 1 else "hf"
 
 
 def validate(cfg: Config) -> None:

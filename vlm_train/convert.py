@@ -30,6 +30,15 @@ def to_hf_command(run_dir: Path, out: Path, step: int | None) -> None:
         raise UserError(f"{run_dir} has no {'checkpoint step_' + str(step) if step else 'complete checkpoint'}")
     cfg = load_yaml(folder / "config.yaml")
     tokenizer = load_tokenizer(cfg.llm)
+    if cfg.llm.backend == "megatron":
+        from vlm_train.interop.megatron import load_tp_checkpoint
+
+        cfg.llm.backend = "hf"  # the same model with the HF decoder: its TP shards are joined into it
+        model = build_model(cfg, tokenizer)
+        load_tp_checkpoint(model, folder, cfg.parallel.zero_stage, cfg.parallel.tensor_parallel)
+        to_hf(model, out, tokenizer)
+        print(f"wrote {out} from {folder}")
+        return
     model = build_model(cfg, tokenizer)
     model.load_state_dict(consolidated_state_dict(folder, cfg.parallel.zero_stage))
     to_hf(model, out, tokenizer)

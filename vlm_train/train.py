@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from vlm_train.config import Config, compose, to_yaml
@@ -78,9 +79,10 @@ def _train(cfg: Config, layout, device) -> None:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     check_fits_and_report(cfg, layout, device)  # refuses a layout whose model states cannot fit
+    mpu = layout.build_groups()  # TP and DP groups, built once (megatron backend); DeepSpeed's view of them
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     tokenizer = load_tokenizer(cfg.llm)
-    model = build_model(cfg, tokenizer)
+    model = build_model(cfg, tokenizer, layout)
     transform = ImageTransform(model.vision.image_size, model.vision.image_mean, model.vision.image_std)
     batches = build_train_batches(
         cfg.data,
@@ -93,7 +95,7 @@ def _train(cfg: Config, layout, device) -> None:
         seed=cfg.run.seed,
         pin_memory=device.type == "cuda",
     )
-    engine = build_engine(model, cfg, layout, device)
+    engine = build_engine(model, cfg, layout, device, mpu)
     metrics = MetricsLogger(run_dir, cfg, enabled=layout.rank == 0)
     trainer = Trainer(engine, batches, cfg, layout, device, metrics)
     if resume_from is not None:
@@ -170,6 +172,8 @@ def _quiet_libraries(rank: int) -> None:
     """Library chatter (DeepSpeed's banner, HF warnings) stays out of the console."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # megatron-core warns at import about absent Transformer Engine/apex and CUDA-only tuning
+    warnings.filterwarnings("ignore", module=r"megatron\.core")
     logging.basicConfig(
         level=logging.WARNING if rank == 0 else logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -22,7 +22,8 @@ IGNORE_INDEX = -100
 @dataclass
 class VLMOutput:
     """`loss` is the mean over this batch's label tokens; training reduces `loss_sum` by the
-    label-token count of the whole global batch instead (see training/loop.py)."""
+    label-token count of the whole global batch instead (see training/loop.py). With labels and a
+    tensor-parallel decoder, `logits` is this TP rank's vocabulary slice."""
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
@@ -65,9 +66,12 @@ class VisionLanguageModel(nn.Module):
             embeds_BTDl, media_IMDl = self.llm.embed(input_ids), self.encode_images_or_blank(pixel_values, slots_BT)
         with self.connector.conditioned(slots_BT, media_IMDl):
             logits_BTV = self.llm(embeds_BTDl, attention_mask)
+        # A tensor-parallel decoder returns its rank's vocabulary slice: it gathers the whole
+        # logits and computes the (vocab-parallel, unsharded-equal) loss itself.
         if labels is None:
-            return VLMOutput(logits=logits_BTV)
-        loss_sum, count = token_cross_entropy(logits_BTV, labels)
+            gather = getattr(self.llm, "gather_logits", None)
+            return VLMOutput(logits=gather(logits_BTV) if gather else logits_BTV)
+        loss_sum, count = getattr(self.llm, "token_cross_entropy", token_cross_entropy)(logits_BTV, labels)
         return VLMOutput(logits_BTV, loss=loss_sum / count.clamp(min=1), loss_sum=loss_sum, num_label_tokens=count)
 
     def embed(self, pixel_values: torch.Tensor | None, input_ids_BT: torch.Tensor) -> torch.Tensor:

@@ -55,9 +55,16 @@ def deepspeed_config(cfg: Config, layout: Layout, precision: str, on_gpu: bool =
     }
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, device: torch.device):
-    """Wrap the model in a DeepSpeed engine; only parameters that train reach the optimizer."""
+def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, device: torch.device, mpu=None):
+    """Wrap the model in a DeepSpeed engine; only parameters that train reach the optimizer.
+
+    `mpu` (from `Layout.build_groups`) is required at TP > 1: without it DeepSpeed reduces
+    gradients over the TP ranks too and trains wrong without an error.
+    """
     import deepspeed
+
+    if layout.tp > 1 and mpu is None:
+        raise RuntimeError("tensor parallel without DeepSpeed's mpu computes wrong gradients")
 
     deepspeed.utils.logger.setLevel(logging.ERROR)  # its per-step INFO/WARNING lines drown the progress
     precision = resolve_precision(cfg.train.precision, device)
@@ -67,5 +74,6 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, device: to
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(cfg, layout, precision, on_gpu=device.type == "cuda"),
+        mpu=mpu,
     )
     return engine

@@ -72,20 +72,26 @@ class CrossAttentionConnector(Connector):
         return self.proj(features_IPDv)
 
     def attach(self, llm: nn.Module) -> None:
+        # megatron's decoder (parallel/tensor_parallel.py) passes hidden states sequence-first
+        self.sequence_first = getattr(llm, "sequence_first", False)
         for index, layer in enumerate(llm.decoder_layers()):
             if index % self.every == 0:
                 self.blocks.append(GatedCrossAttentionBlock(self.llm_dim, self.heads, self.ff_mult))
                 layer.register_forward_pre_hook(self._pre_hook(len(self.blocks) - 1), with_kwargs=True)
 
     def _pre_hook(self, block_index: int):
+        def block(hidden: torch.Tensor) -> torch.Tensor:
+            media_IMD, allowed_BTI = self._state
+            if self.sequence_first:
+                return self.blocks[block_index](hidden.transpose(0, 1), media_IMD, allowed_BTI).transpose(0, 1)
+            return self.blocks[block_index](hidden, media_IMD, allowed_BTI)
+
         def run_block(module, args, kwargs):
             if self._state is None:
                 return None
-            media_IMD, allowed_BTI = self._state
             if args:
-                return (self.blocks[block_index](args[0], media_IMD, allowed_BTI), *args[1:]), kwargs
-            hidden = self.blocks[block_index](kwargs["hidden_states"], media_IMD, allowed_BTI)
-            return args, {**kwargs, "hidden_states": hidden}
+                return (block(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": block(kwargs["hidden_states"])}
 
         return run_block
 

@@ -63,6 +63,8 @@ class LNAdapterConnector(Connector):
     def attach(self, llm: nn.Module) -> None:
         if not self.modality_norms:
             return
+        # megatron's decoder (parallel/tensor_parallel.py) normalises sequence-first hidden states
+        self.sequence_first = getattr(llm, "sequence_first", False)
         for norm in llm.norm_modules():
             _check_supported(norm)
             self.image_norms.append(ImageAffine(norm.weight, getattr(norm, "bias", None)))
@@ -75,7 +77,8 @@ class LNAdapterConnector(Connector):
             # Always run the image affine (a rank whose batch has no image still gathers it
             # under ZeRO-3); text positions keep the LLM's own output exactly.
             image_out = self.image_norms[index](_normalize(module, args[0])).to(output.dtype)
-            return torch.where(self._image_positions_BT[..., None], image_out, output)
+            positions = self._image_positions_BT.transpose(0, 1) if self.sequence_first else self._image_positions_BT
+            return torch.where(positions[..., None], image_out, output)
 
         return image_positions_use_their_own_affine
 

@@ -1,0 +1,211 @@
+"""The tensor-parallel decoder: megatron-core's GPTModel behind CausalLM's interface.
+
+Built from the same `LLMConfig` as the HF backend (Llama family: RMSNorm, SwiGLU, RoPE with its
+theta, grouped-query attention, tied or untied embeddings): the HF decoder is built (or loaded)
+first, exactly as `llm.backend=hf` would, and its weights are sharded for this TP rank, so both
+backends and every TP size start from the same weights. Embedding and output layer are
+vocabulary-parallel; the loss is megatron's vocab-parallel cross-entropy, equal on every TP
+rank to the unsharded loss. Legend: B batch, T tokens, Dl decoder width, V vocabulary, V/tp a
+TP rank's slice of it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from vlm_train.config import LLMConfig
+from vlm_train.errors import ConfigError
+from vlm_train.interop.megatron import DecoderShape, hf_to_megatron, megatron_to_hf
+from vlm_train.models.llm import CausalLM, build_llm
+from vlm_train.models.vlm import IGNORE_INDEX
+from vlm_train.parallel.layout import Layout
+
+
+class MegatronCausalLM(nn.Module):
+    """GPTModel (local layer spec; Transformer Engine's where importable) as a vlm_train decoder.
+
+    Hidden states inside GPTModel are sequence-first ([T, B, Dl]): `sequence_first` tells the
+    connectors that hook its layers and norms.
+    """
+
+    sequence_first = True
+
+    def __init__(self, gpt: nn.Module, shape: DecoderShape, hf_config, tp: int, tp_rank: int):
+        super().__init__()
+        self.gpt = gpt
+        self.shape, self.hf_config, self.tp, self.tp_rank = shape, hf_config, tp, tp_rank
+        self.hidden_size: int = shape.hidden_size
+        per_rank = shape.padded_vocab(tp) // tp
+        token_ids = torch.arange(tp_rank * per_rank, (tp_rank + 1) * per_rank)
+        # Padding columns of the vocabulary (to a multiple of TP) never win a softmax or an argmax.
+        self.register_buffer("vocab_padding", token_ids >= shape.vocab_size, persistent=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.shape.vocab_size
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.gpt.decoder.layers
+
+    def norm_modules(self) -> list[nn.Module]:
+        """Every norm over the hidden width: each layer's two and the final one."""
+        norms = []
+        for layer in self.gpt.decoder.layers:
+            norms += [layer.input_layernorm, layer.pre_mlp_layernorm]
+        return [*norms, self.gpt.decoder.final_layernorm]
+
+    def embed(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel lookup; the result is whole on every TP rank."""
+        return self.gpt.embedding.word_embeddings(ids_BT)
+
+    def forward(
+        self,
+        embeds_BTDl: torch.Tensor,
+        attention_mask_BT: torch.Tensor | None = None,
+        position_ids_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """This TP rank's slice of the next-token logits [B, T, V/tp].
+
+        Attention is causal; padding is on the right (as vlm_train's batches are), so positions
+        that carry labels never see a padding key. Positions are 0..T-1 (`position_ids_BT` unused).
+        """
+        logits_BTv = self.gpt(
+            input_ids=None,
+            position_ids=None,
+            attention_mask=None,
+            decoder_input=embeds_BTDl.transpose(0, 1).contiguous(),
+        )
+        return logits_BTv.masked_fill(self.vocab_padding, torch.finfo(logits_BTv.dtype).min)
+
+    def gather_logits(self, logits_BTv: torch.Tensor) -> torch.Tensor:
+        """The whole vocabulary's logits [B, T, V] on every TP rank (evaluation, parity checks)."""
+        from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+        return gather_from_tensor_model_parallel_region(logits_BTv)[..., : self.vocab_size]
+
+    def token_cross_entropy(
+        self, logits_BTv: torch.Tensor, labels_BT: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy (fp32) over labelled positions, and their count — the
+        unsharded loss, on every TP rank, from the vocab-parallel logits."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        # megatron's kernel works in place on its input: hand it a copy of the shifted logits
+        shifted_BTv = logits_BTv[:, :-1].float().clone()
+        targets_BT = labels_BT[:, 1:]
+        labelled_BT = targets_BT != IGNORE_INDEX
+        losses_BT = vocab_parallel_cross_entropy(shifted_BTv, targets_BT.clamp(min=0))
+        return (losses_BT * labelled_BT).sum(), labelled_BT.sum()
+
+    @torch.no_grad()
+    def to_hf(self) -> CausalLM:
+        """The whole decoder as a HF CausalLM (collective over the TP group; every rank gets it)."""
+        from megatron.core import parallel_state
+        from transformers import AutoModelForCausalLM
+
+        local = {k: v.detach().cpu() for k, v in self.gpt.state_dict().items() if not k.endswith("_extra_state")}
+        shards = [None] * self.tp
+        dist.all_gather_object(shards, local, group=parallel_state.get_tensor_model_parallel_group())
+        hf_model = AutoModelForCausalLM.from_config(self.hf_config)
+        hf_model.load_state_dict(megatron_to_hf(shards, self.shape), strict=not self.shape.tied)
+        return CausalLM(hf_model)
+
+
+def transformer_config(shape: DecoderShape, hf_config, tp: int, sequence_parallel: bool = False):
+    """megatron's TransformerConfig for a HF Llama config: fusions off, CPU initialisation, fp32."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_heads,
+        num_query_groups=shape.num_kv_heads,
+        kv_channels=shape.head_dim,
+        ffn_hidden_size=hf_config.intermediate_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
+        use_cpu_initialization=True,
+        perform_initialization=False,  # the weights come from the HF decoder
+        params_dtype=torch.float32,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        attention_softmax_in_fp32=True,
+    )
+
+
+def layer_spec():
+    """Transformer Engine's spec where it imports, megatron's local (plain torch) spec otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+
+
+def from_hf_decoder(hf_llm: CausalLM, layout: Layout, vocab_size: int | None = None) -> MegatronCausalLM:
+    """Shard a HF Llama decoder for this rank's place in the TP group."""
+    from megatron.core.models.gpt import GPTModel
+
+    hf_config = hf_llm.hf_model.config
+    if hf_config.model_type not in ("llama", "mistral"):
+        raise ConfigError(f"llm.backend=megatron builds Llama-family decoders, not '{hf_config.model_type}'")
+    shape = DecoderShape.from_hf_config(hf_config, vocab_size or hf_llm.vocab_size)
+    hf_config.vocab_size = shape.vocab_size
+    config = transformer_config(shape, hf_config, layout.tp)
+    with torch.random.fork_rng():  # building draws nothing the rest of the model would see
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(),
+            vocab_size=shape.padded_vocab(layout.tp),
+            max_sequence_length=hf_config.max_position_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(getattr(hf_config, "rope_theta", None) or _rope_theta(hf_config)),
+            share_embeddings_and_output_weights=shape.tied,
+            parallel_output=True,
+        )
+    mark_sharded_parameters(gpt)
+    weights = hf_to_megatron(hf_llm.hf_model.state_dict(), shape, layout.tp, layout.tp_rank)
+    missing, unexpected = gpt.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"HF -> megatron weights do not fit GPTModel: missing {missing}, unexpected {unexpected}")
+    return MegatronCausalLM(gpt, shape, hf_config, layout.tp, layout.tp_rank)
+
+
+def mark_sharded_parameters(gpt: nn.Module) -> None:
+    """Tag the TP-sharded weights as megatron's own initialisation does (skipped here: the weights
+    come from HF). DeepSpeed's gradient norm counts untagged parameters on TP rank 0 only, so an
+    untagged shard would be left out of the norm and clipping would scale wrongly."""
+    from megatron.core.tensor_parallel import layers
+
+    split_dim = {layers.ColumnParallelLinear: 0, layers.VocabParallelEmbedding: 0, layers.RowParallelLinear: 1}
+    for module in gpt.modules():
+        dim = next((d for kind, d in split_dim.items() if isinstance(module, kind)), None)
+        if dim is not None and getattr(module, "weight", None) is not None:
+            layers.set_tensor_model_parallel_attributes(module.weight, is_parallel=True, dim=dim, stride=1)
+
+
+def _rope_theta(hf_config) -> float:
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", 10000.0))
+
+
+def build_megatron_llm(cfg: LLMConfig, vocab_size: int, layout: Layout) -> MegatronCausalLM:
+    """The decoder `llm.backend=megatron` trains: `cfg`'s HF decoder, sharded for this TP rank."""
+    return from_hf_decoder(build_llm(cfg, vocab_size), layout)
