@@ -53,6 +53,8 @@ class CausalLM(nn.Module):
         attention_mask_BT: torch.Tensor | None = None,
         position_ids_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if attention_mask_BT is not None and attention_mask_BT.dim() == 2 and bool((attention_mask_BT > 1).any()):
+            attention_mask_BT, position_ids_BT = packed_attention(attention_mask_BT, embeds_BTDl.dtype)
         out = self.hf_model(
             inputs_embeds=embeds_BTDl,
             attention_mask=attention_mask_BT,
@@ -60,6 +62,24 @@ class CausalLM(nn.Module):
             use_cache=False,
         )
         return out.logits
+
+
+def packed_attention(segments_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows (data.packing): `segments_BT` numbers each token's sample (1, 2, ...; 0 padding).
+    Returns an additive block-diagonal causal mask [B, 1, T, T] and positions restarting per sample,
+    so every sample attends and is positioned exactly as if it were alone in its row."""
+    length = segments_BT.shape[1]
+    same_BTT = segments_BT[:, :, None] == segments_BT[:, None, :]
+    causal_TT = torch.ones(length, length, dtype=torch.bool, device=segments_BT.device).tril()
+    allowed_BTT = same_BTT & causal_TT & (segments_BT[:, None, :] > 0)
+    allowed_BTT |= torch.eye(length, dtype=torch.bool, device=segments_BT.device)  # padding: no empty rows
+    mask_B1TT = torch.zeros(allowed_BTT.shape, dtype=dtype, device=segments_BT.device)
+    mask_B1TT = mask_B1TT.masked_fill(~allowed_BTT, torch.finfo(dtype).min).unsqueeze(1)
+    index_BT = torch.arange(length, device=segments_BT.device).expand_as(segments_BT)
+    starts_BT = torch.ones_like(segments_BT, dtype=torch.bool)
+    starts_BT[:, 1:] = segments_BT[:, 1:] != segments_BT[:, :-1]
+    first_BT = torch.where(starts_BT, index_BT, torch.zeros_like(index_BT)).cummax(dim=1).values
+    return mask_B1TT, index_BT - first_BT
 
 
 def build_llm(cfg: LLMConfig, vocab_size: int) -> CausalLM:
