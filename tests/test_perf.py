@@ -175,6 +175,19 @@ def test_kernels_probe_reports_the_fallback():
     assert probe_kernels("cuda").optimizer_kwargs() == {"fused": True}
 
 
+def test_compile_refused_under_zero3_and_overlap_comm_only_on_gpu():
+    from vlm_train.parallel.engine import deepspeed_config
+    from vlm_train.parallel.kernels import compile_model
+    from vlm_train.parallel.layout import Layout
+
+    with pytest.raises(ConfigError, match="train.compile=true is not supported with parallel.zero_stage=3"):
+        compile_model(torch.nn.Linear(2, 2), zero_stage=3)
+    cfg = compose(["experiment=toy", "parallel.zero_stage=2"])
+    layout = Layout.from_config(cfg, world=1, rank=0)
+    assert deepspeed_config(cfg, layout, "bf16", on_gpu=True)["zero_optimization"]["overlap_comm"] is True
+    assert deepspeed_config(cfg, layout, "fp32")["zero_optimization"]["overlap_comm"] is False
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     extra = ["vision.freeze=false", "vision.activation_checkpointing=true", "llm.activation_checkpointing=true"]
     plain, checkpointed = toy_model("vision.freeze=false"), toy_model(*extra)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 from dataclasses import dataclass
 
 from torch import nn
@@ -88,4 +89,7 @@ def compile_model(model: nn.Module, zero_stage: int) -> None:
         raise ConfigError("train.compile=true is not supported with parallel.zero_stage=3: use ZeRO 0-2 to compile")
     if not hasattr(model, "compile"):
         raise ConfigError("train.compile=true needs torch >= 2.2 (Module.compile)")
+    # Graph breaks at the model's data-dependent checks (image slots, no-image batches) are
+    # expected; dynamo would print a warning block for each.
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
     model.compile()

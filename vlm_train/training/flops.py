@@ -81,7 +81,7 @@ class TrainingFlops:
             media_per_image=tower.num_features,
             llm_weights=_llm_weights(model),
             llm_layers=len(model.llm.decoder_layers()),
-            llm_width=_attention_width(model.llm.hf_model.config),
+            llm_width=_attention_width(_dense_decoder(model.llm).config),
             multipliers=(
                 _step_multiplier(tower_trains, gradient_crosses=False),
                 _step_multiplier(connector_trains, gradient_crosses=tower_trains),
@@ -134,8 +134,20 @@ def _tower_weights(tower: nn.Module) -> int:
     return sum(_numel(p) for p in tower.parameters() if id(p) not in unused | lookups)
 
 
+def _dense_decoder(llm: nn.Module) -> nn.Module:
+    """The HF decoder, or for the tensor-parallel one (whose tensors are sharded) its dense HF
+    equivalent on the meta device: FLOPs are those of the whole model."""
+    hf_model = getattr(llm, "hf_model", None)
+    if hf_model is not None:
+        return hf_model
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(llm.hf_config)
+
+
 def _llm_weights(model: VisionLanguageModel) -> int:
-    hf_model = model.llm.hf_model
+    hf_model = _dense_decoder(model.llm)
     embedding = hf_model.get_input_embeddings().weight
     connector_params = {id(p) for p in model.connector.parameters()}  # hooked blocks live in the connector
     weights = sum(_numel(p) for p in hf_model.parameters() if id(p) not in connector_params) - _numel(embedding)
