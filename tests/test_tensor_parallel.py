@@ -149,17 +149,15 @@ def test_tp2_run_exports_to_transformers_with_our_logits(tp_runs, tmp_path):
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    for stage in (0, 3):
-        out = tmp_path / f"hf{stage}"
-        convert = [sys.executable, "-m", "vlm_train.convert", "to-hf", str(tp_runs / f"tp2_zero{stage}"), str(out)]
-        result = subprocess.run(convert, cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr[-3000:]
-        if stage == 0:
-            ours = torch.load(tp_runs / "tp2_zero0" / "ours.pt")
-            hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
-            with torch.no_grad():
-                theirs = hf(input_ids=ours["input_ids"], pixel_values=ours["pixel_values"]).logits
-            assert (theirs - ours["logits"]).abs().max() < 1e-4
+    calls = [f"main(['to-hf', {str(tp_runs / f'tp2_zero{s}')!r}, {str(tmp_path / f'hf{s}')!r}])" for s in (0, 3)]
+    code = f"import sys; from vlm_train.convert import main; sys.exit({' or '.join(calls)})"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = torch.load(tp_runs / "tp2_zero0" / "ours.pt")
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf0").eval()
+    with torch.no_grad():
+        theirs = hf(input_ids=ours["input_ids"], pixel_values=ours["pixel_values"]).logits
+    assert (theirs - ours["logits"]).abs().max() < 1e-4
     # ZeRO-3 shards each TP rank's weights over DP: consolidated per TP rank, the same weights
     same = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf3").state_dict()
     for name, tensor in LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf0").state_dict().items():
@@ -187,23 +185,32 @@ def test_toy_command_from_the_readme_trains_and_evaluates_at_tp2(toy_data, tmp_p
     assert "eval_accuracy" in read_metrics(run_dir)[-1]
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (
-            ["parallel.tensor_parallel=3", "llm.num_heads=32", "llm.num_kv_heads=32"],
-            "does not divide the decoder's 32 attention heads",
-        ),
-        (["parallel.tensor_parallel=2", "llm.num_kv_heads=1"], "does not divide the decoder's 1 key/value heads"),
-        (["parallel.tensor_parallel=2"], "does not divide the world size 1"),
-        (["parallel.sequence_parallel=true"], "needs Transformer Engine or NVIDIA apex norms"),
-    ],
-)
-def test_layout_mistakes_end_in_one_line(toy_data, tmp_path, overrides, message):
+LAYOUT_MISTAKES = [
+    (["parallel.tensor_parallel=3", "llm.num_heads=32", "llm.num_kv_heads=32"], "32 attention heads"),
+    (["parallel.tensor_parallel=2", "llm.num_kv_heads=1"], "does not divide the decoder's 1 key/value heads"),
+    (["parallel.tensor_parallel=2"], "does not divide the world size 1"),
+    (["parallel.tensor_parallel=2", "llm.backend=hf"], "needs the tensor-parallel decoder"),
+    (["parallel.sequence_parallel=true"], "needs Transformer Engine or NVIDIA apex norms"),
+]
+
+
+def test_layout_mistake_ends_in_one_line_and_exit_2(toy_data, tmp_path):
+    """TP=3 with 32 heads, as a user launches it: one line on stderr, exit code 2, no traceback."""
+    overrides, message = LAYOUT_MISTAKES[0]
     result = run_cli(toy_overrides(toy_data, tmp_path / "bad", *overrides))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("vlm-train: error: ")
-    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "vlm-train: error: parallel.tensor_parallel=3 does not divide the decoder's 32 attention heads"
+    ]
+
+
+@pytest.mark.parametrize(("overrides", "message"), LAYOUT_MISTAKES[1:])
+def test_layout_mistakes_are_refused_before_any_process_group(toy_data, tmp_path, capsys, overrides, message):
+    from vlm_train.train import main
+
+    assert main(toy_overrides(toy_data, tmp_path / "bad", *overrides)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vlm-train: error: ") and message in lines[0]
 
 
 # --- the launched side ------------------------------------------------------------------------
@@ -267,6 +274,10 @@ def parity_report(folder: Path, env) -> None:
             with torch.no_grad():
                 diff = (ours(pixels, ids).logits - reference(pixels, ids).logits).abs().max()
             report["logits"][f"tp{tp}_{'tied' if tied else 'untied'}"] = float(diff)
+            # in-memory export: the TP shards joined back are the HF weights they were cut from
+            exported = ours.llm.to_hf().hf_model.state_dict()
+            for name, tensor in reference.llm.hf_model.state_dict().items():
+                assert torch.equal(exported[name], tensor), (tp, tied, name)
         # a vocabulary of 101 tokens: TP=2 pads it to 102, and the padding must not enter the loss
         torch.manual_seed(0)
         hf = build_llm(LLMConfig(path=None, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=96), 101)
