@@ -114,6 +114,28 @@ def test_planner_parameter_counts_are_exact(extra):
     assert sum(c.total for c in counts.values()) == sum(p.numel() for p in built.parameters())
 
 
+def test_planner_reads_checkpoint_dirs_without_loading_weights(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from vlm_train.data.tokenizer import build_toy_tokenizer
+
+    llama = LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+    )
+    LlamaForCausalLM(llama).save_pretrained(tmp_path / "llm")
+    build_toy_tokenizer().save_pretrained(tmp_path / "llm")
+    clip = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=48, patch_size=16
+    )
+    CLIPVisionModel(clip).save_pretrained(tmp_path / "vision")
+    cfg = compose(
+        ["experiment=toy", f"llm.path={tmp_path / 'llm'}", "llm.tokenizer=null", f"vision.path={tmp_path / 'vision'}"]
+    )
+    meta = build_meta_model(cfg)
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+    assert parameter_counts(meta) == parameter_counts(build_model(cfg))
+
+
 def test_model_state_formulas_shard_as_zero_does():
     model = build_meta_model(compose(["experiment=toy"]))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -74,8 +75,31 @@ def build_meta_model(cfg: Config):
 
     cfg = copy.deepcopy(cfg)
     cfg.llm.backend = "hf"
-    with torch.device("meta"):
+    with torch.device("meta"), _configs_instead_of_weights():
         return build_model(cfg)
+
+
+@contextmanager
+def _configs_instead_of_weights():
+    """Inside, `from_pretrained(path)` builds the model from `path`'s config alone: transformers
+    refuses to load weights on the meta device, and a plan needs only the shapes."""
+    from transformers import AutoConfig, PreTrainedModel
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    def model_from_config(cls, path, *args, **kwargs):
+        return cls._from_config(cls.config_class.from_pretrained(path))
+
+    def auto_from_config(cls, path, *args, **kwargs):
+        config = AutoConfig.from_pretrained(path)
+        return cls.from_config(config, attn_implementation=kwargs.get("attn_implementation"))
+
+    originals = PreTrainedModel.__dict__["from_pretrained"], _BaseAutoModelClass.__dict__["from_pretrained"]
+    PreTrainedModel.from_pretrained = classmethod(model_from_config)
+    _BaseAutoModelClass.from_pretrained = classmethod(auto_from_config)
+    try:
+        yield
+    finally:
+        PreTrainedModel.from_pretrained, _BaseAutoModelClass.from_pretrained = originals
 
 
 def parameter_counts(model) -> dict[str, ComponentParams]:
