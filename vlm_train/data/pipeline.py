@@ -49,10 +49,10 @@ SKIP_REASONS: tuple[str, ...] = (
 REASON_INDEX = {reason: index for index, reason in enumerate(SKIP_REASONS)}
 
 
-def read_raw(slices: list[Slice]) -> Iterator[dict | Skipped]:
+def read_raw(slices: list[Slice], hints: dict | None = None) -> Iterator[dict | Skipped]:
     """Undecoded samples ({"__key__", ext: bytes}) of each slice, in order; `Skipped` for unreadable ones."""
     for piece in slices:
-        yield from read_slice(piece)
+        yield from read_slice(piece, hints)
 
 
 class SampleEncoder:
@@ -171,14 +171,19 @@ class ShardStream(IterableDataset):
         self.batch_size, self.seed, self.shuffle_block = batch_size, seed, max(shuffle_block, 1)
         self.packing = packing
         self.epoch, self.start_batch = 0, 0
+        self.hints: dict[str, list[tuple]] = {}  # shard url -> [(sample index, byte offset, key)]
+        self.block_starts: dict[int, tuple] = {}  # source -> (url, index, offset) of the last block read
         self.batches_per_slot = sum(source.used for source in sources) // batch_size
 
     @property
     def batches_per_epoch(self) -> int:
         return self.batches_per_slot * self.workers
 
-    def set_position(self, epoch: int, start_batch: int) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
+    def set_position(self, epoch: int, start_batch: int, hints: list | None = None) -> None:
+        """Start at (epoch, batch); `hints` are (url, sample index, byte offset, key) block starts to seek to."""
+        self.epoch, self.start_batch, self.hints = epoch, start_batch, {}
+        for url, *where in hints or []:
+            self.hints.setdefault(url, []).append(tuple(where))
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -218,6 +223,7 @@ class ShardStream(IterableDataset):
             batch = collate_packed(samples, self.pad_id, self.encoder.cfg.max_length)
         else:
             batch = collate(samples, self.pad_id)
+        batch["resume_hints"] = list(self.block_starts.values())
         batch["skipped_by_reason"] = counts
         batch["skipped"] = int(counts.sum())  # until training/loop.py reads the per-reason tensor
         return batch, fallback
@@ -255,9 +261,11 @@ class ShardStream(IterableDataset):
         source, block_size = self.sources[index], self.shuffle_block
         first_block = skip // block_size
         slices = slot_slices(source.urls, source.sizes, f"shards-{tag}", lo + first_block * block_size, hi)
-        raw = read_raw(slices)
+        raw = read_raw(slices, self.hints)
         block_index, drop = first_block, skip % block_size
         while block := list(islice(raw, block_size)):
+            if isinstance(block[0], dict):  # where this block starts: a resume seeks there
+                self.block_starts[index] = block[0]["__where__"]
             random.Random(f"block-{tag}-{slot}-{block_index}").shuffle(block)
             yield from block[drop:]
             block_index, drop = block_index + 1, 0
@@ -276,6 +284,7 @@ class TrainBatches:
     def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False, keys_file: Path | None = None):
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
         self.epoch, self.batch = 0, 0
+        self.hints: dict[int, list] = {}  # per worker: block starts of the last batch it gave
         self.keys_file = keys_file
         self._iterator: Iterator[dict] | None = None
 
@@ -284,7 +293,7 @@ class TrainBatches:
 
     def __next__(self) -> dict:
         if self._iterator is None:
-            self.stream.set_position(self.epoch, self.batch)
+            self.stream.set_position(self.epoch, self.batch, [h for hs in self.hints.values() for h in hs])
             loader = DataLoader(
                 self.stream,
                 batch_size=None,
@@ -295,6 +304,7 @@ class TrainBatches:
             )
             self._iterator = iter(loader)
         batch = next(self._iterator)
+        self.hints[self.batch % self.stream.workers] = batch.pop("resume_hints", [])
         if self.keys_file is not None:
             with self.keys_file.open("a") as out:  # debug aid (data.log_keys): one line per batch taken
                 out.write(f"{self.epoch} {self.batch} {' '.join(batch['keys'])}\n")
@@ -314,7 +324,8 @@ class TrainBatches:
     def state_dict(self) -> dict:
         """This rank's data position: (epoch, batch) plus the layout it is valid for. Each worker's
         shard, offset and shuffle state follow from it (seeded), so they need no storage."""
-        return {"epoch": self.epoch, "batch": self.batch, **self.layout()}
+        hints = [list(h) for hs in self.hints.values() for h in hs]
+        return {"epoch": self.epoch, "batch": self.batch, "hints": hints, **self.layout()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` stopped: the next batch is the one an uninterrupted run
@@ -338,6 +349,7 @@ class TrainBatches:
                 "from a checkpoint saved at an epoch boundary"
             )
         self.epoch, self.batch, self._iterator = state["epoch"], state["batch"], None
+        self.hints = {0: [tuple(h) for h in state.get("hints", [])]} if state["batch"] else {}
 
 
 def _describe(layout: dict) -> str:

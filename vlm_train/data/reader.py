@@ -89,27 +89,47 @@ def _sample_members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.Ta
             yield match.group(1), match.group(2).lower(), member
 
 
-def tar_samples(url: str, start: int = 0) -> Iterator[dict]:
-    """Samples of one shard from index `start` on; members before it are never read, only passed."""
+def tar_samples(url: str, start: int = 0, hint: tuple[int, int, str] | None = None) -> Iterator[dict]:
+    """Samples of one shard from index `start` on; members before it are never read, only passed.
+
+    `hint` = (sample index, byte offset of its first header, its key) lets a local shard seek there
+    instead of scanning from the top (a resume passes the block start its checkpoint recorded); a
+    hint that no longer matches the file (the shard was rewritten) falls back to the scan. Each
+    sample carries `__where__` = (url, index, offset, key) for such hints.
+    """
+    seek = hint is not None and is_local(url) and 0 < hint[1] and hint[0] <= start  # offset 0: the plain scan
     with open_tar(url) as tar:
         index, current = -1, None
+        if seek:
+            tar.firstmember, tar.offset, tar.members = None, hint[1], []  # tarfile reads on from offset
+            index = hint[0] - 1
         for key, ext, member in _sample_members(tar):
             if current is None or key != current["__key__"]:
+                if seek and current is None and key != hint[2]:
+                    log.warning("%s changed since its position was saved: scanning it from the start", url)
+                    break
                 if current is not None and index >= start:
                     yield current
-                index, current = index + 1, {"__key__": key, "__url__": url}
+                index += 1
+                current = {"__key__": key, "__url__": url, "__where__": (url, index, member.offset, key)}
             if index >= start:
                 current[ext] = tar.extractfile(member).read()
-        if current is not None and index >= start:
-            yield current
+        else:
+            if current is not None and index >= start:
+                yield current
+            if current is not None or not seek:
+                return
+            log.warning("%s has no sample where its saved position says: scanning it from the start", url)
+    yield from tar_samples(url, start)
 
 
-def read_slice(piece: Slice) -> Iterator[dict | Skipped]:
+def read_slice(piece: Slice, hints: dict[str, list[tuple]] | None = None) -> Iterator[dict | Skipped]:
     """Exactly `stop - start` items: raw samples ({"__key__", ext: bytes}) or `Skipped` markers
     where the shard is truncated, corrupt, or shorter than its declared size."""
     wanted, produced = piece.stop - piece.start, 0
+    usable = [h for h in (hints or {}).get(piece.url, []) if h[0] <= piece.start]
     try:
-        for sample in tar_samples(piece.url, piece.start):
+        for sample in tar_samples(piece.url, piece.start, max(usable, default=None)):
             if produced == wanted:
                 return
             yield sample

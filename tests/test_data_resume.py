@@ -1,0 +1,133 @@
+"""Exact resume: a real run killed with SIGKILL at three points and restarted takes the same
+sample keys, in the same order, as an uninterrupted run; seeking deep into a slot costs what
+seeking near its start does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from tests.conftest import REPO, read_metrics, run_cli, toy_overrides
+from tests.test_data import TOKENIZER, TRANSFORM
+from vlm_train import compose
+from vlm_train.data.pipeline import build_train_batches
+from vlm_train.data.reader import tar_samples
+from vlm_train.data.synthetic import make_sample
+
+
+def run_overrides(toy_data: Path, run_dir: Path) -> list[str]:
+    # one shard of 64 samples: 2 workers x 8 batches of 4 per epoch, so 20 steps cross an epoch
+    return toy_overrides(
+        toy_data,
+        run_dir,
+        f"data.urls={toy_data}/train-000000.tar",
+        "data.num_workers=2",
+        "data.shuffle_block=8",
+        f"data.log_keys={run_dir}/keys",
+        "train.max_steps=20",
+        "train.save_every=4",
+    )
+
+
+def taken_keys(run_dir: Path) -> tuple[list[str], int]:
+    """Keys in the order training consumed them: a restart rewinds to its checkpoint's position,
+    so the lines it re-takes replace those the killed run took after its last save."""
+    sequence: list[tuple[tuple[int, int], str]] = []
+    rewinds = 0
+    for line in (run_dir / "keys" / "keys-rank0.txt").read_text().splitlines():
+        epoch, batch, *keys = line.split()
+        position = (int(epoch), int(batch))
+        if sequence and position <= sequence[-1][0]:
+            rewinds += 1
+            sequence = [entry for entry in sequence if entry[0] < position]
+        sequence.append((position, " ".join(keys)))
+    return [keys for _, keys in sequence], rewinds
+
+
+def run_until_step(overrides: list[str], run_dir: Path, step: int) -> None:
+    """Start `vlm-train`, and SIGKILL it (workers included) once it has logged `step`."""
+    command = [sys.executable, "-m", "vlm_train.train", *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.is_file() and any(r.get("step", 0) >= step for r in read_metrics(run_dir) if "loss" in r):
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, f"the run ended before step {step}"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_takes_the_same_samples(toy_data, tmp_path):
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    result = run_cli(run_overrides(toy_data, reference_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected, rewinds = taken_keys(reference_dir)
+    assert len(expected) == 20 and rewinds == 0
+    assert len(set(expected[:16])) == 16  # the first epoch: 16 batches, no sample twice
+
+    for step in (5, 10, 17):  # kills between saves (4, 8, 16), one in the second epoch
+        run_until_step(run_overrides(toy_data, killed_dir), killed_dir, step)
+    result = run_cli(run_overrides(toy_data, killed_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stdout
+    taken, rewinds = taken_keys(killed_dir)
+    assert rewinds == 3  # every restart went back to a checkpoint, not to the start
+    assert taken == expected
+
+
+def write_long_shard(path: Path, count: int) -> None:
+    png, record = make_sample(__import__("random").Random(0))
+    with wds.TarWriter(str(path)) as sink:
+        for index in range(count):
+            sink.write({"__key__": f"k{index:06d}", "png": png, "json": json.dumps(record).encode()})
+
+
+def resume_seconds(data, state: dict) -> float:
+    """Time from restoring `state` to holding the next batch, best of three."""
+    best = float("inf")
+    for _ in range(3):
+        batches = build_train_batches(data, TOKENIZER, TRANSFORM, 9, rank=0, world=1, batch_size=2, seed=0)
+        started = time.perf_counter()
+        batches.load_state_dict(state)
+        next(batches)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def test_resume_deep_in_a_slot_costs_no_more_than_near_its_start(tmp_path):
+    write_long_shard(tmp_path / "long-0.tar", 4096)  # one shard, one slot: batch 1000 sits at sample 2000
+    pattern = str(tmp_path / "long-{0..0}.tar")
+    data = compose(["experiment=toy", f"data.urls={pattern}", "data.num_workers=0", "data.shuffle_block=64"]).data
+    batches = build_train_batches(data, TOKENIZER, TRANSFORM, 9, rank=0, world=1, batch_size=2, seed=0)
+    states = {}
+    for taken in range(1, 1001):
+        next(batches)
+        if taken in (10, 1000):
+            states[taken] = batches.state_dict()
+    resume_seconds(data, states[10])  # warm the page cache
+    near, deep = resume_seconds(data, states[10]), resume_seconds(data, states[1000])
+    assert deep <= 1.2 * near + 0.002, f"resume at batch 1000 took {deep:.4f} s, at batch 10 {near:.4f} s"
+
+
+def test_a_hint_seeks_and_a_stale_hint_falls_back_to_the_scan(tmp_path):
+    write_long_shard(tmp_path / "s.tar", 50)
+    scanned = list(tar_samples(str(tmp_path / "s.tar"), 30))
+    url, index, offset, key = scanned[0]["__where__"]  # sample 30
+    assert (index, key) == (30, "k000030") and offset > 0
+    assert [s["__key__"] for s in tar_samples(url, 32, (index, offset, key))] == [s["__key__"] for s in scanned[2:]]
+    stale = (index, offset + 512, key)  # points into the middle of a sample: rejected, scanned instead
+    assert [s["__key__"] for s in tar_samples(url, 32, stale)] == [s["__key__"] for s in scanned[2:]]
