@@ -207,7 +207,9 @@ def check_fits(cfg: Config, tp: int, dp: int, device: torch.device, ranks_on_nod
 def device_memory_bytes(device: torch.device, ranks_on_node: int = 1) -> tuple[float, str]:
     if device.type == "cuda":
         return float(torch.cuda.get_device_properties(device).total_memory), torch.cuda.get_device_name(device)
-    return _available_ram() / max(ranks_on_node, 1), f"this machine's available RAM per rank ({ranks_on_node} ranks)"
+    return _available_ram() / max(
+        ranks_on_node, 1
+    ), f"each of the {ranks_on_node} rank(s) sharing this machine's available RAM"
 
 
 def _available_ram() -> float:
