@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from tests.conftest import read_metrics, run_cli, step_losses, toy_overrides
 
@@ -84,6 +85,34 @@ def test_resume_continues_the_loss_curve_exactly(toy_data, tmp_path):
         assert got[step] == expected[step], f"step {step}: {got[step]} != {expected[step]}"
 
 
+def test_non_finite_loss_skips_the_step_then_stops(toy_data, tmp_path, monkeypatch):
+    """A NaN loss on one rank skips the step on both: weights unchanged, schedule advanced, counted.
+    ZeRO-2 takes DeepSpeed's own overflow path (non-finite gradient norm), ZeRO-3 ours (the optimizer
+    update is cancelled). Past train.max_bad_steps the run stops (exit 3), the last checkpoint kept."""
+    from vlm_train.training.checkpoint import consolidated_state_dict
+
+    common = ("train.save_every=1", "train.keep_last=0", "train.precision=fp32", "train.max_bad_steps=1")
+    runs = {2: ("3", "train.max_steps=4"), 3: ("3,5", "train.max_steps=6")}
+    for stage, (nan_steps, max_steps) in runs.items():
+        monkeypatch.setenv("VLM_TRAIN_NAN_STEPS", nan_steps)
+        run_dir = tmp_path / f"zero{stage}"
+        result = run_cli(toy_overrides(toy_data, run_dir, f"parallel.zero_stage={stage}", max_steps, *common), nproc=2)
+        records = {r["step"]: r for r in read_metrics(run_dir)}
+        assert records[3]["loss"] is None and records[3]["bad_steps"] == 1
+        assert records[4]["loss"] > 0 and records[4]["bad_steps"] == 1
+        checkpoints = run_dir / "checkpoints"
+        before, after = (consolidated_state_dict(checkpoints / f"step_{s}", stage) for s in (2, 3))
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        if stage == 2:
+            assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode != 0  # each rank exits 3; torchrun reports a failed child as 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("vlm-train: error:")]
+    assert len(set(errors)) == 1 and "2 steps had a non-finite loss" in errors[0]  # the same line on each rank
+    assert (tmp_path / "zero3" / "checkpoints" / "latest").read_text() == "step_4"
+    lr = {stage: [r["lr"] for r in read_metrics(tmp_path / f"zero{stage}")[:4]] for stage in runs}
+    assert lr[2] == lr[3]  # both paths keep the LR schedule in step with the trainer
+
+
 def test_toy_run_writes_the_run_dir_and_evaluates(toy_data, tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(
@@ -95,6 +124,9 @@ def test_toy_run_writes_the_run_dir_and_evaluates(toy_data, tmp_path):
     records = read_metrics(run_dir)
     train_records = [r for r in records if "loss" in r]
     assert {"step", "loss", "lr", "samples_per_s", "tokens_per_s"} <= set(train_records[0])
+    phases = ("data_wait_s", "forward_s", "backward_s", "optimizer_s")
+    for record in train_records:
+        assert 0 < sum(record[p] for p in phases) <= record["step_s"] * 1.001
     assert "eval_accuracy" in records[-1] and "eval_loss" in records[-1]
     assert (run_dir / "config.yaml").read_text().startswith("vision:")
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_3"

@@ -185,6 +185,7 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_last: int = 3  # checkpoints kept (the one `latest` names is never deleted); 0 keeps all
     requeue: bool = False  # under Slurm, requeue the job when SIGTERM/SIGUSR1 stops it
+    max_bad_steps: int = 10  # steps skipped for a non-finite loss before the run stops (exit 3)
     log_every: int = 10
     eval: bool = True  # score held-out samples at the end (needs data.eval_urls)
     peak_tflops: float | None = None  # per-device peak for MFU; None: data-sheet table (GPU) or a matmul probe (CPU)
@@ -298,8 +299,10 @@ def validate(cfg: Config) -> None:
     for dotted in positive:
         if _get(cfg, dotted) < 1:
             raise ConfigError(f"{dotted}={_get(cfg, dotted)} must be at least 1")
-    if min(cfg.data.num_workers, cfg.train.save_every, cfg.train.keep_last) < 0:
-        raise ConfigError("data.num_workers, train.save_every and train.keep_last must not be negative")
+    if min(cfg.data.num_workers, cfg.train.save_every, cfg.train.keep_last, cfg.train.max_bad_steps) < 0:
+        raise ConfigError(
+            "data.num_workers, train.save_every, train.keep_last and train.max_bad_steps must not be negative"
+        )
     _validate_data(cfg)
 
 
@@ -335,7 +338,7 @@ def _quote_braces(override: str) -> str:
     """`data.urls=shards/{000..009}.tar` as users type it: Hydra's grammar would read the braces
     as a dict, so an unquoted value holding a brace range is passed to Hydra as a quoted string."""
     key, sep, value = override.partition("=")
-    if sep and "{" in value and ".." in value and value[:1] not in "'\"":
+    if sep and "{" in value and ".." in value and value[:1] not in "'\"[":  # a list (data.mixture) quotes its own
         return f"{key}='{value}'"
     return override
 

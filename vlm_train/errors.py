@@ -17,3 +17,9 @@ class DataError(UserError):
 
 class LayoutError(UserError):
     """A parallel layout that does not fit the world size or the model."""
+
+
+class TrainingDiverged(UserError):
+    """More steps had a non-finite loss than `train.max_bad_steps` allows; the last checkpoint is kept."""
+
+    exit_code = 3

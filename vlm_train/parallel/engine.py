@@ -7,7 +7,7 @@ import logging
 import torch
 
 from vlm_train.config import Config
-from vlm_train.parallel.kernels import compile_model
+from vlm_train.parallel.kernels import compile_model, probe_kernels
 from vlm_train.parallel.layout import Layout
 
 
@@ -18,23 +18,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def deepspeed_config(cfg: Config, layout: Layout, precision: str, on_gpu: bool = False) -> dict:
-    """ZeRO stage, batch sizes, AdamW, warmup + cosine, clipping and precision for DeepSpeed."""
+    """ZeRO stage, batch sizes, warmup + cosine, clipping and precision for DeepSpeed."""
     train = cfg.train
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "train_batch_size": train.micro_batch_size * train.grad_accum * layout.dp,
         "gradient_clipping": train.grad_clip,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": train.lr,
-                "betas": [train.adam_beta1, train.adam_beta2],
-                "eps": 1e-8,
-                "weight_decay": train.weight_decay,
-                "torch_adam": True,  # DeepSpeed's fused CPU Adam costs a 72 s compile on first use
-            },
-        },
         "scheduler": {
             "type": "WarmupCosineLR",
             "params": {
@@ -68,12 +58,38 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, device: to
 
     deepspeed.utils.logger.setLevel(logging.ERROR)  # its per-step INFO/WARNING lines drown the progress
     precision = resolve_precision(cfg.train.precision, device)
+    kernels = probe_kernels(device.type)
     if cfg.train.compile:
         compile_model(model, layout.zero_stage)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        optimizer=SkippableAdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=cfg.train.lr,
+            betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+            eps=1e-8,
+            weight_decay=cfg.train.weight_decay,
+            **kernels.optimizer_kwargs(),
+        ),
         config=deepspeed_config(cfg, layout, precision, on_gpu=device.type == "cuda"),
         mpu=mpu,
     )
     return engine
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """torch's AdamW whose next update can be cancelled.
+
+    The trainer skips a step whose global loss is not finite. Cancelling here, inside whatever
+    DeepSpeed wraps around the optimizer, lets every ZeRO stage still reduce, clip and clear the
+    gradients as usual, while weights and Adam moments stay exactly as they were. (A torch
+    optimizer, not DeepSpeed's fused CPU Adam, which costs a 72 s compile on first use.)
+    """
+
+    skip_next = False
+
+    def step(self, closure=None):
+        if self.skip_next:
+            self.skip_next = False
+            return None
+        return super().step(closure)

@@ -7,7 +7,10 @@ few answer tokens weighs exactly as much as its tokens, not as much as a mean of
 
 from __future__ import annotations
 
+import math
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,6 +18,7 @@ import torch.distributed as dist
 
 from vlm_train.config import Config
 from vlm_train.data.pipeline import TrainBatches
+from vlm_train.errors import TrainingDiverged
 from vlm_train.models.vlm import IGNORE_INDEX
 from vlm_train.parallel.layout import Layout
 from vlm_train.training import checkpoint
@@ -36,6 +40,12 @@ class Trainer:
         self.stop_flag = StopFlag().install()
         self.stop_everywhere = False
         self.skipped_samples = 0  # bad samples replaced by placeholders, all ranks
+        self.bad_steps = 0  # steps skipped for a non-finite loss
+        self.step_is_bad, self.ds_skipped_before = False, 0
+        self.optimizer = engine.basic_optimizer  # SkippableAdamW (parallel/engine.py)
+        self.timer = PhaseTimer(device)
+        self.logged_steps = LoggedSteps(cfg.train.log_every, cfg.train.max_steps)
+        self.nan_steps = {int(s) for s in os.environ.get("VLM_TRAIN_NAN_STEPS", "").split(",") if s.strip()}
 
     def fit(self) -> None:
         train = self.cfg.train
@@ -48,7 +58,7 @@ class Trainer:
             self.step += 1
             self.samples_seen += samples
             self.tokens_seen += tokens
-            if self.step % train.log_every == 0 or self.step in (1, train.max_steps):
+            if self.step in self.logged_steps:
                 self.log_step(loss, samples, tokens, elapsed)
             if self.step == train.max_steps or (train.save_every and self.step % train.save_every == 0):
                 self.save()
@@ -61,26 +71,73 @@ class Trainer:
             print(f"trained to step {self.step}: loss {first_loss:.4f} -> {loss:.4f} in {took:.0f} s", flush=True)
 
     def train_step(self) -> tuple[float, int, int]:
-        """One optimizer step over `grad_accum` micro-batches; returns the global loss, samples, tokens."""
-        micro_batches = [next(self.batches) for _ in range(self.cfg.train.grad_accum)]
+        """One optimizer step over `grad_accum` micro-batches; returns the global loss, samples, tokens.
+
+        A step whose global loss is not finite (on any rank) is skipped: gradients are dropped,
+        weights and optimizer state stay as they were, the batch counts as consumed."""
+        timer = self.timer
+        timer.start(sync=self.step + 1 in self.logged_steps)
+        with timer.phase("data_wait"):
+            micro_batches = [next(self.batches) for _ in range(self.cfg.train.grad_accum)]
         answer_tokens, samples, tokens, skipped, stopping = self.global_counts(micro_batches)
         self.stop_everywhere = stopping > 0
         # DeepSpeed divides by grad_accum and averages gradients over dp ranks; undo both so the
         # gradient is that of (sum of token losses) / (answer tokens in the global batch).
         scale = self.cfg.train.grad_accum * self.layout.dp / max(answer_tokens, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        global_loss = float("nan")
         for index, mb in enumerate(micro_batches):
-            out = self.engine(*self.model_inputs(mb))
-            self.engine.backward(out.loss_sum * scale)
-            if index == len(micro_batches) - 1 and self.layout.zero_stage == 0:
-                self.grad_norm = self.unsharded_grad_norm()
-            self.engine.step()
-            loss_sum += out.loss_sum.detach().double()
-        if self.layout.zero_stage > 0:
-            self.grad_norm = self.engine.get_global_grad_norm()
+            with timer.phase("forward"):
+                out = self.engine(*self.model_inputs(mb))
+                mb_loss_sum = self.inject_fault(out.loss_sum)
+            with timer.phase("backward"):
+                self.engine.backward(mb_loss_sum * scale)
+            loss_sum += mb_loss_sum.detach().double()
+            if index == len(micro_batches) - 1:
+                global_loss = float(self.all_reduce(loss_sum)) / max(answer_tokens, 1.0)
+                self.prepare_last_step(global_loss)
+            with timer.phase("optimizer"):
+                self.engine.step()
+        self.finish_step(global_loss)
         self.skipped_samples += int(skipped)
-        global_loss = float(self.all_reduce(loss_sum)) / max(answer_tokens, 1.0)
         return global_loss, int(samples), int(tokens)
+
+    def prepare_last_step(self, global_loss: float) -> None:
+        """Before the optimizer runs: the grad norm (ZeRO-0) and whether to cancel the update."""
+        self.step_is_bad = not math.isfinite(global_loss)
+        self.optimizer.skip_next = self.step_is_bad
+        self.ds_skipped_before = self.engine.skipped_steps
+        if self.layout.zero_stage == 0 and not self.step_is_bad:
+            self.grad_norm = self.unsharded_grad_norm()
+
+    def finish_step(self, global_loss: float) -> None:
+        """Count a skipped step; stop when there were too many (the last checkpoint stays good)."""
+        self.optimizer.skip_next = False
+        if self.engine.skipped_steps > self.ds_skipped_before:
+            # DeepSpeed cancelled the update itself (non-finite gradients under ZeRO 1/2) and then
+            # leaves its LR schedule behind; keep the schedule in step with the trainer.
+            self.step_is_bad = True
+            self.engine.lr_scheduler.step()
+        if self.layout.zero_stage > 0 and not self.step_is_bad:
+            self.grad_norm = self.engine.get_global_grad_norm()
+        if not self.step_is_bad:
+            return
+        self.bad_steps += 1
+        self.grad_norm = None
+        if self.layout.rank == 0:
+            print(f"step {self.step + 1}: loss {global_loss} is not finite, step skipped", flush=True)
+        if self.bad_steps > self.cfg.train.max_bad_steps:
+            latest = checkpoint.latest_checkpoint(self.run_dir)
+            raise TrainingDiverged(
+                f"{self.bad_steps} steps had a non-finite loss (train.max_bad_steps={self.cfg.train.max_bad_steps})"
+                f"; stopped at step {self.step + 1}, last good checkpoint: {latest or 'none'}"
+            )
+
+    def inject_fault(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """Fault injection for tests: VLM_TRAIN_NAN_STEPS=3,4 makes the last rank's loss NaN at those steps."""
+        if self.step + 1 in self.nan_steps and self.layout.rank == self.layout.world - 1:
+            return loss_sum * float("nan")
+        return loss_sum
 
     def global_counts(self, micro_batches: list[dict]) -> list[float]:
         """Answer tokens, samples, tokens, skipped samples and stop requests, summed over all ranks."""
@@ -97,6 +154,12 @@ class Trainer:
         )
         return self.all_reduce(local).tolist()
 
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over all ranks of values every rank of a tensor-parallel group holds identically
+        (its batch, its full loss): the world sum counts each data-parallel rank `tp` times."""
+        dist.all_reduce(tensor)
+        return tensor / self.layout.tp if self.layout.tp > 1 else tensor
+
     def unsharded_grad_norm(self) -> float:
         """Without ZeRO, DeepSpeed reports no norm; the reduced gradients are whole on every rank."""
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
@@ -106,10 +169,6 @@ class Trainer:
         names = ("pixel_values", "input_ids", "attention_mask", "labels")
         return tuple(batch[name].to(self.device, non_blocking=True) for name in names)
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor)
-        return tensor
-
     def log_step(self, loss: float, samples: int, tokens: int, elapsed: float) -> None:
         record = {
             "step": self.step,
@@ -118,7 +177,13 @@ class Trainer:
             "samples_per_s": samples / elapsed,
             "tokens_per_s": tokens / elapsed,
             "mem_gb": round(memory_gb(self.device), 3),
+            "step_s": elapsed,
+            **{f"{name}_s": seconds for name, seconds in self.timer.seconds.items()},
         }
+        if not math.isfinite(loss):
+            record["loss"] = None  # JSON has no NaN
+        if self.bad_steps:
+            record["bad_steps"] = self.bad_steps
         if self.grad_norm is not None:
             record["grad_norm"] = float(self.grad_norm)
         if self.skipped_samples:
@@ -130,6 +195,7 @@ class Trainer:
             "step": self.step,
             "samples_seen": self.samples_seen,
             "tokens_seen": self.tokens_seen,
+            "bad_steps": self.bad_steps,
             "data": self.batches.state_dict(),
             "rng": checkpoint.rng_state(),
         }
@@ -150,7 +216,45 @@ class Trainer:
     def resume(self, folder: Path) -> None:
         state = checkpoint.load(self.engine, folder)
         self.step, self.samples_seen, self.tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
+        self.bad_steps = state.get("bad_steps", 0)
         self.batches.load_state_dict(state["data"])
         checkpoint.set_rng_state(state["rng"])
         if self.layout.rank == 0:
             print(f"resumed from {folder} at step {self.step}", flush=True)
+
+
+class LoggedSteps:
+    """The steps that get a metrics record: every `log_every`-th, the first and the last."""
+
+    def __init__(self, log_every: int, max_steps: int):
+        self.log_every, self.max_steps = log_every, max_steps
+
+    def __contains__(self, step: int) -> bool:
+        return step % self.log_every == 0 or step in (1, self.max_steps)
+
+
+class PhaseTimer:
+    """Seconds per phase of one step (data_wait, forward, backward, optimizer), summed over its
+    micro-batches. On GPU, kernels run asynchronously: on steps that get logged the timer
+    synchronises at phase edges so the split is true; other steps run unsynchronised."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sync = False
+        self.seconds: dict[str, float] = {}
+
+    def start(self, sync: bool) -> None:
+        self.sync = sync and self.device.type == "cuda"
+        self.seconds = {"data_wait": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+
+    @contextmanager
+    def phase(self, name: str):
+        self._synchronize()
+        started = time.perf_counter()
+        yield
+        self._synchronize()
+        self.seconds[name] += time.perf_counter() - started
+
+    def _synchronize(self) -> None:
+        if self.sync:
+            torch.cuda.synchronize(self.device)

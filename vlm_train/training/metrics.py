@@ -46,7 +46,7 @@ class MetricsLogger:
         done = record["step"] / self.max_steps
         bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
         return (
-            f"[{bar}] step {record['step']:>{width}}/{self.max_steps}  loss {record['loss']:.4f}  "
+            f"[{bar}] step {record['step']:>{width}}/{self.max_steps}  loss {_number(record['loss'])}  "
             f"lr {record['lr']:.2e}  {record['samples_per_s']:.1f} samples/s  "
             f"{record['tokens_per_s']:.0f} tokens/s" + (f"  mfu {record['mfu']:.2%}" if "mfu" in record else "")
         )
@@ -112,6 +112,10 @@ def _config_dict(cfg: Config) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def _number(value: float | None) -> str:
+    return "skipped" if value is None else f"{value:.4f}"
 
 
 def memory_gb(device: torch.device) -> float:
