@@ -54,6 +54,7 @@ def build_sides(batch_size: int, run_dir: Path):
     from vlm_train.parallel.distributed import init_distributed, launch_env
     from vlm_train.parallel.engine import build_engine
     from vlm_train.parallel.layout import Layout
+    from vlm_train.training.flops import TrainingFlops
     from vlm_train.training.loop import Trainer
     from vlm_train.training.metrics import MetricsLogger
 
@@ -66,8 +67,10 @@ def build_sides(batch_size: int, run_dir: Path):
     bare_model = copy.deepcopy(model)
     batch = toy_batch(model, batch_size)
     layout = Layout.from_config(cfg, world=env.world, rank=env.rank)
+    flops = TrainingFlops.of(model)
     engine = build_engine(model, cfg, layout, device)
-    trainer = Trainer(engine, itertools.repeat(batch), cfg, layout, device, MetricsLogger(run_dir, cfg, enabled=False))
+    metrics = MetricsLogger(run_dir, cfg, enabled=False)
+    trainer = Trainer(engine, itertools.repeat(batch), cfg, layout, device, metrics, flops)
     optimizer = torch.optim.AdamW(
         [p for p in bare_model.parameters() if p.requires_grad],
         lr=cfg.train.lr,

@@ -127,6 +127,7 @@ def test_toy_run_writes_the_run_dir_and_evaluates(toy_data, tmp_path):
     phases = ("data_wait_s", "forward_s", "backward_s", "optimizer_s")
     for record in train_records:
         assert 0 < sum(record[p] for p in phases) <= record["step_s"] * 1.001
+        assert 0 < record["mfu"] < 1  # model FLOPs over the measured matmul peak of this CPU
     assert "eval_accuracy" in records[-1] and "eval_loss" in records[-1]
     assert (run_dir / "config.yaml").read_text().startswith("vision:")
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_3"

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg: Config) -> None:
     """Train (or resume) the run `cfg` describes, then evaluate on held-out data."""
-    from vlm_train.parallel.distributed import init_distributed, shutdown
+    from vlm_train.parallel.distributed import exit_failed_rank, init_distributed, shutdown
     from vlm_train.parallel.launch_env import launch_env
     from vlm_train.parallel.layout import Layout
 
@@ -53,6 +53,9 @@ def run(cfg: Config) -> None:
     device = init_distributed(cfg.parallel, env)
     try:
         _train(cfg, layout, device)
+    except Exception as err:
+        exit_failed_rank(err, env.world)  # multi-rank: ends this process now (dead peers hang a normal exit)
+        raise
     finally:
         shutdown()
 
@@ -65,7 +68,8 @@ def _train(cfg: Config, layout, device) -> None:
     from vlm_train.data.preprocess import ImageTransform
     from vlm_train.data.tokenizer import load_tokenizer
     from vlm_train.parallel.engine import build_engine
-    from vlm_train.training.checkpoint import check_resumable, latest_checkpoint
+    from vlm_train.training.checkpoint import check_resumable, latest_checkpoint, redact_secrets
+    from vlm_train.training.flops import TrainingFlops
     from vlm_train.training.loop import Trainer
     from vlm_train.training.metrics import MetricsLogger
 
@@ -76,10 +80,10 @@ def _train(cfg: Config, layout, device) -> None:
         check_resumable((resume_from / "config.yaml").read_text(), cfg, resume_from)
     elif layout.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        (run_dir / "config.yaml").write_text(redact_secrets(to_yaml(cfg)))
 
-    check_fits_and_report(cfg, layout, device)  # refuses a layout whose model states cannot fit
     mpu = layout.build_groups()  # TP and DP groups, built once (megatron backend); DeepSpeed's view of them
+    check_fits_and_report(cfg, layout, device)  # refuses a layout whose model states cannot fit
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     tokenizer = load_tokenizer(cfg.llm)
     model = build_model(cfg, tokenizer, layout)
@@ -95,9 +99,10 @@ def _train(cfg: Config, layout, device) -> None:
         seed=cfg.run.seed,
         pin_memory=device.type == "cuda",
     )
+    flops = TrainingFlops.of(model)  # before DeepSpeed: ZeRO-3 empties partitioned parameters
     engine = build_engine(model, cfg, layout, device, mpu)
     metrics = MetricsLogger(run_dir, cfg, enabled=layout.rank == 0)
-    trainer = Trainer(engine, batches, cfg, layout, device, metrics)
+    trainer = Trainer(engine, batches, cfg, layout, device, metrics, flops)
     if resume_from is not None:
         trainer.resume(resume_from)
     trainer.fit()

@@ -20,17 +20,29 @@ from vlm_train.config import Config
 from vlm_train.data.pipeline import TrainBatches
 from vlm_train.errors import TrainingDiverged
 from vlm_train.models.vlm import IGNORE_INDEX
+from vlm_train.parallel.engine import resolve_precision
 from vlm_train.parallel.layout import Layout
 from vlm_train.training import checkpoint
+from vlm_train.training.flops import TrainingFlops, mfu, peak_flops
 from vlm_train.training.metrics import MetricsLogger, memory_gb
 from vlm_train.training.signals import Preempted, StopFlag, requeue_slurm_job
 
 
 class Trainer:
     def __init__(
-        self, engine, batches: TrainBatches, cfg: Config, layout: Layout, device: torch.device, metrics: MetricsLogger
+        self,
+        engine,
+        batches: TrainBatches,
+        cfg: Config,
+        layout: Layout,
+        device: torch.device,
+        metrics: MetricsLogger,
+        flops: TrainingFlops,
     ):
         self.engine, self.batches, self.cfg = engine, batches, cfg
+        self.flops = flops  # training FLOPs of a micro-batch, for MFU
+        self.peak_flops = peak_flops(device, resolve_precision(cfg.train.precision, device), cfg.train.peak_tflops)
+        self.step_flops = 0.0  # model FLOPs of the last step, all ranks
         self.layout, self.device, self.metrics = layout, device, metrics
         self.run_dir = Path(cfg.run.dir)
         self.step = 0
@@ -79,7 +91,7 @@ class Trainer:
         timer.start(sync=self.step + 1 in self.logged_steps)
         with timer.phase("data_wait"):
             micro_batches = [next(self.batches) for _ in range(self.cfg.train.grad_accum)]
-        answer_tokens, samples, tokens, skipped, stopping = self.global_counts(micro_batches)
+        answer_tokens, samples, tokens, skipped, stopping, self.step_flops = self.global_counts(micro_batches)
         self.stop_everywhere = stopping > 0
         # DeepSpeed divides by grad_accum and averages gradients over dp ranks; undo both so the
         # gradient is that of (sum of token losses) / (answer tokens in the global batch).
@@ -140,7 +152,7 @@ class Trainer:
         return loss_sum
 
     def global_counts(self, micro_batches: list[dict]) -> list[float]:
-        """Answer tokens, samples, tokens, skipped samples and stop requests, summed over all ranks."""
+        """Answer tokens, samples, tokens, skipped samples, stop requests and model FLOPs, summed over all ranks."""
         local = torch.tensor(
             [
                 sum(float((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches),
@@ -148,6 +160,7 @@ class Trainer:
                 sum(float(mb["attention_mask"].sum()) for mb in micro_batches),
                 sum(float(mb.get("skipped", 0)) for mb in micro_batches),
                 float(self.stop_flag.raised),  # a signal on any rank stops every rank after this step
+                sum(self.flops(mb) for mb in micro_batches),
             ],
             dtype=torch.float64,
             device=self.device,
@@ -177,6 +190,7 @@ class Trainer:
             "samples_per_s": samples / elapsed,
             "tokens_per_s": tokens / elapsed,
             "mem_gb": round(memory_gb(self.device), 3),
+            "mfu": mfu(self.step_flops, elapsed, self.peak_flops, self.layout.world),
             "step_s": elapsed,
             **{f"{name}_s": seconds for name, seconds in self.timer.seconds.items()},
         }
