@@ -3,9 +3,11 @@ token's loss equals the unpacked one (fp32, 1e-5); the pipeline packs the same s
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import run_cli, step_losses, toy_overrides
 from tests.test_data import TOKENIZER, write_shards
 from vlm_train import compose
 from vlm_train.build import build_model
@@ -79,3 +81,17 @@ def test_pipeline_packs_the_same_samples(tmp_path):
         answer_tokens = (plain["labels"][:, 1:] != IGNORE_INDEX).sum()
         assert (packed["labels"][:, 1:] != IGNORE_INDEX).sum() == answer_tokens
         assert packed["pixel_values"].shape == plain["pixel_values"].shape
+
+
+@pytest.mark.slow
+def test_packed_training_run_has_the_unpacked_losses(toy_data, tmp_path):
+    losses = {}
+    for packing in ("false", "true"):
+        run_dir = tmp_path / packing
+        overrides = toy_overrides(toy_data, run_dir, f"data.packing={packing}", "train.max_steps=3")
+        result = run_cli([*overrides, "train.micro_batch_size=8", "data.num_workers=0"])
+        assert result.returncode == 0, result.stderr[-2000:]
+        losses[packing] = step_losses(run_dir)
+    assert losses["true"].keys() == {1, 2, 3}
+    for step, loss in losses["false"].items():  # same samples, same weights: the same token-weighted loss
+        assert abs(losses["true"][step] - loss) < 1e-5, (step, losses)
