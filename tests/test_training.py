@@ -3,7 +3,9 @@ continues the loss curve exactly, and user mistakes end in one line, not a trace
 
 from __future__ import annotations
 
+import io
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,6 +113,36 @@ def test_non_finite_loss_skips_the_step_then_stops(toy_data, tmp_path, monkeypat
     assert (tmp_path / "zero3" / "checkpoints" / "latest").read_text() == "step_4"
     lr = {stage: [r["lr"] for r in read_metrics(tmp_path / f"zero{stage}")[:4]] for stage in runs}
     assert lr[2] == lr[3]  # both paths keep the LR schedule in step with the trainer
+
+
+def _shard_with_broken_images(source: Path, target: Path, every: int) -> Path:
+    """A copy of a toy shard whose every `every`-th image is bytes no decoder accepts."""
+    import tarfile
+
+    with tarfile.open(source) as src, tarfile.open(target, "w") as dst:
+        for index, member in enumerate(m for m in src.getmembers() if m.isfile()):
+            data = src.extractfile(member).read()
+            if member.name.endswith(".png") and (index // 2) % every == 0:
+                data = b"not an image"
+            member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    return target
+
+
+def test_bad_samples_are_counted_by_reason_and_too_many_abort(toy_data, tmp_path):
+    shard = _shard_with_broken_images(toy_data / "train-000000.tar", tmp_path / "broken-000000.tar", every=2)
+    common = (f"data.urls={shard}", "train.micro_batch_size=8", "train.max_steps=8")  # one epoch
+    tolerant = tmp_path / "tolerant"
+    result = run_cli(toy_overrides(toy_data, tolerant, *common, "data.max_skip_fraction=0.6"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = read_metrics(tolerant)[-1]
+    assert last["data_skipped"] == last["data_skipped_bad_image"] == 32  # all 64 read once, every 2nd broken
+    assert "skipping sample" in result.stderr  # each key is logged at warning level
+
+    strict = run_cli(toy_overrides(toy_data, tmp_path / "strict", *common, "data.max_skip_fraction=0.1"))
+    assert strict.returncode == 2 and "Traceback" not in strict.stderr
+    errors = [line for line in strict.stderr.splitlines() if line.startswith("vlm-train: error:")]
+    assert len(errors) == 1 and "bad_image" in errors[0] and "data.max_skip_fraction=0.1" in errors[0], strict.stderr
 
 
 def test_toy_run_writes_the_run_dir_and_evaluates(toy_data, tmp_path):

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from vlm_train.config import Config
-from vlm_train.data.pipeline import TrainBatches
-from vlm_train.errors import TrainingDiverged
+from vlm_train.data.pipeline import SKIP_REASONS, TrainBatches
+from vlm_train.errors import DataError, TrainingDiverged
 from vlm_train.models.vlm import IGNORE_INDEX
 from vlm_train.parallel.engine import resolve_precision
 from vlm_train.parallel.layout import Layout
@@ -51,7 +51,7 @@ class Trainer:
         self.grad_norm: float | None = None
         self.stop_flag = StopFlag().install()
         self.stop_everywhere = False
-        self.skipped_samples = 0  # bad samples replaced by placeholders, all ranks
+        self.skipped_by_reason = torch.zeros(len(SKIP_REASONS), dtype=torch.float64)  # bad samples, all ranks
         self.bad_steps = 0  # steps skipped for a non-finite loss
         self.step_is_bad, self.ds_skipped_before = False, 0
         self.optimizer = engine.basic_optimizer  # SkippableAdamW (parallel/engine.py)
@@ -91,7 +91,7 @@ class Trainer:
         timer.start(sync=self.step + 1 in self.logged_steps)
         with timer.phase("data_wait"):
             micro_batches = [next(self.batches) for _ in range(self.cfg.train.grad_accum)]
-        answer_tokens, samples, tokens, skipped, stopping, self.step_flops = self.global_counts(micro_batches)
+        answer_tokens, samples, tokens, stopping, self.step_flops, *skipped = self.global_counts(micro_batches)
         self.stop_everywhere = stopping > 0
         # DeepSpeed divides by grad_accum and averages gradients over dp ranks; undo both so the
         # gradient is that of (sum of token losses) / (answer tokens in the global batch).
@@ -111,7 +111,7 @@ class Trainer:
             with timer.phase("optimizer"):
                 self.engine.step()
         self.finish_step(global_loss)
-        self.skipped_samples += int(skipped)
+        self.count_skipped_samples(skipped, samples)
         return global_loss, int(samples), int(tokens)
 
     def prepare_last_step(self, global_loss: float) -> None:
@@ -152,20 +152,38 @@ class Trainer:
         return loss_sum
 
     def global_counts(self, micro_batches: list[dict]) -> list[float]:
-        """Answer tokens, samples, tokens, skipped samples, stop requests and model FLOPs, summed over all ranks."""
+        """Answer tokens, samples, tokens, stop requests, model FLOPs and skipped samples per reason,
+        summed over all ranks."""
         local = torch.tensor(
             [
                 sum(float((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches),
                 sum(float(mb["input_ids"].shape[0]) for mb in micro_batches),
                 sum(float(mb["attention_mask"].sum()) for mb in micro_batches),
-                sum(float(mb.get("skipped", 0)) for mb in micro_batches),
                 float(self.stop_flag.raised),  # a signal on any rank stops every rank after this step
                 sum(self.flops(mb) for mb in micro_batches),
+                *sum(mb["skipped_by_reason"].double() for mb in micro_batches).tolist(),
             ],
             dtype=torch.float64,
             device=self.device,
         )
         return self.all_reduce(local).tolist()
+
+    def count_skipped_samples(self, skipped: list[float], samples: float) -> None:
+        """Bad samples were replaced by placeholders; too many of them end the run (data.max_skip_fraction),
+        judged once 10 were skipped so that a few bad ones early on do not."""
+        self.skipped_by_reason += torch.tensor(skipped, dtype=torch.float64)
+        total, limit = float(self.skipped_by_reason.sum()), self.cfg.data.max_skip_fraction
+        seen = self.samples_seen + samples
+        if total > limit * seen and (total >= 10 or limit == 0):
+            reasons = ", ".join(
+                f"{reason} {int(count)}"
+                for reason, count in zip(SKIP_REASONS, self.skipped_by_reason.tolist())
+                if count
+            )
+            raise DataError(
+                f"{int(total)} of {int(seen)} samples were skipped as bad ({reasons}; see the warnings above), more "
+                f"than data.max_skip_fraction={limit}: fix the data or raise the limit"
+            )
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over all ranks of values every rank of a tensor-parallel group holds identically
@@ -200,8 +218,11 @@ class Trainer:
             record["bad_steps"] = self.bad_steps
         if self.grad_norm is not None:
             record["grad_norm"] = float(self.grad_norm)
-        if self.skipped_samples:
-            record["data_skipped"] = self.skipped_samples
+        if self.skipped_by_reason.any():
+            record["data_skipped"] = int(self.skipped_by_reason.sum())
+            for reason, count in zip(SKIP_REASONS, self.skipped_by_reason.tolist()):
+                if count:
+                    record[f"data_skipped_{reason}"] = int(count)
         self.metrics.log(record)
 
     def trainer_state(self) -> dict:
@@ -210,6 +231,7 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "tokens_seen": self.tokens_seen,
             "bad_steps": self.bad_steps,
+            "skipped_by_reason": dict(zip(SKIP_REASONS, self.skipped_by_reason.tolist())),
             "data": self.batches.state_dict(),
             "rng": checkpoint.rng_state(),
         }
@@ -231,6 +253,8 @@ class Trainer:
         state = checkpoint.load(self.engine, folder)
         self.step, self.samples_seen, self.tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
         self.bad_steps = state.get("bad_steps", 0)
+        saved = state.get("skipped_by_reason", {})
+        self.skipped_by_reason = torch.tensor([saved.get(r, 0.0) for r in SKIP_REASONS], dtype=torch.float64)
         self.batches.load_state_dict(state["data"])
         checkpoint.set_rng_state(state["rng"])
         if self.layout.rank == 0:
