@@ -62,7 +62,17 @@ def tp_runs(toy_data, tmp_path_factory) -> Path:
     """All multi-process work of this file, launched once: 1, 2 and 4 ranks."""
     root = tmp_path_factory.mktemp("tp")
     steps = (f"train.max_steps={STEPS}",)
-    launch([run(toy_data, root / "tp1", *steps, "llm.backend=megatron", "train.save_every=0")], nproc=1)
+    one = [run(toy_data, root / "tp1", *steps, "llm.backend=megatron", "train.save_every=0")]
+    one.append(
+        run(
+            toy_data,
+            root / "conn_cross_attention_tp1",
+            "train.max_steps=8",
+            "llm.backend=megatron",
+            "connector=cross_attention",
+        )
+    )
+    launch(one, nproc=1)
     plan = [{"kind": "parity", "dir": str(root / "parity")}]
     for stage in (0, 1, 2, 3):
         plan.append(
@@ -135,6 +145,9 @@ def test_every_connector_trains_at_tp2(tp_runs):
     for connector in ("mlp", "cross_attention", "qformer", "perceiver", "ln_adapter"):
         losses = step_losses(tp_runs / f"conn_{connector}")
         assert losses[8] < losses[1], (connector, losses)
+    # the gated cross-attention blocks are split over TP like the decoder layers they run in
+    runs = {name: step_losses(tp_runs / name) for name in ("conn_cross_attention_tp1", "conn_cross_attention")}
+    assert_same_losses(runs, "conn_cross_attention_tp1", 8)
 
 
 def test_tp2_checkpoint_resumes_exactly(tp_runs):
@@ -290,9 +303,37 @@ def parity_report(folder: Path, env) -> None:
             diff = (sharded.gather_logits(sharded(sharded.embed(ids))) - hf(hf.embed(ids))).abs().max()
         assert float(diff) < 1e-4, diff
         report["loss"][str(tp)] = [float(ours_loss), float(reference_loss)]
+    check_cross_attention_shards_join(env)
     if env.rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "report.json").write_text(json.dumps(report))
+
+
+def check_cross_attention_shards_join(env) -> None:
+    """At TP=2 each rank holds half of every block linear; joined, they are the whole blocks."""
+    import torch
+    import torch.distributed as dist
+
+    from vlm_train.build import build_model
+    from vlm_train.config import compose
+    from vlm_train.interop.megatron import join_cross_attention_shards
+    from vlm_train.parallel.layout import Layout
+
+    overrides = ["experiment=toy", "connector=cross_attention"]
+    layout = Layout(world=env.world, rank=env.rank, tp=2, zero_stage=0, backend="megatron")
+    layout.build_groups()
+    torch.manual_seed(0)
+    whole = build_model(compose([*overrides, "llm.backend=hf"])).connector.state_dict()
+    torch.manual_seed(0)
+    split = build_model(compose([*overrides, "llm.backend=megatron"]), layout=layout).connector
+    assert any(".parallel." in name for name in split.state_dict())
+    shards = [None] * env.world
+    tensors = {k: v for k, v in split.state_dict().items() if isinstance(v, torch.Tensor)}
+    dist.all_gather_object(shards, tensors)
+    joined = join_cross_attention_shards(shards)
+    assert sorted(joined) == sorted(whole)
+    for name, tensor in whole.items():
+        assert torch.equal(joined[name], tensor), name
 
 
 def example_batch(model, seed: int):

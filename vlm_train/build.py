@@ -24,6 +24,10 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
         cfg.connector, vision_dim=vision.hidden_size, llm_dim=llm.hidden_size, num_patches=vision.num_features
     )
     model = VisionLanguageModel(vision, connector, llm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    if cfg.llm.backend == "megatron":
+        from vlm_train.parallel.tensor_parallel import shard_connector
+
+        shard_connector(connector, llm)  # blocks inside the decoder are split over TP as its layers are
     llm_frozen = cfg.llm.freeze or connector.freezes_llm()
     vision_frozen = cfg.vision.freeze or connector.freezes_llm()
     for module, frozen in ((vision, vision_frozen), (llm, llm_frozen), (connector, cfg.connector.freeze)):

@@ -157,7 +157,8 @@ def load_tp_checkpoint(model: nn.Module, folder: Path, zero_stage: int, tp: int)
     """Load a TP run's checkpoint into `model`, the same VLM built with the HF decoder.
 
     Each TP rank's weights are consolidated over ZeRO, the decoder shards are joined into HF
-    names, and tower and connector (whole on every TP rank) come from TP rank 0. Parameters the
+    names, tower and connector come from TP rank 0 (whole on every TP rank) except the
+    cross-attention blocks' split linears, which are joined too. Parameters the
     run kept frozen (not in checkpoints) keep the values `model` was rebuilt with.
     """
     with tempfile.TemporaryDirectory() as scratch:
@@ -169,7 +170,7 @@ def load_tp_checkpoint(model: nn.Module, folder: Path, zero_stage: int, tp: int)
         shard = hf_to_megatron(rebuilt, shape, tp, rank)  # frozen decoder weights: as rebuilt
         shard.update({k.removeprefix("llm.gpt."): v for k, v in state.items() if k.startswith("llm.gpt.")})
         shards.append(shard)
-    whole = {k: v for k, v in states[0].items() if not k.startswith("llm.")}
+    whole = join_cross_attention_shards([{k: v for k, v in s.items() if not k.startswith("llm.")} for s in states])
     whole.update({f"llm.hf_model.{k}": v for k, v in megatron_to_hf(shards, shape).items()})
     if shape.tied:
         whole.pop("llm.hf_model.lm_head.weight")
@@ -179,3 +180,44 @@ def load_tp_checkpoint(model: nn.Module, folder: Path, zero_stage: int, tp: int)
         raise ConfigError(
             f"{folder} does not fit the model: missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]}"
         )
+
+
+# --- cross-attention connector blocks (parallel/tensor_parallel.py splits them at TP > 1) ---
+
+# Flamingo block linears: output-split (column) or input-split (row) over the TP ranks.
+COLUMN_PARALLEL = ("to_q", "to_kv", "ff.0")
+ROW_PARALLEL = ("to_out", "ff.2")
+
+
+def kv_rows(weight: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
+    """to_kv's rows are [k | v]: each TP rank takes its heads' slice of both."""
+    k, v = weight.chunk(2)
+    return torch.cat([k.chunk(tp)[tp_rank], v.chunk(tp)[tp_rank]])
+
+
+def join_cross_attention_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Whole block weights (nn.Linear names) from every TP rank's connector state dict."""
+    whole = {}
+    for key, value in shards[0].items():
+        name, suffix = _tp_linear_key(key)
+        if name is None:
+            whole[key] = value
+            continue
+        parts = [s[key] for s in shards]
+        target = key.replace(".parallel.", ".")
+        if name in ROW_PARALLEL:
+            whole[target] = torch.cat(parts, dim=1) if suffix == "weight" else value
+        elif name == "to_kv":
+            whole[target] = torch.cat([p.chunk(2)[0] for p in parts] + [p.chunk(2)[1] for p in parts])
+        else:
+            whole[target] = torch.cat(parts)
+    return whole
+
+
+def _tp_linear_key(key: str) -> tuple[str | None, str]:
+    """('to_kv', 'weight') for 'connector.blocks.0.to_kv.parallel.weight'; (None, '') otherwise."""
+    head, sep, suffix = key.rpartition(".parallel.")
+    if not sep:
+        return None, ""
+    name = next((n for n in COLUMN_PARALLEL + ROW_PARALLEL if head.endswith("." + n)), None)
+    return name, suffix

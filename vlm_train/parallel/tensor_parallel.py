@@ -17,8 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm_train.config import LLMConfig
-from vlm_train.errors import ConfigError
-from vlm_train.interop.megatron import DecoderShape, hf_to_megatron, megatron_to_hf
+from vlm_train.errors import ConfigError, LayoutError
+from vlm_train.interop.megatron import (
+    COLUMN_PARALLEL,
+    ROW_PARALLEL,
+    DecoderShape,
+    hf_to_megatron,
+    kv_rows,
+    megatron_to_hf,
+)
 from vlm_train.models.llm import CausalLM, build_llm
 from vlm_train.models.vlm import IGNORE_INDEX
 from vlm_train.parallel.layout import Layout
@@ -209,3 +216,70 @@ def _rope_theta(hf_config) -> float:
 def build_megatron_llm(cfg: LLMConfig, vocab_size: int, layout: Layout) -> MegatronCausalLM:
     """The decoder `llm.backend=megatron` trains: `cfg`'s HF decoder, sharded for this TP rank."""
     return from_hf_decoder(build_llm(cfg, vocab_size), layout)
+
+
+# --- cross-attention connector blocks, tensor-parallel like the decoder layers they hook -------
+
+
+class _TPLinear(nn.Module):
+    """megatron's Column/RowParallelLinear called like nn.Linear (they return (output, bias))."""
+
+    def __init__(self, parallel: nn.Module):
+        super().__init__()
+        self.parallel = parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.parallel(x)
+        return out
+
+
+def _split_linear(linear: nn.Linear, name: str, config, tp: int, tp_rank: int) -> _TPLinear:
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    has_bias = linear.bias is not None
+    sizes = (linear.in_features, linear.out_features)
+    with torch.random.fork_rng():
+        if name in COLUMN_PARALLEL:
+            parallel = ColumnParallelLinear(*sizes, config=config, init_method=nn.init.zeros_, bias=has_bias)
+            weight = kv_rows(linear.weight, tp, tp_rank) if name == "to_kv" else linear.weight.chunk(tp)[tp_rank]
+            bias = linear.bias.chunk(tp)[tp_rank] if has_bias else None
+        else:
+            parallel = RowParallelLinear(
+                *sizes,
+                config=config,
+                init_method=nn.init.zeros_,
+                bias=has_bias,
+                input_is_parallel=True,
+                skip_bias_add=False,
+            )
+            weight, bias = linear.weight.chunk(tp, dim=1)[tp_rank], linear.bias
+    with torch.no_grad():
+        parallel.weight.copy_(weight)
+        if bias is not None:
+            parallel.bias.copy_(bias)
+    mark_sharded_parameters(parallel)
+    return _TPLinear(parallel)
+
+
+def shard_cross_attention_blocks(connector: nn.Module, llm: MegatronCausalLM) -> None:
+    """Split the gated cross-attention blocks' heads and FFN over the TP ranks, as the decoder's
+    own attention and MLP are; weights come from the whole blocks (same init at every TP size)."""
+    tp, tp_rank = llm.tp, llm.tp_rank
+    if tp == 1:
+        return
+    for block in connector.blocks:
+        if block.heads % tp:
+            raise LayoutError(
+                f"parallel.tensor_parallel={tp} does not divide the cross-attention blocks' {block.heads} heads "
+                "(connector.num_heads)"
+            )
+        for name in COLUMN_PARALLEL + ROW_PARALLEL:
+            parent_name, _, child = name.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            setattr(parent, child, _split_linear(getattr(parent, child), name, llm.gpt.config, tp, tp_rank))
+
+
+def shard_connector(connector: nn.Module, llm: MegatronCausalLM) -> None:
+    """Split what a connector runs inside the decoder (cross-attention blocks) like the decoder."""
+    if getattr(connector, "placement", None) == "cross_attention":
+        shard_cross_attention_blocks(connector, llm)

@@ -36,14 +36,14 @@ class GatedCrossAttentionBlock(nn.Module):
     def forward(self, x_BTD: torch.Tensor, media_IMD: torch.Tensor, allowed_BTI: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         I, M, _ = media_IMD.shape
-        H, dh = self.heads, D // self.heads
-        q_BHTd = self.to_q(self.norm(x_BTD)).view(B, T, H, dh).transpose(1, 2)
-        k_HNd, v_HNd = self.to_kv(media_IMD.to(x_BTD.dtype)).view(I * M, 2, H, dh).permute(1, 2, 0, 3)
+        dh = D // self.heads  # heads (H) inferred: a tensor-parallel block holds only its share of them
+        q_BHTd = self.to_q(self.norm(x_BTD)).view(B, T, -1, dh).transpose(1, 2)
+        k_HNd, v_HNd = self.to_kv(media_IMD.to(x_BTD.dtype)).view(I * M, 2, -1, dh).permute(1, 2, 0, 3)
         scores_BHTN = q_BHTd @ k_HNd.transpose(-1, -2) / math.sqrt(dh)
         allowed_BTN = allowed_BTI.repeat_interleave(M, dim=-1)
         # finite fill: a row with no image allowed gets harmless uniform weights, zeroed below
         scores_BHTN = scores_BHTN.masked_fill(~allowed_BTN[:, None], torch.finfo(scores_BHTN.dtype).min)
-        attended_BTD = (F.softmax(scores_BHTN, dim=-1) @ v_HNd).transpose(1, 2).reshape(B, T, D)
+        attended_BTD = (F.softmax(scores_BHTN, dim=-1) @ v_HNd).transpose(1, 2).reshape(B, T, -1)
         sees_image_BT1 = allowed_BTI.any(-1, keepdim=True).to(x_BTD.dtype)
         x_BTD = x_BTD + torch.tanh(self.attn_gate) * self.to_out(attended_BTD) * sees_image_BT1
         return x_BTD + torch.tanh(self.ff_gate) * self.ff(self.ff_norm(x_BTD)) * sees_image_BT1
