@@ -1,13 +1,15 @@
 """Bad samples of every kind are skipped, logged with their key, counted by reason, and replaced by
-masked placeholders so the batch count never changes; pipe: shards read like local ones."""
+masked placeholders so the batch count never changes; pipe: and http shards read like local ones."""
 
 from __future__ import annotations
 
-import io
+import functools
+import http.server
 import json
 import random
-import tarfile
+import threading
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -96,24 +98,36 @@ def test_every_bad_input_kind_is_skipped_and_counted_by_reason(tmp_path, caplog)
     assert int((kept_long["input_ids"][row] == image_id).sum()) == 9
 
 
-def test_pipe_shards_read_like_local_ones(tmp_path):
+@contextmanager
+def http_server(folder: Path):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_pipe_and_http_shards_read_like_local_ones(tmp_path):
     rng = random.Random(3)
     for index in range(2):
         write_tar(tmp_path / f"p-{index}.tar", [good(rng, f"p{index}{i:02d}") for i in range(8)])
-    local = compose(["experiment=toy", f"data.urls={tmp_path}/p-{{0..1}}.tar", "data.num_workers=0"]).data
-    piped = compose(
-        [
-            "experiment=toy",
-            f"data.urls=pipe:cat {tmp_path}/p-{{0..1}}.tar",
-            "data.samples_per_shard=8",
-            "data.num_workers=0",
-        ]
-    ).data
-    runs = []
-    for cfg in (local, piped):
-        batches = build_train_batches(cfg, TOKENIZER, TRANSFORM, 9, rank=0, world=1, batch_size=4, seed=0)
-        runs.append([next(batches) for _ in range(6)])  # one epoch and a half: shards reopened mid-way
-    for ours, theirs in zip(*runs):
-        assert ours["keys"] == theirs["keys"]
-        torch.testing.assert_close(ours["pixel_values"], theirs["pixel_values"])
-    assert tarfile.is_tarfile(io.BytesIO((tmp_path / "p-0.tar").read_bytes()))
+    remote = ["data.samples_per_shard=8"]
+    with http_server(tmp_path) as address:
+        runs = []
+        for overrides in (
+            [f"data.urls={tmp_path}/p-{{0..1}}.tar"],
+            [f"data.urls=pipe:cat {tmp_path}/p-{{0..1}}.tar", *remote],
+            [f"data.urls={address}/p-{{0..1}}.tar", *remote],
+        ):
+            cfg = compose(["experiment=toy", "data.num_workers=0", *overrides]).data
+            batches = build_train_batches(cfg, TOKENIZER, TRANSFORM, 9, rank=0, world=1, batch_size=4, seed=0)
+            runs.append([next(batches) for _ in range(6)])  # one epoch and a half: shards reopened mid-way
+    for local, *others in zip(*runs):
+        for other in others:
+            assert other["keys"] == local["keys"]
+            torch.testing.assert_close(other["pixel_values"], local["pixel_values"])
+    assert all(int(b["skipped_by_reason"].sum()) == 0 for run in runs for b in run)
