@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+import traceback
 from datetime import timedelta
 
 import torch
 
 from vlm_train.config import ParallelConfig
 from vlm_train.parallel.launch_env import LaunchEnv, launch_env
+from vlm_train.training import signals
 
-__all__ = ["LaunchEnv", "init_distributed", "launch_env", "pick_backend", "shutdown"]
+__all__ = ["LaunchEnv", "exit_failed_rank", "init_distributed", "launch_env", "pick_backend", "shutdown"]
 
 
 def pick_backend(cfg: ParallelConfig) -> str:
@@ -42,8 +45,39 @@ def init_distributed(cfg: ParallelConfig, env: LaunchEnv) -> torch.device:
 
     if torch.cuda.is_available() and backend == "nccl":
         torch.cuda.set_device(env.local_rank)
+    # A stuck or dead peer fails the next collective after timeout_s (gloo and NCCL honour the
+    # group's timeout; DeepSpeed passes it on to init_process_group) instead of hanging the job.
+    _init_after_torchrun_restart(backend, env, timedelta(seconds=cfg.timeout_s))
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.timeout_s))
+    signals.default_deadline_s = cfg.timeout_s  # and a stop request gets as long to be honoured
     return torch.device("cuda", env.local_rank) if backend == "nccl" else torch.device("cpu")
+
+
+def _init_after_torchrun_restart(backend: str, env: LaunchEnv, timeout: timedelta) -> None:
+    """After `torchrun --max-restarts` restarted the group, rendezvous under a fresh key prefix.
+
+    torchrun's store outlives the workers, and the default group's keys (each rank's address)
+    of the previous attempt are still in it: a new rank can read a dead peer's address and fail
+    with "Connection reset by peer". DeepSpeed adopts a group that is already initialised.
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart == 0:
+        return
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = torch.distributed.TCPStore(
+        env.master_addr,
+        env.master_port,
+        env.world,
+        is_master=not agent_store and env.rank == 0,
+        timeout=timeout,
+    )
+    torch.distributed.init_process_group(
+        backend,
+        store=torch.distributed.PrefixStore(f"restart_{restart}/", store),
+        rank=env.rank,
+        world_size=env.world,
+        timeout=timeout,
+    )
 
 
 def _skip_shm_comm_build() -> None:
@@ -58,3 +92,25 @@ def shutdown() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_failed_rank(err: Exception, world: int) -> None:
+    """End a failed rank of a multi-rank job at once, with the CLI's message and exit code.
+
+    After a collective timed out or a peer died, a normal interpreter exit can wait forever
+    (data loader workers, process-group threads tied to the dead peer), and torchrun only
+    notices a failure when the process is gone. A preemption stop is orderly and returns.
+    """
+    from vlm_train.errors import UserError
+
+    if world == 1 or isinstance(err, signals.Preempted):
+        return
+    if isinstance(err, UserError):
+        print(f"vlm-train: error: {err}", file=sys.stderr, flush=True)
+        code = err.exit_code
+    else:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

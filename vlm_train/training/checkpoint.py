@@ -1,18 +1,31 @@
-"""Checkpoints: DeepSpeed engine state plus our trainer state, with an atomic `latest` pointer.
+"""Checkpoints: DeepSpeed engine state plus our trainer state, published atomically.
 
-    <run.dir>/checkpoints/step_<N>/       engine state (DeepSpeed layout, ZeRO-partitioned),
-                                          trainer_rank<R>.pt (step, data position, RNG) per rank,
-                                          config.yaml
+    <run.dir>/checkpoints/step_<N>/       engine state (DeepSpeed layout, ZeRO-partitioned, frozen
+                                          parameters left out), trainer_rank<R>.pt (step, data
+                                          position, RNG) per rank, config.yaml, frozen.json
     <run.dir>/checkpoints/latest          names the newest COMPLETE step folder
 
-`latest` is replaced atomically only after every rank has finished writing, so a crash mid-save
-never leaves it naming a partial folder.
+A save writes into `step_<N>.partial/`; only when every rank has written its files does rank 0
+check the folder, rename it to `step_<N>` and then replace `latest` (both atomic renames), so a
+crash or SIGKILL at any moment of a save leaves `latest` naming a complete checkpoint.
+
+Frozen pretrained weights (a frozen tower or LLM) are not rewritten into every checkpoint: they
+are rebuilt from their source (`vision.path`, `llm.path` or the run's seed) on resume, and
+`frozen.json` holds their SHA-256 so that a changed source is refused instead of silently
+training a different model.
+
+Loading never unpickles arbitrary objects: every file, DeepSpeed's included, is read with
+`torch.load(weights_only=True)` plus an allow-list of DeepSpeed's three plain data classes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -22,8 +35,11 @@ import torch.distributed as dist
 
 from vlm_train.config import Config, to_yaml
 from vlm_train.errors import ConfigError
+from vlm_train.training.signals import fault_point
 
 LATEST = "latest"
+PARTIAL = ".partial"  # suffix of a folder still being written
+FROZEN_FILE = "frozen.json"
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -40,27 +56,52 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save(engine, run_dir: Path, step: int, trainer_state: dict, cfg: Config) -> Path:
-    """Collective: every rank writes its shards, then rank 0 moves `latest` and prunes old ones."""
+    """Collective: every rank writes into step_<N>.partial, then rank 0 publishes it and prunes."""
     tag = f"step_{step}"
     root = checkpoint_root(run_dir)
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    partial = root / f"{tag}{PARTIAL}"
     rank = dist.get_rank()
-    _write_atomic(root / tag / f"trainer_rank{rank:05d}.pt", lambda f: torch.save(trainer_state, f))
     if rank == 0:
-        _write_atomic(root / tag / "config.yaml", lambda f: f.write(to_yaml(cfg).encode()))
+        shutil.rmtree(partial, ignore_errors=True)  # left behind by a save that was killed
+    dist.barrier()
+    frozen = frozen_fingerprint(engine, cfg)  # collective under ZeRO-3 (gathers each frozen parameter)
+    engine.save_checkpoint(str(root), tag=partial.name, save_latest=False, exclude_frozen_parameters=True)
+    partial.mkdir(parents=True, exist_ok=True)  # ranks that DeepSpeed gave nothing to write
+    _write_atomic(partial / f"trainer_rank{rank:05d}.pt", lambda f: torch.save(trainer_state, f))
+    if rank == 0:
+        _write_atomic(partial / "config.yaml", lambda f: f.write(redact_secrets(to_yaml(cfg)).encode()))
+        _write_atomic(partial / FROZEN_FILE, lambda f: f.write(json.dumps(frozen, indent=1).encode()))
+    fault_point("save", step, rank, run_dir)  # tests stop a rank here: shards written, `latest` not moved
     dist.barrier()
     if rank == 0:
-        _write_atomic(root / LATEST, lambda f: f.write(tag.encode()))
+        _publish(root, partial, tag, world=dist.get_world_size())
         prune(root, keep=cfg.train.keep_last)
     dist.barrier()
     return root / tag
 
 
+def _publish(root: Path, partial: Path, tag: str, world: int) -> None:
+    """Check that every rank's files are there, rename the folder into place, then move `latest`."""
+    expected = ["config.yaml", FROZEN_FILE, *(f"trainer_rank{r:05d}.pt" for r in range(world))]
+    missing = [name for name in expected if not (partial / name).is_file()]
+    if missing or not any(partial.glob("*model_states.pt")):
+        raise RuntimeError(f"checkpoint {partial} is incomplete (missing {missing or 'model states'}); not published")
+    final = root / tag
+    if final.exists():  # the same step saved again after a resume
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    _fsync_dir(root)
+    _write_atomic(root / LATEST, lambda f: f.write(tag.encode()))
+    _fsync_dir(root)
+
+
 def prune(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` step folders; never the one `latest` names."""
+    """Delete all but the newest `keep` step folders (never the one `latest` names) and stale partials."""
+    latest = (root / LATEST).read_text().strip()
+    for stale in root.glob(f"step_*{PARTIAL}"):
+        shutil.rmtree(stale, ignore_errors=True)
     if keep <= 0:
         return
-    latest = (root / LATEST).read_text().strip()
     steps = sorted(
         (p for p in root.glob("step_*") if p.name.split("_")[-1].isdigit()), key=lambda p: int(p.name.split("_")[-1])
     )
@@ -69,25 +110,22 @@ def prune(root: Path, keep: int) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def load(engine, folder: Path) -> dict:
-    """Restore the engine from `folder` and return this rank's trainer state."""
-    _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+def load(engine, folder: Path, cfg: Config | None = None) -> dict:
+    """Restore the engine from `folder` and return this rank's trainer state.
+
+    Every file is read with weights_only=True; the frozen weights the model was rebuilt with must
+    match the checksum the checkpoint recorded.
+    """
+    guard_deepspeed_loads(engine)
+    check_frozen_weights(engine, folder, cfg)
+    # Frozen parameters are not in the checkpoint (see module docstring): the rebuilt ones stay.
+    _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
     if client is None:
         raise ConfigError(f"{folder} could not be loaded by DeepSpeed: is it a vlm_train checkpoint?")
     trainer_file = folder / f"trainer_rank{dist.get_rank():05d}.pt"
     if not trainer_file.is_file():
         raise ConfigError(f"{folder} has no {trainer_file.name}: it was written by a different number of ranks")
-    return torch.load(trainer_file, map_location="cpu", weights_only=True)
-
-
-def consolidated_state_dict(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The whole model's fp32 weights from one checkpoint folder, whatever the ZeRO stage."""
-    if zero_stage == 0:
-        states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-        return {name: tensor.float() for name, tensor in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    return safe_torch_load(trainer_file)
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -97,6 +135,15 @@ def _write_atomic(path: Path, write) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # A rename is durable only once its directory entry is on disk.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def rng_state() -> dict:
@@ -153,4 +200,135 @@ def check_resumable(saved_yaml: str, cfg: Config, folder: Path) -> None:
         raise ConfigError(
             f"run.dir={cfg.run.dir} holds checkpoint {folder.name} of an incompatible config "
             f"({'; '.join(differences)}): use a new run.dir or the original settings"
+        )
+
+
+def _deepspeed_safe_globals() -> list:
+    # The only non-tensor, non-container objects DeepSpeed 0.19 pickles into its ZeRO optimizer
+    # states (checked for stages 0-3, fp32 and bf16): an enum, a dataclass and a plain class
+    # whose attributes are numbers. None of them runs code when rebuilt.
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def safe_torch_load(path: Path | str, map_location=None):
+    """torch.load(weights_only=True) with DeepSpeed's plain classes allowed; anything else is refused."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        try:
+            needs = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # not a zip checkpoint: the unpickler's message is all there is
+            needs = str(err).splitlines()[-1][:200]
+        raise ConfigError(
+            f"refusing to load {path}: it needs unpickling of {needs}, which could run arbitrary code "
+            "(vlm_train loads tensors, containers and numbers only); use a checkpoint you wrote yourself"
+        ) from None
+
+
+def guard_deepspeed_loads(engine) -> None:
+    """Make every file DeepSpeed's load_checkpoint reads go through `safe_torch_load`."""
+    # DeepSpeed reads model, optimizer and ZeRO files through engine.checkpoint_engine.load,
+    # whose torch engine calls torch.load(weights_only=False).
+    engine.checkpoint_engine.load = lambda path, map_location=None: safe_torch_load(path, map_location)
+
+
+def verify_folder(folder: Path) -> None:
+    """Read every .pt file of a checkpoint safely (before a tool that uses plain torch.load opens them)."""
+    for path in sorted(folder.glob("*.pt")):
+        safe_torch_load(path)
+
+
+_FINGERPRINTS: dict[int, dict] = {}  # per engine: frozen weights never change while training
+
+
+def frozen_fingerprint(engine, cfg: Config | None = None) -> dict:
+    """Count, size and SHA-256 of the frozen parameters, plus where they come from."""
+    if id(engine) not in _FINGERPRINTS:
+        digest, count, numel = hashlib.sha256(), 0, 0
+        for name, param in engine.module.named_parameters():
+            if param.requires_grad:
+                continue
+            tensor = _full_tensor(param)
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            count, numel = count + 1, numel + tensor.numel()
+        _FINGERPRINTS[id(engine)] = {"parameters": count, "numel": numel, "sha256": digest.hexdigest()}
+    fingerprint = dict(_FINGERPRINTS[id(engine)])
+    if cfg is not None:
+        fingerprint["source"] = {
+            "vision.path": cfg.vision.path,
+            "llm.path": cfg.llm.path,
+            "connector.path": cfg.connector.path,
+            "run.seed": cfg.run.seed,  # random initialisation when a path is null
+        }
+    return fingerprint
+
+
+def _full_tensor(param: torch.nn.Parameter) -> torch.Tensor:
+    if not hasattr(param, "ds_id"):
+        return param.data
+    # ZeRO-3 keeps a shard per rank: gather one parameter at a time (collective) to bound memory.
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    with GatheredParameters([param]):
+        return param.data.clone()
+
+
+def check_frozen_weights(engine, folder: Path, cfg: Config | None = None) -> None:
+    """A clear error when the rebuilt frozen weights are not those the checkpoint trained with."""
+    recorded_file = folder / FROZEN_FILE
+    if not recorded_file.is_file():
+        return  # written before frozen weights were left out: they are in the engine files
+    recorded = json.loads(recorded_file.read_text())
+    current = frozen_fingerprint(engine, cfg)
+    if (recorded["parameters"], recorded["sha256"]) != (current["parameters"], current["sha256"]):
+        raise ConfigError(
+            f"the frozen weights differ from those {folder.name} was trained with "
+            f"({recorded['parameters']} frozen tensors, sha256 {recorded['sha256'][:12]}, from "
+            f"{recorded.get('source')}; now {current['parameters']}, {current['sha256'][:12]}): "
+            "point vision.path/llm.path at the original weights"
+        )
+
+
+# Environment variables whose values never reach a file of the run dir.
+SECRET_NAME = re.compile(r"^(WANDB_API_KEY|HF_TOKEN)$|_TOKEN$|_SECRET|SECRET_|_KEY$|PASSWORD")
+
+
+def redact_secrets(text: str) -> str:
+    """`text` with the value of every secret-looking environment variable replaced by its name."""
+    for name, value in os.environ.items():
+        if SECRET_NAME.search(name) and len(value) >= 8:  # short values ("1", "true") are not secrets
+            text = text.replace(value, f"<redacted:{name}>")
+    return text
+
+
+def consolidated_state_dict(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The trained model's fp32 weights from one checkpoint folder, whatever the ZeRO stage.
+
+    Frozen parameters are not in checkpoints (see the module docstring); load the result with
+    `load_trained_weights`, which checks that only frozen ones are missing.
+    """
+    verify_folder(folder)  # DeepSpeed's zero_to_fp32 below uses torch.load(weights_only=False)
+    if zero_stage == 0:
+        states = safe_torch_load(folder / "mp_rank_00_model_states.pt")
+        return {name: tensor.float() for name, tensor in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+
+
+def load_trained_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a consolidated state dict into a freshly built model; only frozen parameters may be absent."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+    buffers = {name for name, _ in model.named_buffers()}
+    not_frozen = [name for name in missing if name not in frozen and name not in buffers]
+    if not_frozen or unexpected:
+        raise ConfigError(
+            f"checkpoint does not fit the model: missing {not_frozen[:5]}, unexpected {list(unexpected)[:5]}"
         )

@@ -3,6 +3,10 @@
 The handler only raises a flag; the loop sees it on every rank at the next step's collective,
 finishes that step, saves a checkpoint and exits with EXIT_PREEMPTED. Under Slurm, with
 `train.requeue=true`, rank 0 first requeues the job, which then resumes from that checkpoint.
+
+A rank that cannot honour the request within the collective timeout (`parallel.timeout_s`) is
+stuck, or its peers are gone (torchrun sends SIGTERM to the survivors when a rank fails): it
+exits with EXIT_STOP_TIMEOUT instead of waiting for a SIGKILL that may never come.
 """
 
 from __future__ import annotations
@@ -10,18 +14,27 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 from vlm_train.errors import UserError
 
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request, checkpoint saved, start again to resume
+EXIT_STOP_TIMEOUT = 1  # a stop request not honoured within parallel.timeout_s: the job failed
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+FAULT_ENV = "VLM_TRAIN_FAULT_HANG"  # "<point>:<step>:<rank>", e.g. "save:6:0" (fault-tolerance tests)
+default_deadline_s: float | None = None  # set from parallel.timeout_s when the process group starts
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1 in this process."""
+    """Set by SIGTERM/SIGUSR1 in this process; after `deadline_s` more seconds the process exits."""
 
-    def __init__(self) -> None:
+    def __init__(self, deadline_s: float | None = None) -> None:
         self.signal_name: str | None = None
+        self.deadline_s = deadline_s if deadline_s is not None else default_deadline_s
+        self.owner_pid = os.getpid()
 
     @property
     def raised(self) -> bool:
@@ -33,7 +46,27 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.owner_pid:
+            # A forked child (a DataLoader worker) inherits this handler: it must still die on
+            # SIGTERM, or the parent's exit waits on it forever.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        first = self.signal_name is None
         self.signal_name = signal.Signals(signum).name
+        if first and self.deadline_s:
+            watchdog = threading.Timer(self.deadline_s, self._give_up)
+            watchdog.daemon = True
+            watchdog.start()
+
+    def _give_up(self) -> None:
+        print(
+            f"vlm-train: error: stopped by {self.signal_name} but the step did not finish within "
+            f"parallel.timeout_s={self.deadline_s:g} s (a peer is dead or stuck); exiting without a checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(EXIT_STOP_TIMEOUT)
 
 
 class Preempted(UserError):
@@ -47,3 +80,20 @@ def requeue_slurm_job() -> bool:
     if not job:
         return False
     return subprocess.run(["scontrol", "requeue", job], check=False).returncode == 0
+
+
+def fault_point(point: str, step: int, rank: int, run_dir: Path) -> None:
+    """Fault injection for tests: the rank named by $VLM_TRAIN_FAULT_HANG stops responding here.
+
+    It writes `<run_dir>/fault_<point>_<step>_rank<R>` (holding its pid) and sleeps forever, like a
+    rank stuck in a driver call: its peers block in their next collective. It fires once per run
+    dir, so a restarted (or torchrun-restarted) job with the same environment carries on.
+    """
+    if os.environ.get(FAULT_ENV) != f"{point}:{step}:{rank}":
+        return
+    marker = run_dir / f"fault_{point}_{step}_rank{rank}"
+    if marker.exists():
+        return
+    marker.write_text(str(os.getpid()))
+    while True:
+        time.sleep(1)
