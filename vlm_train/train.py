@@ -82,7 +82,7 @@ def _train(cfg: Config, layout, device) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(redact_secrets(to_yaml(cfg)))
 
-    mpu = layout.build_groups()  # TP and DP groups, built once (megatron backend); DeepSpeed's view of them
+    mpu = layout.build_groups(cfg.run.seed)  # TP and DP groups, once (megatron backend); DeepSpeed's mpu
     check_fits_and_report(cfg, layout, device)  # refuses a layout whose model states cannot fit
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     tokenizer = load_tokenizer(cfg.llm)

@@ -57,12 +57,14 @@ class Layout:
             )
         return cls(world=world, rank=rank, tp=tp, zero_stage=cfg.parallel.zero_stage, backend=cfg.llm.backend)
 
-    def build_groups(self) -> ModelParallelUnit | None:
+    def build_groups(self, seed: int = 0) -> ModelParallelUnit | None:
         """Create the TP and DP groups once (megatron's parallel_state, after torch.distributed is up)
-        and return DeepSpeed's `mpu` for them; None for the HF backend (one DP group = the world)."""
+        and return DeepSpeed's `mpu` for them; None for the HF backend (one DP group = the world).
+        `seed` seeds megatron's model-parallel RNG stream (its dropout draws from it)."""
         if self.backend != "megatron":
             return None
-        from megatron.core import parallel_state
+        import torch
+        from megatron.core import parallel_state, tensor_parallel
 
         from vlm_train.parallel.megatron_cpu import adapt_megatron_for_cpu
 
@@ -71,7 +73,10 @@ class Layout:
                 return ModelParallelUnit(self)
             parallel_state.destroy_model_parallel()  # another layout in this process (tests)
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=self.tp)
-        adapt_megatron_for_cpu(tp_rank=self.tp_rank)
+        if torch.cuda.is_available():
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        else:
+            adapt_megatron_for_cpu(seed=seed, tp_rank=self.tp_rank)
         return ModelParallelUnit(self)
 
 
