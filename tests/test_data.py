@@ -92,18 +92,47 @@ def test_mid_epoch_resume_continues_the_same_sequence(tmp_path):
         assert head + tail == expected, f"resume after {stop} batches diverged"
 
 
-def test_resume_with_a_different_layout_is_refused(tmp_path):
+@pytest.mark.parametrize("world, workers, batch_size", [(1, 0, 4), (4, 1, 2), (3, 2, 3)])
+def test_mid_epoch_resume_under_a_new_layout_redistributes_exactly(tmp_path, world, workers, batch_size):
+    pattern = write_shards(tmp_path, [40, 24, 32, 16, 48])  # 160 samples; old layout: 2 ranks x 2 workers x 4
+    head, state = [], None
+    for rank in (0, 1):
+        old = batches_for(pattern, rank, world=2, workers=2, batch_size=4)
+        head += [k for _ in range(7) for k in next(old)["keys"]]
+        state = old.state_dict()  # every rank saves the same position (epoch 0, batch 7)
+    assert (state["epoch"], state["batch"]) == (0, 7)
+    tail = []
+    for rank in range(world):
+        new = batches_for(pattern, rank, world=world, workers=workers, batch_size=batch_size)
+        new.load_state_dict(state)
+        per_epoch = new.stream.batches_per_epoch
+        tail += [k for _ in range(per_epoch) for k in next(new)["keys"]]
+        assert new.epoch == 1  # then the next epoch, split for the new layout
+        assert len(next(new)["keys"]) == batch_size
+    slots = world * max(workers, 1)
+    assert len(set(head + tail)) == len(head) + len(tail)  # nothing repeated
+    assert 0 <= 160 - len(head) - len(tail) < slots * batch_size  # only a partial batch per slot left out
+
+
+def test_a_resumed_redistributed_epoch_continues_and_a_second_change_is_refused(tmp_path):
     pattern = write_shards(tmp_path, [32, 32])
-    batches = batches_for(pattern, rank=0, world=2, workers=0, batch_size=4)
-    at_epoch_start = batches.state_dict()
-    next(batches)
-    mid_epoch = batches.state_dict()
-    for world, workers in ((1, 0), (2, 2)):
-        other = batches_for(pattern, rank=0, world=world, workers=workers, batch_size=4)
-        with pytest.raises(DataError, match="data position .* is for 2 data-parallel ranks x 1 workers"):
-            other.load_state_dict(mid_epoch)
-        other.load_state_dict(at_epoch_start)  # the next epoch is split anew: nothing to redistribute
-        assert (other.epoch, other.batch) == (0, 0)
+    old = batches_for(pattern, 0, world=1, workers=2, batch_size=4)
+    [next(old) for _ in range(3)]
+    new = batches_for(pattern, 0, world=1, workers=0, batch_size=2)
+    new.load_state_dict(old.state_dict())
+    reference = batches_for(pattern, 0, world=1, workers=0, batch_size=2)
+    reference.load_state_dict(old.state_dict())
+    expected = [next(reference)["keys"] for _ in range(8)]
+    head = [next(new)["keys"] for _ in range(3)]
+    again = batches_for(pattern, 0, world=1, workers=0, batch_size=2)
+    again.load_state_dict(new.state_dict())
+    assert head + [next(again)["keys"] for _ in range(5)] == expected
+    other = batches_for(pattern, 0, world=1, workers=2, batch_size=2)
+    with pytest.raises(DataError, match="data position .* is for 1 data-parallel ranks x 1 workers x micro-batch 2"):
+        other.load_state_dict(new.state_dict())
+    fewer = batches_for(write_shards(tmp_path / "fewer", [32]), 0, world=1, workers=0, batch_size=2)
+    with pytest.raises(DataError, match="2 workers x micro-batch 4, 1 source.s., 64 samples, this run has"):
+        fewer.load_state_dict(old.state_dict())  # other data: refused, never guessed
 
 
 def test_batch_contents(tmp_path):

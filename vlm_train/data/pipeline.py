@@ -17,22 +17,21 @@ import io
 import json
 import logging
 import random
-import signal
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from vlm_train.config import DataConfig
+from vlm_train.data.batches import TrainBatches, Transition
 from vlm_train.data.packing import collate_packed
 from vlm_train.data.preprocess import ImageTransform
 from vlm_train.data.reader import Skipped, Slice, read_slice
 from vlm_train.data.sources import MixSchedule, Source, expand_urls, shard_sizes, slot_slices
 from vlm_train.data.templates import Encoded, encode, truncate
-from vlm_train.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +173,24 @@ class ShardStream(IterableDataset):
         self.hints: dict[str, list[tuple]] = {}  # shard url -> [(sample index, byte offset, key)]
         self.block_starts: dict[int, tuple] = {}  # source -> (url, index, offset) of the last block read
         self.batches_per_slot = sum(source.used for source in sources) // batch_size
+        self.transition: Transition | None = None  # the rest of an epoch begun under another layout
+
+    def in_transition(self) -> bool:
+        return self.transition is not None and self.transition.epoch == self.epoch
+
+    def slot_batches(self) -> int:
+        if not self.in_transition():
+            return self.batches_per_slot
+        return self.transition.share(self.old_source(), self.world * self.workers, self.batch_size) // self.batch_size
+
+    def old_source(self) -> Source:
+        """The single source split as the transition's old layout split it."""
+        t, source = self.transition, self.sources[0]
+        return Source.split(source.urls, source.sizes, source.weight, t.world * t.workers, t.batch_size)
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.batches_per_slot * self.workers
+        return self.slot_batches() * self.workers
 
     def set_position(self, epoch: int, start_batch: int, hints: list | None = None) -> None:
         """Start at (epoch, batch); `hints` are (url, sample index, byte offset, key) block starts to seek to."""
@@ -193,9 +206,12 @@ class ShardStream(IterableDataset):
         logical = (worker + self.start_batch) % self.workers
         done = max(0, -(-(self.start_batch - logical) // self.workers))
         slot = self.rank * self.workers + logical
-        items = self.slot_items(slot, (self.epoch * self.batches_per_slot + done) * self.batch_size)
+        if self.in_transition():
+            items = self.transition_items(slot, done * self.batch_size)
+        else:
+            items = self.slot_items(slot, (self.epoch * self.batches_per_slot + done) * self.batch_size)
         fallback = None
-        for _ in range(done, self.batches_per_slot):
+        for _ in range(done, self.slot_batches()):
             counts = torch.zeros(len(SKIP_REASONS), dtype=torch.int64)
             raw_batch: list[dict | Skipped] = []
             while len(raw_batch) < self.batch_size:
@@ -241,6 +257,17 @@ class ShardStream(IterableDataset):
                 item = next(streams[index])
             yield item
 
+    def transition_items(self, slot: int, skip: int) -> Iterator[dict | Skipped]:
+        """This slot's share of the rest of a redistributed epoch: pieces of the old slots' streams."""
+        old = self.old_source()
+        for old_slot, first, stop in self.transition.pieces(old, self.world * self.workers, self.batch_size, slot):
+            taken = min(skip, stop - first)
+            skip -= taken
+            if first + taken < stop:
+                lo = old_slot * old.per_slot
+                stream = self.shuffled(0, self.epoch, lo, lo + old.used, first + taken, old_slot)
+                yield from islice(stream, stop - first - taken)
+
     def source_items(self, index: int, slot: int, position: int) -> Iterator[dict | Skipped]:
         """One source's samples for this slot from its `position` on, epoch after epoch."""
         source = self.sources[index]
@@ -269,103 +296,6 @@ class ShardStream(IterableDataset):
             random.Random(f"block-{tag}-{slot}-{block_index}").shuffle(block)
             yield from block[drop:]
             block_index, drop = block_index + 1, 0
-
-
-def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
-    # Slurm signals every process of a step; a worker killed by SIGTERM would abort the trainer's
-    # final save, so workers ignore what the trainer handles (training/signals.py).
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-class TrainBatches:
-    """This rank's endless batch stream, epoch after epoch, with a resumable position."""
-
-    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False, keys_file: Path | None = None):
-        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
-        self.epoch, self.batch = 0, 0
-        self.hints: dict[int, list] = {}  # per worker: block starts of the last batch it gave
-        self.keys_file = keys_file
-        self._iterator: Iterator[dict] | None = None
-
-    def __iter__(self) -> TrainBatches:
-        return self
-
-    def __next__(self) -> dict:
-        if self._iterator is None:
-            self.stream.set_position(self.epoch, self.batch, [h for hs in self.hints.values() for h in hs])
-            loader = DataLoader(
-                self.stream,
-                batch_size=None,
-                num_workers=self.num_workers,
-                pin_memory=self.pin_memory,
-                prefetch_factor=4 if self.num_workers else None,
-                worker_init_fn=_leave_stop_signals_to_the_trainer,
-            )
-            self._iterator = iter(loader)
-        batch = next(self._iterator)
-        self.hints[self.batch % self.stream.workers] = batch.pop("resume_hints", [])
-        if self.keys_file is not None:
-            with self.keys_file.open("a") as out:  # debug aid (data.log_keys): one line per batch taken
-                out.write(f"{self.epoch} {self.batch} {' '.join(batch['keys'])}\n")
-        self.batch += 1
-        if self.batch == self.stream.batches_per_epoch:
-            self.epoch, self.batch, self._iterator = self.epoch + 1, 0, None
-        return batch
-
-    def layout(self) -> dict:
-        return {
-            "world": self.stream.world,
-            "workers": self.stream.workers,
-            "batch_size": self.stream.batch_size,
-            "sources": [[len(s.urls), sum(s.sizes), s.weight] for s in self.stream.sources],
-        }
-
-    def state_dict(self) -> dict:
-        """This rank's data position: (epoch, batch) plus the layout it is valid for. Each worker's
-        shard, offset and shuffle state follow from it (seeded), so they need no storage."""
-        hints = [list(h) for hs in self.hints.values() for h in hs]
-        return {"epoch": self.epoch, "batch": self.batch, "hints": hints, **self.layout()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where `state` stopped: the next batch is the one an uninterrupted run
-        would take, no sample repeated or skipped, at a cost independent of how far the run got
-        (workers seek to their block, reading tar headers of one shard only).
-
-        The position is only valid for the same data-parallel world size, data.num_workers,
-        train.micro_batch_size and sources (shard count, total samples, weights): each of these
-        moves the slot boundaries. A resume that changes any of them mid-epoch is refused with a
-        DataError naming both layouts (never a silent repetition or loss); a resume saved exactly
-        at an epoch boundary (batch 0) may change them freely, since the next epoch is split anew.
-        """
-        saved = {key: state.get(key) for key in ("world", "workers", "batch_size", "sources")}
-        current = self.layout()
-        if state.get("sources") is None:  # a checkpoint from before mixtures: one source
-            saved["sources"] = current["sources"] if len(current["sources"]) == 1 else None
-        if saved != current and state["batch"] != 0:
-            raise DataError(
-                f"the checkpoint's data position (epoch {state['epoch']}, batch {state['batch']}) is for "
-                f"{_describe(saved)}, this run has {_describe(current)}: resume with the same values, or "
-                "from a checkpoint saved at an epoch boundary"
-            )
-        self.epoch, self.batch, self._iterator = state["epoch"], state["batch"], None
-        self.hints = {0: [tuple(h) for h in state.get("hints", [])]} if state["batch"] else {}
-
-
-def _describe(layout: dict) -> str:
-    sources = layout["sources"]
-    shape = f"{len(sources)} source(s), {sum(s[1] for s in sources)} samples" if sources else "unknown sources"
-    return (
-        f"{layout['world']} data-parallel ranks x {layout['workers']} workers x micro-batch "
-        f"{layout['batch_size']}, {shape}"
-    )
-
-
-def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
-    # Slurm signals every process of a step; a worker killed by SIGTERM would abort the trainer's
-    # final save, so workers ignore what the trainer handles (training/signals.py).
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def build_sources(cfg: DataConfig, slots: int, batch_size: int) -> list[Source]:
