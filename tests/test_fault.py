@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.conftest import REPO, free_port, read_metrics, step_losses, toy_overrides
+from tests.conftest import REPO, free_port, read_metrics, run_cli, step_losses, toy_overrides
+from vlm_train.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -190,3 +192,84 @@ def test_a_rank_that_stops_responding_ends_the_job_within_the_timeout(toy_data, 
     assert returncode != 0
     assert took < timeout_s + 30, f"the job took {took:.0f} s to end after a rank stopped responding"
     assert not (run_dir / "checkpoints" / "latest").exists()  # the interrupted save was never published
+
+
+class Exploit:
+    """Unpickling this runs code: it creates the folder it names."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_pickled_objects_are_refused_and_no_secret_reaches_the_run_dir(uninterrupted, toy_data, tmp_path):
+    """DeepSpeed's own files are read with weights_only=True too: a model-states file carrying an
+    object that runs code on unpickling is refused with one line, and the code never runs. The
+    reference run had WANDB_API_KEY, HF_TOKEN, *_TOKEN and *_SECRET* set: no file of its run dir
+    (config, metrics, wandb's offline run, checkpoints, read as bytes) nor its output holds one."""
+    import shutil
+
+    from vlm_train.training.checkpoint import safe_torch_load
+
+    whole, output = uninterrupted
+    files = [p for p in whole.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".pt" for p in files) and any("wandb" in p.parts for p in files)
+    for name, secret in SECRETS.items():
+        assert secret not in output, name
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), f"{name} found in {path}"
+
+    run_dir = tmp_path / "tampered"
+    shutil.copytree(whole / "checkpoints" / f"step_{STEPS}", run_dir / "checkpoints" / f"step_{STEPS}")
+    (run_dir / "checkpoints" / "latest").write_text(f"step_{STEPS}")
+    shutil.copy(whole / "config.yaml", run_dir / "config.yaml")
+    marker = tmp_path / "code_ran"
+    states = run_dir / "checkpoints" / f"step_{STEPS}" / "mp_rank_00_model_states.pt"
+    torch.save({"module": {}, "payload": Exploit(marker)}, states)
+    with pytest.raises(ConfigError, match="refusing to load .*posix.mkdir"):
+        safe_torch_load(states)
+    job = launch(toy_overrides(toy_data, run_dir, *COMMON[1:], f"train.max_steps={STEPS + 2}"))
+    returncode = job.wait(timeout=300)
+    log = read_launch_log(run_dir)
+    assert returncode != 0 and not marker.exists()
+    errors = [line for line in log.splitlines() if line.startswith("vlm-train: error: refusing to load")]
+    assert errors and str(states) in errors[0], log[-3000:]
+
+
+def test_stage1_checkpoint_holds_only_what_trains_and_exports_whole(toy_data, tmp_path):
+    """Connector-only training (frozen tower and LLM): the checkpoint is within 2x of the trainable
+    parameters x 16 bytes (fp32 weights, fp32 master copy, two Adam moments), not the frozen model's
+    size; a changed frozen source (here the seed of a random tower) is refused on resume; and
+    `vlm-convert consolidate` writes the whole model, frozen weights rebuilt and checksum-verified."""
+    from safetensors.torch import load_file
+
+    from vlm_train.build import build_model
+    from vlm_train.config import compose
+    from vlm_train.convert import main as convert
+    from vlm_train.training.checkpoint import consolidated_state_dict, frozen_digest
+
+    run_dir = tmp_path / "stage1"
+    overrides = toy_overrides(toy_data, run_dir, "llm.freeze=true", "train.max_steps=2", "parallel.zero_stage=1")
+    result = run_cli(overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = run_dir / "checkpoints" / "step_2"
+    model = build_model(compose(overrides))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    assert frozen > 10 * trainable
+    assert size < 2 * trainable * 16, f"{size} bytes for {trainable} trainable parameters"
+
+    result = run_cli([*overrides[:-2], "train.max_steps=3", "parallel.zero_stage=1", "run.seed=1"])
+    assert result.returncode == 2 and "frozen weights differ" in result.stderr, result.stderr[-2000:]
+
+    out = tmp_path / "export"
+    assert convert(["consolidate", str(run_dir), str(out)]) == 0
+    exported = load_file(out / "model.safetensors")
+    assert set(exported) == set(model.state_dict())
+    trained = consolidated_state_dict(folder, zero_stage=1)
+    assert trained and all(torch.equal(exported[name], tensor) for name, tensor in trained.items())
+    model.load_state_dict(exported)
+    assert frozen_digest(model)["sha256"] == json.loads((folder / "frozen.json").read_text())["sha256"]

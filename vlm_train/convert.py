@@ -1,6 +1,9 @@
 """`vlm-convert`: move models between vlm_train runs and Hugging Face checkpoints.
 
     vlm-convert to-hf RUN_DIR OUT [--step N]   newest (or step N) checkpoint of a run -> HF folder
+    vlm-convert consolidate RUN_DIR OUT [--step N]
+                                                the same checkpoint (any ZeRO stage, TP size) -> one
+                                                OUT/model.safetensors (frozen weights included) + config.yaml
     vlm-convert from-hf HF_DIR OUT              a HF VLM -> tower, decoder and connector files in OUT,
                                                 and prints the overrides that train from them
     vlm-convert inspect HF_DIR                  import a LLaVA/BLIP-2/Idefics2 folder and summarise it
@@ -19,30 +22,67 @@ from vlm_train.errors import UserError
 
 
 def to_hf_command(run_dir: Path, out: Path, step: int | None) -> None:
-    from vlm_train.build import build_model
-    from vlm_train.config import load_yaml
-    from vlm_train.data.tokenizer import load_tokenizer
     from vlm_train.interop import to_hf
-    from vlm_train.training.checkpoint import checkpoint_root, consolidated_state_dict, latest_checkpoint
+
+    folder = run_checkpoint(run_dir, step)
+    _, tokenizer, model = rebuild_trained_model(folder)
+    to_hf(model, out, tokenizer)
+    print(f"wrote {out} from {folder}")
+
+
+def consolidate_command(run_dir: Path, out: Path, step: int | None) -> None:
+    """A sharded checkpoint (any ZeRO stage or TP size) -> one model.safetensors + config.yaml."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = run_checkpoint(run_dir, step)
+    _, _, model = rebuild_trained_model(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    # Tied weights share storage; safetensors stores each tensor once, so copy them apart.
+    state = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"source": str(folder)})
+    shutil.copy(folder / "config.yaml", out / "config.yaml")
+    print(f"wrote {out / 'model.safetensors'} ({len(state)} tensors) from {folder}")
+
+
+def run_checkpoint(run_dir: Path, step: int | None) -> Path:
+    """The newest complete checkpoint of a run, or its step N."""
+    from vlm_train.training.checkpoint import checkpoint_root, latest_checkpoint
 
     folder = checkpoint_root(run_dir) / f"step_{step}" if step is not None else latest_checkpoint(run_dir)
     if folder is None or not folder.is_dir():
         raise UserError(f"{run_dir} has no {'checkpoint step_' + str(step) if step else 'complete checkpoint'}")
+    return folder
+
+
+def rebuild_trained_model(folder: Path):
+    """(config, tokenizer, model) of a checkpoint: frozen weights rebuilt from their source as the
+    run built them (same seed), trained ones from the checkpoint; the frozen checksum is verified."""
+    from vlm_train.build import build_model
+    from vlm_train.config import load_yaml
+    from vlm_train.data.tokenizer import load_tokenizer
+    from vlm_train.train import seed_everything
+    from vlm_train.training.checkpoint import (
+        check_rebuilt_frozen_weights,
+        consolidated_state_dict,
+        load_trained_weights,
+    )
+
     cfg = load_yaml(folder / "config.yaml")
     tokenizer = load_tokenizer(cfg.llm)
+    seed_everything(cfg.run.seed)  # a randomly initialised frozen part is rebuilt exactly
     if cfg.llm.backend == "megatron":
         from vlm_train.interop.megatron import load_tp_checkpoint
 
         cfg.llm.backend = "hf"  # the same model with the HF decoder: its TP shards are joined into it
-        model = build_model(cfg, tokenizer)
+        model = build_model(cfg, tokenizer)  # (its frozen checksum was taken over megatron's layout)
         load_tp_checkpoint(model, folder, cfg.parallel.zero_stage, cfg.parallel.tensor_parallel)
-        to_hf(model, out, tokenizer)
-        print(f"wrote {out} from {folder}")
-        return
-    model = build_model(cfg, tokenizer)
-    model.load_state_dict(consolidated_state_dict(folder, cfg.parallel.zero_stage))
-    to_hf(model, out, tokenizer)
-    print(f"wrote {out} from {folder}")
+    else:
+        model = build_model(cfg, tokenizer)
+        check_rebuilt_frozen_weights(model, folder)
+        load_trained_weights(model, consolidated_state_dict(folder, cfg.parallel.zero_stage))
+    return cfg, tokenizer, model
 
 
 def from_hf_command(hf_dir: Path, out: Path) -> None:
@@ -125,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("run_dir", type=Path)
     export.add_argument("out", type=Path)
     export.add_argument("--step", type=int, default=None)
+    merge = commands.add_parser("consolidate", help="a run's sharded checkpoint -> one safetensors folder")
+    merge.add_argument("run_dir", type=Path)
+    merge.add_argument("out", type=Path)
+    merge.add_argument("--step", type=int, default=None)
     split = commands.add_parser("from-hf", help="a Hugging Face VLM -> pieces vlm-train loads (+ overrides)")
     split.add_argument("hf_dir", type=Path)
     split.add_argument("out", type=Path)
@@ -134,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "to-hf":
             to_hf_command(args.run_dir, args.out, args.step)
+        elif args.command == "consolidate":
+            consolidate_command(args.run_dir, args.out, args.step)
         elif args.command == "from-hf":
             from_hf_command(args.hf_dir, args.out)
         else:

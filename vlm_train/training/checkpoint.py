@@ -249,15 +249,7 @@ _FINGERPRINTS: dict[int, dict] = {}  # per engine: frozen weights never change w
 def frozen_fingerprint(engine, cfg: Config | None = None) -> dict:
     """Count, size and SHA-256 of the frozen parameters, plus where they come from."""
     if id(engine) not in _FINGERPRINTS:
-        digest, count, numel = hashlib.sha256(), 0, 0
-        for name, param in engine.module.named_parameters():
-            if param.requires_grad:
-                continue
-            tensor = _full_tensor(param)
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            count, numel = count + 1, numel + tensor.numel()
-        _FINGERPRINTS[id(engine)] = {"parameters": count, "numel": numel, "sha256": digest.hexdigest()}
+        _FINGERPRINTS[id(engine)] = frozen_digest(engine.module)
     fingerprint = dict(_FINGERPRINTS[id(engine)])
     if cfg is not None:
         fingerprint["source"] = {
@@ -267,6 +259,20 @@ def frozen_fingerprint(engine, cfg: Config | None = None) -> dict:
             "run.seed": cfg.run.seed,  # random initialisation when a path is null
         }
     return fingerprint
+
+
+def frozen_digest(module: torch.nn.Module, dtype: torch.dtype | None = None) -> dict:
+    """SHA-256 over the names and bytes of `module`'s frozen parameters (cast to `dtype` if given)."""
+    digest, count, numel = hashlib.sha256(), 0, 0
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            continue
+        tensor = _full_tensor(param).detach().cpu()
+        tensor = tensor.to(dtype) if dtype is not None else tensor
+        digest.update(name.encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        count, numel = count + 1, numel + tensor.numel()
+    return {"parameters": count, "numel": numel, "sha256": digest.hexdigest()}
 
 
 def _full_tensor(param: torch.nn.Parameter) -> torch.Tensor:
@@ -292,6 +298,20 @@ def check_frozen_weights(engine, folder: Path, cfg: Config | None = None) -> Non
             f"({recorded['parameters']} frozen tensors, sha256 {recorded['sha256'][:12]}, from "
             f"{recorded.get('source')}; now {current['parameters']}, {current['sha256'][:12]}): "
             "point vision.path/llm.path at the original weights"
+        )
+
+
+def check_rebuilt_frozen_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Outside training (export): the rebuilt model's frozen weights are those of the checkpoint."""
+    recorded_file = folder / FROZEN_FILE
+    if not recorded_file.is_file():
+        return
+    recorded = json.loads(recorded_file.read_text())["sha256"]
+    # The engine held them in the run's precision: fp32, or bf16 under DeepSpeed's bf16 mode.
+    if recorded not in (frozen_digest(model)["sha256"], frozen_digest(model, torch.bfloat16)["sha256"]):
+        raise ConfigError(
+            f"the rebuilt frozen weights differ from those {folder.name} was trained with: "
+            "their source (vision.path/llm.path or the run's seed) changed"
         )
 
 
