@@ -218,10 +218,8 @@ def test_vlm_convert_exports_a_trained_zero3_run(toy_data, tmp_path):
 
     from tests.conftest import run_cli, toy_overrides
     from tests.test_models import make_batch
-    from vlm_train.build import build_model
-    from vlm_train.config import load_yaml
-    from vlm_train.data.tokenizer import build_toy_tokenizer
-    from vlm_train.training.checkpoint import consolidated_state_dict, latest_checkpoint
+    from vlm_train.convert import rebuild_trained_model
+    from vlm_train.training.checkpoint import latest_checkpoint
 
     run_dir = tmp_path / "run"
     result = run_cli(toy_overrides(toy_data, run_dir, "parallel.zero_stage=3", "train.max_steps=2"), nproc=2)
@@ -229,11 +227,8 @@ def test_vlm_convert_exports_a_trained_zero3_run(toy_data, tmp_path):
     convert = [sys.executable, "-m", "vlm_train.convert", "to-hf", str(run_dir), str(tmp_path / "hf")]
     assert subprocess.run(convert, capture_output=True, text=True).returncode == 0
 
-    folder = latest_checkpoint(run_dir)
-    cfg = load_yaml(folder / "config.yaml")
-    tokenizer = build_toy_tokenizer()
-    ours = build_model(cfg, tokenizer)
-    ours.load_state_dict(consolidated_state_dict(folder, zero_stage=3))
+    # Checkpoints leave the frozen tower out: it is rebuilt from the run's seed, trained weights loaded.
+    _, tokenizer, ours = rebuild_trained_model(latest_checkpoint(run_dir))
     ours.eval()
     hf_model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     pixel_values, input_ids, mask, _ = make_batch(ours, tokenizer)
