@@ -78,7 +78,7 @@ class SampleEncoder:
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             return _skip("missing_field", key, f"no usable '{self.cfg.text_key}' field ({err})")
         try:
-            pixels = self.pixels(next((raw[k] for k in self.image_keys if k in raw), None))
+            pixels = self.images(self.image_members(raw))
         except (ValueError, OSError, SyntaxError, Image.DecompressionBombError) as err:
             return _skip("bad_image", key, f"image does not decode ({err})")
         if encoded.num_images != pixels.shape[0]:
@@ -92,16 +92,42 @@ class SampleEncoder:
 
     def conversation(self, raw: dict) -> list[dict]:
         if self.cfg.text_key == "json" and "json" in raw:
-            return json.loads(raw["json"])["conversations"]
+            record = json.loads(raw["json"])
+            if "conversations" not in record and "texts" in record:
+                return document_turns(record["texts"])
+            return record["conversations"]
         if self.cfg.text_key in raw:  # a caption: image-caption corpora (LAION/CC style)
             return [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": raw[self.cfg.text_key].decode()}]
         raise KeyError(f"no '{self.cfg.text_key}' field")
+
+    def image_members(self, raw: dict) -> list[bytes]:
+        """The sample's images in order: `<key>.<ext>` (one image), or `<key>.<n>.<ext>` with n = 0, 1, ...
+        (several: interleaved documents, multi-image conversations)."""
+        numbered = []
+        for name, value in raw.items():
+            index, _, ext = name.partition(".")
+            if index.isdigit() and ext in self.image_keys:
+                numbered.append((int(index), value))
+        if numbered:
+            return [value for _, value in sorted(numbered)]
+        return [raw[k] for k in self.image_keys if k in raw][:1]
+
+    def images(self, blobs: list[bytes]) -> torch.Tensor:
+        """Pixels [I, 3, S, S] of the sample's images (I = 0 for a text-only sample)."""
+        return torch.cat([self.pixels(blob) for blob in blobs]) if blobs else self.pixels(None)
 
     def pixels(self, image_bytes: bytes | None) -> torch.Tensor:
         if image_bytes is None:
             return torch.empty(0, 3, self.transform.size, self.transform.size)
         with Image.open(io.BytesIO(image_bytes)) as image:
             return self.transform(image).unsqueeze(0)
+
+
+def document_turns(texts: list[str | None]) -> list[dict]:
+    """An interleaved document (MMC4/OBELICS style: `texts[i]` is None where the i-th item is an
+    image) as turns: each image a human turn `<image>` (no labels), each text an answer turn. With
+    data.template=plain this is the document itself: image tokens, then text, labels on the text."""
+    return [{"from": "human", "value": "<image>"} if t is None else {"from": "gpt", "value": t} for t in texts]
 
 
 def _skip(reason: str, key: str, why: str) -> Skipped:
