@@ -5,10 +5,11 @@ seed, concatenated, and cut into equal contiguous ranges, one per (rank, worker)
 rank gets the same number of batches whatever the shard count (an uneven split hangs the
 collectives), every sample is seen at most once per epoch (exactly once when the total divides
 evenly), and a position (epoch, batch) is enough to resume without replaying earlier epochs: a
-worker seeks to its block of the shuffled range (tar headers only, see reader.py).
+worker seeks to its block of the shuffled range (a byte offset the checkpoint kept, see batches.py).
 
 Bad samples never stop a run: each is replaced by a masked placeholder (every rank keeps full,
-equal batches) and counted by reason in `batch["skipped"]`, an int64 tensor [len(SKIP_REASONS)].
+equal batches) and counted by reason in `batch["skipped_by_reason"]`, an int64 tensor
+[len(SKIP_REASONS)] (`batch["skipped"]`: their total).
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ class ShardStream(IterableDataset):
             batch = collate(samples, self.pad_id)
         batch["resume_hints"] = list(self.block_starts.values())
         batch["skipped_by_reason"] = counts
-        batch["skipped"] = int(counts.sum())  # until training/loop.py reads the per-reason tensor
+        batch["skipped"] = int(counts.sum())
         return batch, fallback
 
     def slot_items(self, slot: int, position: int) -> Iterator[dict | Skipped]:
