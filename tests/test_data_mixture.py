@@ -77,3 +77,5 @@ def test_bad_mixture_weights_are_config_errors():
         compose(["experiment=toy", "data.urls=x", "data.mixture=[{urls: y, weight: 0}]"])
     with pytest.raises(ConfigError, match="max_skip_fraction"):
         compose(["experiment=toy", "data.urls=x", "data.max_skip_fraction=1.5"])
+    with pytest.raises(ConfigError, match="packing needs the Hugging Face decoder"):
+        compose(["experiment=toy", "data.urls=x", "data.packing=true", "llm.backend=megatron"])

@@ -316,6 +316,9 @@ def _validate_data(cfg: Config) -> None:
         raise ConfigError(f"data.samples_per_shard={data.samples_per_shard} must be at least 1")
     if data.packing and cfg.connector.name == "cross_attention":
         raise ConfigError("data.packing needs a connector whose visual tokens sit in the sequence, not cross_attention")
+    if data.packing and (cfg.llm.backend == "megatron" or cfg.parallel.tensor_parallel > 1):
+        # the megatron decoder takes no attention mask: packed samples would attend to each other
+        raise ConfigError("data.packing needs the Hugging Face decoder (llm.backend=hf, parallel.tensor_parallel=1)")
 
 
 def load_yaml(path: str | Path) -> Config:
