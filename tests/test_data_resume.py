@@ -97,9 +97,9 @@ def write_long_shard(path: Path, count: int) -> None:
 
 
 def resume_seconds(data, state: dict) -> float:
-    """Time from restoring `state` to holding the next batch, best of three."""
+    """Time from restoring `state` to holding the next batch, best of five (the CPU is shared)."""
     best = float("inf")
-    for _ in range(3):
+    for _ in range(5):
         batches = build_train_batches(data, TOKENIZER, TRANSFORM, 9, rank=0, world=1, batch_size=2, seed=0)
         started = time.perf_counter()
         batches.load_state_dict(state)
@@ -120,7 +120,8 @@ def test_resume_deep_in_a_slot_costs_no_more_than_near_its_start(tmp_path):
             states[taken] = batches.state_dict()
     resume_seconds(data, states[10])  # warm the page cache
     near, deep = resume_seconds(data, states[10]), resume_seconds(data, states[1000])
-    assert deep <= 1.2 * near + 0.002, f"resume at batch 1000 took {deep:.4f} s, at batch 10 {near:.4f} s"
+    # reading up to the position (before block starts were checkpointed) took 0.3 s against 0.015 s
+    assert deep <= 1.2 * near + 0.005, f"resume at batch 1000 took {deep:.4f} s, at batch 10 {near:.4f} s"
 
 
 def test_a_hint_seeks_and_a_stale_hint_falls_back_to_the_scan(tmp_path):
