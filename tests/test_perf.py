@@ -70,6 +70,15 @@ def test_training_flops_match_a_hand_derived_count():
     assert training_flops(model, no_images) == pytest.approx(3 * tower1 + 2 * connector1 + 2 * llm, rel=1e-9)
 
 
+def test_packed_batch_counts_attention_per_sample():
+    """data.packing=true: the mask numbers the samples of a row; attention is per sample (T² each)."""
+    model = toy_model()
+    packed = torch.tensor([[1] * 40 + [2] * 25 + [0] * 7, [1] * 31 + [0] * 41])
+    batch = {"attention_mask": packed, "pixel_values": torch.zeros(2, 3, 48, 48)}
+    tower, connector, llm = hand_counted_forward(model, [40, 25, 31], images=2)
+    assert training_flops(model, batch) == pytest.approx(tower + 3 * connector + 3 * llm, rel=1e-9)
+
+
 def test_flops_on_meta_model_equal_built_model_and_cross_attention_counts_media():
     for connector in ("mlp", "qformer", "cross_attention"):
         cfg = compose(["experiment=toy", f"connector={connector}"])

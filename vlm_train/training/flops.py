@@ -90,7 +90,7 @@ class TrainingFlops:
         )
 
     def __call__(self, batch: dict) -> float:
-        seq_lengths = batch["attention_mask"].sum(dim=1).double()
+        seq_lengths = sample_lengths(batch["attention_mask"]).double()
         tokens, tokens_squared = float(seq_lengths.sum()), float((seq_lengths**2).sum())
         pixel_values = batch.get("pixel_values")
         images = max(int(pixel_values.shape[0]) if pixel_values is not None else 0, 1)
@@ -109,6 +109,13 @@ class TrainingFlops:
             )
         llm = 2.0 * self.llm_weights * tokens + self.llm_layers * 4.0 * tokens_squared * self.llm_width
         return tower, connector, llm
+
+
+def sample_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Tokens per sample. A packed batch's mask numbers the samples of a row (1, 2, ...; 0 pads):
+    attention is per sample, so each sample's T² counts, not the row's."""
+    per_row_and_sample = torch.nn.functional.one_hot(attention_mask.long()).sum(dim=1)
+    return per_row_and_sample[:, 1:].flatten()
 
 
 def training_flops(model: VisionLanguageModel, batch: dict) -> float:

@@ -158,7 +158,7 @@ class Trainer:
             [
                 sum(float((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches),
                 sum(float(mb["input_ids"].shape[0]) for mb in micro_batches),
-                sum(float(mb["attention_mask"].sum()) for mb in micro_batches),
+                sum(float((mb["attention_mask"] > 0).sum()) for mb in micro_batches),  # packed: sample numbers
                 float(self.stop_flag.raised),  # a signal on any rank stops every rank after this step
                 sum(self.flops(mb) for mb in micro_batches),
                 *sum(mb["skipped_by_reason"].double() for mb in micro_batches).tolist(),
