@@ -243,14 +243,12 @@ def verify_folder(folder: Path) -> None:
         safe_torch_load(path)
 
 
-_FINGERPRINTS: dict[int, dict] = {}  # per engine: frozen weights never change while training
-
-
 def frozen_fingerprint(engine, cfg: Config | None = None) -> dict:
     """Count, size and SHA-256 of the frozen parameters, plus where they come from."""
-    if id(engine) not in _FINGERPRINTS:
-        _FINGERPRINTS[id(engine)] = frozen_digest(engine.module)
-    fingerprint = dict(_FINGERPRINTS[id(engine)])
+    # Computed once per engine: frozen weights never change while training.
+    if not hasattr(engine, "vlm_frozen_digest"):
+        engine.vlm_frozen_digest = frozen_digest(engine.module)
+    fingerprint = dict(engine.vlm_frozen_digest)
     if cfg is not None:
         fingerprint["source"] = {
             "vision.path": cfg.vision.path,
