@@ -114,10 +114,11 @@ def tp_runs(toy_data, tmp_path_factory) -> Path:
 
 
 def test_megatron_decoder_gives_hf_logits_at_tp1_and_tp2(tp_runs):
-    """Whole VLM (GQA, tied and untied) and a decoder whose vocabulary TP=2 must pad: max |logit
-    difference| to the HF model under 1e-4; vocab-parallel loss equal to the unsharded one."""
+    """Whole VLM (GQA, tied and untied, and from a HF checkpoint folder) and a decoder whose
+    vocabulary TP=2 must pad: max |logit difference| to the HF model under 1e-4; vocab-parallel loss
+    equal to the unsharded one; the in-memory export gives back the HF weights."""
     report = json.loads((tp_runs / "parity" / "report.json").read_text())
-    assert len(report["logits"]) == 4
+    assert len(report["logits"]) == 5
     for case, diff in report["logits"].items():
         assert diff < 1e-4, case
     for tp, (ours, reference) in report["loss"].items():
@@ -303,10 +304,48 @@ def parity_report(folder: Path, env) -> None:
             diff = (sharded.gather_logits(sharded(sharded.embed(ids))) - hf(hf.embed(ids))).abs().max()
         assert float(diff) < 1e-4, diff
         report["loss"][str(tp)] = [float(ours_loss), float(reference_loss)]
+    report["logits"]["tp2_from_hf_folder"] = logits_from_hf_folder(folder, env)
     check_cross_attention_shards_join(env)
     if env.rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "report.json").write_text(json.dumps(report))
+
+
+def logits_from_hf_folder(folder: Path, env) -> float:
+    """A HF Llama checkpoint folder (llm.path) trains at TP=2 with no conversion step: its logits."""
+    import torch
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vlm_train.build import build_model
+    from vlm_train.config import compose
+    from vlm_train.parallel.layout import Layout
+
+    path = folder / "llama"
+    if env.rank == 0:
+        torch.manual_seed(5)
+        config = LlamaConfig(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=500000.0,
+        )
+        LlamaForCausalLM(config).save_pretrained(path)
+    dist.barrier()
+    overrides = ["experiment=toy", f"llm.path={path}", "llm.tokenizer=toy"]
+    tp_cfg = compose([*overrides, "llm.backend=megatron", "parallel.tensor_parallel=2"])
+    layout = Layout.from_config(tp_cfg, world=env.world, rank=env.rank)  # reads the folder's shape
+    layout.build_groups()
+    torch.manual_seed(0)
+    reference = build_model(compose([*overrides, "llm.backend=hf"])).eval()
+    torch.manual_seed(0)
+    ours = build_model(tp_cfg, layout=layout).eval()
+    pixels, ids = example_batch(reference, seed=4)
+    with torch.no_grad():
+        return float((ours(pixels, ids).logits - reference(pixels, ids).logits).abs().max())
 
 
 def check_cross_attention_shards_join(env) -> None:
