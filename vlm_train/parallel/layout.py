@@ -102,9 +102,12 @@ def decoder_shape(cfg: LLMConfig) -> dict[str, int]:
 
 def sequence_parallel_refusal() -> str:
     """Why `parallel.sequence_parallel=true` is refused (megatron's torch norms cannot split the sequence)."""
-    import importlib.util
+    import torch
 
-    if not any(importlib.util.find_spec(name) for name in ("transformer_engine", "apex")):
+    from vlm_train.parallel.kernels import probe_kernels
+
+    kernels = probe_kernels("cuda" if torch.cuda.is_available() else "cpu")
+    if not (kernels.transformer_engine or kernels.apex):
         return (
             "parallel.sequence_parallel=true needs Transformer Engine or NVIDIA apex norms, and neither is "
             "installed (megatron-core's torch norms refuse it): use parallel.sequence_parallel=false"

@@ -32,7 +32,7 @@ from vlm_train.parallel.layout import Layout
 
 
 class MegatronCausalLM(nn.Module):
-    """GPTModel (local layer spec; Transformer Engine's where importable) as a vlm_train decoder.
+    """GPTModel (megatron's local layer spec) as a vlm_train decoder.
 
     Hidden states inside GPTModel are sequence-first ([T, B, Dl]): `sequence_first` tells the
     connectors that hook its layers and norms.
@@ -155,14 +155,13 @@ def transformer_config(shape: DecoderShape, hf_config, tp: int, sequence_paralle
 
 
 def layer_spec():
-    """Transformer Engine's spec where it imports, megatron's local (plain torch) spec otherwise."""
+    """megatron's local layer spec (torch norms and megatron's own parallel linears; apex norms where
+    apex imports). Not Transformer Engine's spec, even where TE imports: it fuses each pre-norm into
+    the following linear (other weight names, no norm modules for connector hooks) and its linears
+    carry their own TP tags — none of which could be verified without a GPU (docs/tensor_parallel.md)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
 def from_hf_decoder(hf_llm: CausalLM, layout: Layout, vocab_size: int | None = None) -> MegatronCausalLM:
