@@ -273,3 +273,18 @@ def test_stage1_checkpoint_holds_only_what_trains_and_exports_whole(toy_data, tm
     assert trained and all(torch.equal(exported[name], tensor) for name, tensor in trained.items())
     model.load_state_dict(exported)
     assert frozen_digest(model)["sha256"] == json.loads((folder / "frozen.json").read_text())["sha256"]
+
+
+def test_a_secret_interpolated_into_the_config_is_redacted_in_config_yaml(monkeypatch, tmp_path):
+    """A user who writes `wandb.entity=${oc.env:HF_TOKEN}` still gets no token in config.yaml."""
+    from vlm_train.config import compose, to_yaml
+    from vlm_train.training.checkpoint import redact_secrets
+
+    monkeypatch.setenv("HF_TOKEN", SECRETS["HF_TOKEN"])
+    monkeypatch.setenv("SHORT_KEY", "1")  # too short to be a secret: left alone
+    cfg = compose(["experiment=toy", f"run.dir={tmp_path}", "wandb.entity=${oc.env:HF_TOKEN}"])
+    text = to_yaml(cfg)
+    assert SECRETS["HF_TOKEN"] in text  # the interpolation did resolve
+    redacted = redact_secrets(text)
+    assert SECRETS["HF_TOKEN"] not in redacted and "entity: <redacted:HF_TOKEN>" in redacted
+    assert redact_secrets("dp: 1") == "dp: 1"
