@@ -187,10 +187,26 @@ def test_pattern_that_matches_nothing_is_a_data_error(tmp_path):
         expand_urls(f"{tmp_path}/nothing-{{000..003}}.tar")
 
 
-def test_preprocess_resizes_and_normalises():
+def test_preprocess_resizes_and_crops_to_uint8():
     from PIL import Image
 
     image = Image.new("RGB", (96, 64), (255, 0, 0))
     pixels = TRANSFORM(image)
-    assert pixels.shape == (3, 48, 48)
-    torch.testing.assert_close(pixels[:, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
+    assert pixels.shape == (3, 48, 48) and pixels.dtype == torch.uint8  # loader workers send uint8
+    torch.testing.assert_close(TRANSFORM.normalize(pixels)[:, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
+
+
+def test_model_normalises_uint8_pixels_exactly_as_float_preprocessing():
+    """The model's on-device normalisation equals normalising in the loader (bit for bit)."""
+    import numpy as np
+
+    from vlm_train import build_model, compose
+
+    model = build_model(compose(["experiment=toy"]))
+    pixels = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
+    mean = torch.tensor(model.vision.image_mean).view(3, 1, 1)
+    std = torch.tensor(model.vision.image_std).view(3, 1, 1)
+    by_hand = (torch.from_numpy(pixels.numpy().astype(np.float32) / 255.0) - mean) / std
+    assert torch.equal(model.vision.normalize(pixels), by_hand)
+    with torch.no_grad():
+        assert torch.equal(model.encode_images(pixels), model.encode_images(by_hand))

@@ -11,6 +11,7 @@ epoch, with a warning that says how many.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 from collections.abc import Iterator
@@ -97,6 +98,10 @@ class TrainBatches:
                 prefetch_factor=4 if self.num_workers else None,
                 worker_init_fn=_leave_stop_signals_to_the_trainer,
             )
+            if self.num_workers:
+                # Workers are forked: objects the parent's garbage collector would otherwise walk in
+                # each child (touching, so copying, every page that holds one) are frozen first.
+                gc.freeze()
             self._iterator = iter(loader)
         batch = next(self._iterator)
         self.hints[self.batch % self.stream.workers] = batch.pop("resume_hints", [])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from vlm_train.data.templates import Encoded
+from vlm_train.data.transfer import cat_for_transfer
 from vlm_train.models.vlm import IGNORE_INDEX
 
 
@@ -49,7 +50,7 @@ def collate_packed(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int
             offset += n
     order = [index for row in rows for index in row]
     return {
-        "pixel_values": torch.cat([samples[i][1] for i in order]),
+        "pixel_values": cat_for_transfer([samples[i][1] for i in order]),
         "input_ids": input_ids,
         "attention_mask": segments,
         "labels": labels,

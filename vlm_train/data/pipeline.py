@@ -33,6 +33,7 @@ from vlm_train.data.preprocess import ImageTransform
 from vlm_train.data.reader import Skipped, Slice, read_slice
 from vlm_train.data.sources import MixSchedule, Source, expand_urls, shard_sizes, slot_slices
 from vlm_train.data.templates import Encoded, encode, truncate
+from vlm_train.data.transfer import cat_for_transfer
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class SampleEncoder:
 
     def pixels(self, image_bytes: bytes | None) -> torch.Tensor:
         if image_bytes is None:
-            return torch.empty(0, 3, self.transform.size, self.transform.size)
+            return torch.empty(0, 3, self.transform.size, self.transform.size, dtype=torch.uint8)
         with Image.open(io.BytesIO(image_bytes)) as image:
             return self.transform(image).unsqueeze(0)
 
@@ -150,7 +151,7 @@ def collate(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int) -> di
         labels[row, :n] = torch.tensor(enc.labels)
         attention_mask[row, :n] = 1
     return {
-        "pixel_values": torch.cat([pixels for _, pixels, _ in samples]),
+        "pixel_values": cat_for_transfer([pixels for _, pixels, _ in samples]),
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
@@ -165,7 +166,7 @@ def _placeholder(sample: tuple[str, torch.Tensor, Encoded] | None, pad_id: int, 
     from vlm_train.models.vlm import IGNORE_INDEX
 
     if sample is None:
-        return "skipped:", torch.empty(0, 3, size, size), Encoded([pad_id], [IGNORE_INDEX], 0)
+        return "skipped:", torch.empty(0, 3, size, size, dtype=torch.uint8), Encoded([pad_id], [IGNORE_INDEX], 0)
     key, pixels, enc = sample
     return f"skipped:{key}", pixels, Encoded(enc.input_ids, [IGNORE_INDEX] * len(enc.labels), enc.num_images)
 

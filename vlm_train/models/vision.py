@@ -61,6 +61,10 @@ class VisionTower(nn.Module):
             unused.append(body.head)
         return [p for module in unused for p in module.parameters()]
 
+    def normalize(self, pixels_ICHW: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels, as the data loader sends them -> the floats this tower expects."""
+        return normalize_pixels(pixels_ICHW, self.image_mean, self.image_std)
+
     def forward(self, pixels_ICHW: torch.Tensor) -> torch.Tensor:
         if self.family in USES_LAST_HIDDEN_STATE:
             features_IPDv = self.hf_model(pixel_values=pixels_ICHW).last_hidden_state
@@ -71,6 +75,13 @@ class VisionTower(nn.Module):
         if self.drop_cls:
             features_IPDv = features_IPDv[:, 1:]
         return features_IPDv
+
+
+def normalize_pixels(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 (x / 255 - mean) / std per channel."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    return (pixels.float() / 255.0 - mean_t) / std_t
 
 
 def build_vision_tower(cfg: VisionConfig) -> VisionTower:

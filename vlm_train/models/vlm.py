@@ -99,6 +99,8 @@ class VisionLanguageModel(nn.Module):
     def encode_images(self, pixels_ICHW: torch.Tensor) -> torch.Tensor:
         tower_dtype = next(self.vision.parameters()).dtype
         tower_trains = any(p.requires_grad for p in self.vision.parameters())
+        if pixels_ICHW.dtype == torch.uint8:  # as the data loader sends them (data/preprocess.py)
+            pixels_ICHW = self.vision.normalize(pixels_ICHW)
         with torch.set_grad_enabled(tower_trains and torch.is_grad_enabled()):
             features_IPDv = self.vision(pixels_ICHW.to(tower_dtype))
         return self.connector(features_IPDv)
