@@ -130,6 +130,9 @@ def test_tp2_matches_tp1_for_every_zero_stage(tp_runs):
     runs = {name: step_losses(tp_runs / name) for name in ("tp1", *(f"tp2_zero{s}" for s in range(4)))}
     assert_same_losses(runs, "tp1", STEPS)
     assert runs["tp1"][STEPS] < runs["tp1"][1] - 0.3  # it trains: the comparison is not of a flat line
+    norms = {name: [r["grad_norm"] for r in read_metrics(tp_runs / name) if "grad_norm" in r] for name in runs}
+    for name, values in norms.items():  # ZeRO-0's norm is ours (TP shards summed over the group), 1-3 DeepSpeed's
+        assert values == pytest.approx(norms["tp1"], rel=1e-4), name
 
 
 def test_tp2_dp2_matches_tp1_dp2_with_clipping(tp_runs):

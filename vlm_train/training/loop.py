@@ -192,9 +192,21 @@ class Trainer:
         return tensor / self.layout.tp if self.layout.tp > 1 else tensor
 
     def unsharded_grad_norm(self) -> float:
-        """Without ZeRO, DeepSpeed reports no norm; the reduced gradients are whole on every rank."""
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        """Without ZeRO, DeepSpeed reports no norm. The reduced gradients are whole on every rank,
+        except the tensor-parallel shards of the decoder: their squares are summed over the TP group,
+        everything replicated across it (tower, connector, norms) is counted once."""
+        sharded = torch.zeros((), dtype=torch.float64, device=self.device)
+        replicated = torch.zeros((), dtype=torch.float64, device=self.device)
+        for param in self.engine.module.parameters():
+            if param.grad is not None:
+                square = torch.linalg.vector_norm(param.grad.double()) ** 2
+                if getattr(param, "tensor_model_parallel", False):
+                    sharded += square
+                else:
+                    replicated += square
+        if self.layout.tp > 1:
+            dist.all_reduce(sharded, group=self.engine.mpu.get_model_parallel_group())
+        return float((sharded + replicated).sqrt())
 
     def model_inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
         names = ("pixel_values", "input_ids", "attention_mask", "labels")
