@@ -118,14 +118,75 @@ def load(engine, folder: Path, cfg: Config | None = None) -> dict:
     """
     guard_deepspeed_loads(engine)
     check_frozen_weights(engine, folder, cfg)
-    # Frozen parameters are not in the checkpoint (see module docstring): the rebuilt ones stay.
-    _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
+    saved_ranks = len(list(folder.glob("trainer_rank*.pt")))
+    saved_stage = _saved_zero_stage(folder)
+    if (saved_ranks, saved_stage) == (dist.get_world_size(), engine.zero_optimization_stage()):
+        # Frozen parameters are not in the checkpoint (see module docstring): the rebuilt ones stay.
+        _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
+    else:
+        client = _load_resharded(engine, folder, saved_ranks, saved_stage)
     if client is None:
         raise ConfigError(f"{folder} could not be loaded by DeepSpeed: is it a vlm_train checkpoint?")
     trainer_file = folder / f"trainer_rank{dist.get_rank():05d}.pt"
-    if not trainer_file.is_file():
-        raise ConfigError(f"{folder} has no {trainer_file.name}: it was written by a different number of ranks")
+    if not trainer_file.is_file():  # fewer ranks than before: the step, counters and data position are global
+        trainer_file = folder / "trainer_rank00000.pt"
     return safe_torch_load(trainer_file)
+
+
+def _saved_zero_stage(folder: Path) -> int:
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.select(OmegaConf.load(folder / "config.yaml"), "parallel.zero_stage"))
+
+
+def _load_resharded(engine, folder: Path, saved_ranks: int, saved_stage: int):
+    """Load a checkpoint written by another number of ranks or ZeRO stage through DeepSpeed's
+    universal format (weights and Adam moments per parameter, whole): rank 0 converts it once
+    into checkpoints/universal/step_<N>, every rank then takes its own partition of it."""
+    stage = engine.zero_optimization_stage()
+    if not {saved_stage, stage} <= {1, 2}:
+        # ZeRO 0 has no partitioned optimizer state to convert; from ZeRO-3, DeepSpeed 0.19's
+        # converter writes files its ZeRO 1/2 universal loader rejects (no ds_version).
+        raise ConfigError(
+            f"{folder.name} was saved by {saved_ranks} ranks at ZeRO {saved_stage}; this run has "
+            f"{dist.get_world_size()} ranks at ZeRO {stage}: resharding needs ZeRO 1 or 2 on both sides "
+            "(resume with the original ranks and stage)"
+        )
+    universal = folder.parent / "universal" / folder.name
+    if dist.get_rank() == 0 and not (universal / "zero").is_dir():
+        verify_folder(folder)  # the converter reads with torch.load(weights_only=False)
+        _convert_to_universal(folder, universal)
+    dist.barrier()
+    engine._config.load_universal_checkpoint = True  # DeepSpeed reads this flag at load time only
+    try:
+        _, client = engine.load_checkpoint(str(universal.parent), tag=universal.name, load_module_strict=False)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    if dist.get_rank() == 0:
+        print(
+            f"resharded {folder.name}: {saved_ranks} ranks ZeRO {saved_stage} -> {dist.get_world_size()} ranks ZeRO {stage}"
+        )
+    return client
+
+
+def _convert_to_universal(folder: Path, universal: Path) -> None:
+    import subprocess
+    import sys
+
+    shutil.rmtree(universal, ignore_errors=True)
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        f"--input_folder={folder}",
+        f"--output_folder={universal}",
+        "--num_extract_workers=1",
+        "--num_merge_workers=1",
+        "--inject_missing_state",  # our engine does not record DeepSpeed's optional universal info
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"converting {folder} to a universal checkpoint failed:\n{result.stderr[-3000:]}")
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -169,12 +230,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# What must match for a checkpoint to resume: the model, the sharding and the data layout.
+# What must match for a checkpoint to resume: the model, the TP sharding and the data layout.
+# The data-parallel size and the ZeRO stage (1-3) may change: see `load` (universal checkpoints).
 RESUME_KEYS = (
     "vision",
     "llm",
     "connector",
-    "parallel.zero_stage",
     "parallel.tensor_parallel",
     "train.micro_batch_size",
     "train.grad_accum",
