@@ -308,7 +308,7 @@ def frozen_fingerprint(engine, cfg: Config | None = None) -> dict:
     """Count, size and SHA-256 of the frozen parameters, plus where they come from."""
     # Computed once per engine: frozen weights never change while training.
     if not hasattr(engine, "vlm_frozen_digest"):
-        engine.vlm_frozen_digest = frozen_digest(engine.module)
+        engine.vlm_frozen_digest = _across_tensor_parallel(frozen_digest(engine.module), getattr(engine, "mpu", None))
     fingerprint = dict(engine.vlm_frozen_digest)
     if cfg is not None:
         fingerprint["source"] = {
@@ -318,6 +318,22 @@ def frozen_fingerprint(engine, cfg: Config | None = None) -> dict:
             "run.seed": cfg.run.seed,  # random initialisation when a path is null
         }
     return fingerprint
+
+
+def _across_tensor_parallel(digest: dict, mpu) -> dict:
+    """Under tensor parallelism each rank holds its own shards of a frozen decoder: one digest over
+    the TP group's digests (in TP-rank order), the same on every rank whatever the DP size."""
+    if mpu is None or mpu.get_model_parallel_world_size() == 1:
+        return digest
+    digests: list = [None] * mpu.get_model_parallel_world_size()
+    dist.all_gather_object(digests, digest, group=mpu.get_model_parallel_group())
+    combined = hashlib.sha256("".join(d["sha256"] for d in digests).encode()).hexdigest()
+    return {
+        "parameters": sum(d["parameters"] for d in digests),
+        "numel": sum(d["numel"] for d in digests),
+        "sha256": combined,
+        "tensor_parallel": len(digests),
+    }
 
 
 def frozen_digest(module: torch.nn.Module, dtype: torch.dtype | None = None) -> dict:
@@ -365,7 +381,10 @@ def check_rebuilt_frozen_weights(model: torch.nn.Module, folder: Path) -> None:
     recorded_file = folder / FROZEN_FILE
     if not recorded_file.is_file():
         return
-    recorded = json.loads(recorded_file.read_text())["sha256"]
+    recorded_fingerprint = json.loads(recorded_file.read_text())
+    if recorded_fingerprint.get("tensor_parallel", 1) > 1:
+        return  # a digest of TP shards: the rebuilt (whole) model cannot reproduce it; resume checks it
+    recorded = recorded_fingerprint["sha256"]
     # The engine held them in the run's precision: fp32, or bf16 under DeepSpeed's bf16 mode.
     if recorded not in (frozen_digest(model)["sha256"], frozen_digest(model, torch.bfloat16)["sha256"]):
         raise ConfigError(

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from vlm_train.config import Config
+from vlm_train.training.checkpoint import redact_secrets
 
 
 class MetricsLogger:
@@ -104,7 +105,7 @@ def _start_wandb(cfg: Config, run_dir: Path):
         dir=str(run_dir),
         name=run_dir.name,
         resume="allow",
-        config=json.loads(json.dumps(_config_dict(cfg))),
+        config=json.loads(redact_secrets(json.dumps(_config_dict(cfg)))),  # no token interpolated into the config
     )
 
 
