@@ -103,9 +103,12 @@ def _train(cfg: Config, layout, device) -> None:
     engine = build_engine(model, cfg, layout, device, mpu)
     metrics = MetricsLogger(run_dir, cfg, enabled=layout.rank == 0)
     trainer = Trainer(engine, batches, cfg, layout, device, metrics, flops)
-    if resume_from is not None:
-        trainer.resume(resume_from)
-    trainer.fit()
+    try:
+        if resume_from is not None:
+            trainer.resume(resume_from)
+        trainer.fit()
+    finally:
+        batches.close()  # loader workers ignore SIGTERM (signals are the trainer's): end them in order
     if cfg.train.eval and cfg.data.eval_urls:
         evaluate_run(trainer, cfg, tokenizer, transform)
     dist.barrier()

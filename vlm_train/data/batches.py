@@ -87,6 +87,13 @@ class TrainBatches:
     def __iter__(self) -> TrainBatches:
         return self
 
+    def close(self) -> None:
+        """Stop the loader workers now. They ignore SIGTERM, so an interpreter exit that still
+        holds the loader (an exception's traceback does) would wait for them forever."""
+        if self._iterator is not None and hasattr(self._iterator, "_shutdown_workers"):
+            self._iterator._shutdown_workers()
+        self._iterator = None
+
     def __next__(self) -> dict:
         if self._iterator is None:
             self.stream.set_position(self.epoch, self.batch, [h for hs in self.hints.values() for h in hs])

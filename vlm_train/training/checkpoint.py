@@ -144,13 +144,13 @@ def _load_resharded(engine, folder: Path, saved_ranks: int, saved_stage: int):
     universal format (weights and Adam moments per parameter, whole): rank 0 converts it once
     into checkpoints/universal/step_<N>, every rank then takes its own partition of it."""
     stage = engine.zero_optimization_stage()
-    if not {saved_stage, stage} <= {1, 2}:
-        # ZeRO 0 has no partitioned optimizer state to convert; from ZeRO-3, DeepSpeed 0.19's
-        # converter writes files its ZeRO 1/2 universal loader rejects (no ds_version).
+    if saved_stage not in (1, 2, 3) or stage not in (1, 2):
+        # ZeRO 0 has no partitioned optimizer state to convert; DeepSpeed 0.19 loads universal
+        # checkpoints into ZeRO 1 and 2 only.
         raise ConfigError(
             f"{folder.name} was saved by {saved_ranks} ranks at ZeRO {saved_stage}; this run has "
-            f"{dist.get_world_size()} ranks at ZeRO {stage}: resharding needs ZeRO 1 or 2 on both sides "
-            "(resume with the original ranks and stage)"
+            f"{dist.get_world_size()} ranks at ZeRO {stage}: resharding needs ZeRO 1, 2 or 3 before and "
+            "ZeRO 1 or 2 after (resume with the original ranks and stage)"
         )
     universal = folder.parent / "universal" / folder.name
     if dist.get_rank() == 0 and not (universal / "zero").is_dir():
@@ -187,6 +187,52 @@ def _convert_to_universal(folder: Path, universal: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"converting {folder} to a universal checkpoint failed:\n{result.stderr[-3000:]}")
+    _stamp_deepspeed_version(universal / "zero" / "optimizer_state.pt")
+    _adapt_zero3_universal(folder, universal)
+
+
+def _adapt_zero3_universal(folder: Path, universal: Path) -> None:
+    """DeepSpeed 0.19 converts a ZeRO-3 checkpoint into a layout its own ZeRO 1/2 universal loader
+    cannot read: per-rank model-state files with empty partitions and bare flat tensors per
+    parameter. Write what the loader reads: `mp_rank_00_model_states.pt` with the whole fp32
+    weights, each zero/<name>/<state>.pt as {"param": tensor shaped like the parameter}, and the
+    Adam step count it leaves out (zero/<name>/step.pt, from the ZeRO-3 optimizer state)."""
+    target = universal / "mp_rank_00_model_states.pt"
+    source = universal / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    if target.exists() or not source.exists():
+        return
+    states = safe_torch_load(source)
+    shapes = {name: shape for group in states["param_shapes"] for name, shape in group.items()}
+    optimizer = safe_torch_load(folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+    adam_steps = {float(group["step"]) for group in optimizer["optimizer_state_dict"]["state"].values()}
+    if len(adam_steps) != 1:
+        raise ConfigError(f"{folder.name}: parameter groups at different Adam steps cannot be resharded")
+    step = torch.tensor(adam_steps.pop())
+    for name, shape in shapes.items():
+        if not (universal / "zero" / name).is_dir():
+            continue  # frozen: not in the checkpoint
+        for path in (universal / "zero" / name).glob("*.pt"):
+            value = safe_torch_load(path)
+            if isinstance(value, torch.Tensor) and path.stem != "step":
+                _write_atomic(path, lambda f, v=value, s=shape: torch.save({"param": v.reshape(s)}, f))
+        _write_atomic(universal / "zero" / name / "step.pt", lambda f: torch.save(step, f))
+    states["module"] = {
+        name: safe_torch_load(universal / "zero" / name / "fp32.pt")["param"]
+        for name in shapes
+        if (universal / "zero" / name / "fp32.pt").is_file()
+    }
+    _write_atomic(target, lambda f: torch.save(states, f))
+
+
+def _stamp_deepspeed_version(optimizer_state: Path) -> None:
+    """DeepSpeed 0.19 converts ZeRO-3 checkpoints without the `ds_version` its ZeRO 1/2 universal
+    loader asserts on; the converter that just wrote the file is this DeepSpeed."""
+    import deepspeed
+
+    state = safe_torch_load(optimizer_state)
+    if not state.get("ds_version"):
+        state["ds_version"] = deepspeed.__version__
+        _write_atomic(optimizer_state, lambda f: torch.save(state, f))
 
 
 def _write_atomic(path: Path, write) -> None:
