@@ -199,7 +199,7 @@ def test_incompatible_config_in_run_dir_is_refused(toy_data, tmp_path):
         (["train.no_such_key=1"], "no_such_key"),
         (["parallel.zero_stage=5"], "parallel.zero_stage=5 is out of range"),
         (["experiment=no_such_experiment"], "no_such_experiment"),
-        (["parallel.tensor_parallel=3"], "does not divide the world size"),
+        (["parallel.tensor_parallel=2"], "does not divide the world size"),
         (["data.urls=/nonexistent/shard-{000..003}.tar"], "matches no shard"),
     ],
 )
