@@ -47,21 +47,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun(nproc: int, *target: str, max_restarts: int = 0) -> list[str]:
+    """The torchrun command line for `target` (e.g. "-m", "vlm_train.train", overrides...) on a free port."""
+    restarts = [f"--max-restarts={max_restarts}"] if max_restarts else []
+    port = f"--master_port={free_port()}"
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", port, *restarts, *target]
+
+
 def run_cli(overrides: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     """`vlm-train` in a fresh process (torchrun for nproc > 1), as a user would start it."""
     if nproc == 1:
         command = [sys.executable, "-m", "vlm_train.train", *overrides]
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}",
-            "-m",
-            "vlm_train.train",
-            *overrides,
-        ]
+        command = torchrun(nproc, "-m", "vlm_train.train", *overrides)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 

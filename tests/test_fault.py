@@ -9,14 +9,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, free_port, read_metrics, run_cli, step_losses, toy_overrides
+from tests.conftest import REPO, read_metrics, run_cli, step_losses, torchrun, toy_overrides
 from vlm_train.errors import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -33,17 +32,7 @@ SECRETS = {
 
 def launch(overrides: list[str], *, env: dict | None = None, max_restarts: int = 0) -> subprocess.Popen:
     """`torchrun --nproc_per_node=2 -m vlm_train.train` in the background, output to files."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        f"--max-restarts={max_restarts}",
-        "-m",
-        "vlm_train.train",
-        *overrides,
-    ]
+    command = torchrun(2, "-m", "vlm_train.train", *overrides, max_restarts=max_restarts)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     log = open(Path(overrides_dir(overrides)).with_suffix(f".{time.monotonic_ns()}.log"), "w")
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -120,11 +109,8 @@ def uninterrupted(toy_data, tmp_path_factory) -> tuple[Path, str]:
     """The reference: STEPS steps without a fault, with secrets in the environment and wandb writing offline."""
     run_dir = tmp_path_factory.mktemp("fault") / "whole"
     env = {**os.environ, **SECRETS}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-    overrides = toy_overrides(toy_data, run_dir, *COMMON, "wandb.mode=offline")
-    result = subprocess.run(
-        [*command, "-m", "vlm_train.train", *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+    command = torchrun(2, "-m", "vlm_train.train", *toy_overrides(toy_data, run_dir, *COMMON, "wandb.mode=offline"))
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir, result.stdout + result.stderr
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 if __name__ != "__main__":
-    from tests.conftest import REPO, free_port, read_metrics, run_cli, step_losses, toy_overrides
+    from tests.conftest import REPO, read_metrics, run_cli, step_losses, torchrun, toy_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +31,7 @@ def launch(plan: list[dict], nproc: int, timeout: int = 400) -> subprocess.Compl
     """Run this file under torchrun: every rank works through `plan` (runs and checks) in order."""
     plan_file = Path(plan[0]["dir"]).parent / f"plan{nproc}.json"
     plan_file.write_text(json.dumps(plan))
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-        str(Path(__file__)),
-        str(plan_file),
-    ]
+    command = torchrun(nproc, str(Path(__file__)), str(plan_file))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
