@@ -119,8 +119,8 @@ class Trainer:
         self.step_is_bad = not math.isfinite(global_loss)
         self.optimizer.skip_next = self.step_is_bad
         self.ds_skipped_before = self.engine.skipped_steps
-        if self.layout.zero_stage == 0 and not self.step_is_bad:
-            self.grad_norm = self.unsharded_grad_norm()
+        if self.layout.zero_stage == 0 and not self.step_is_bad and self.step + 1 in self.logged_steps:
+            self.grad_norm = self.unsharded_grad_norm()  # only logged: a pass over every gradient
 
     def finish_step(self, global_loss: float) -> None:
         """Count a skipped step; stop when there were too many (the last checkpoint stays good)."""
