@@ -135,7 +135,15 @@ def worker(precision: str, out: str) -> None:
         engine.destroy()
     if env.rank == 0:
         Path(out).write_text(json.dumps(results))
+    dist.barrier()
     dist.destroy_process_group()
+    # Done: leave without interpreter finalization. After four engines (ZeRO-3 last) were built
+    # and destroyed in one process, a rank sometimes aborted in teardown (about 1 run in 50:
+    # "terminate called without an active exception", a C++ destructor with no Python frame),
+    # and torchrun then failed the measurement that was already complete.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _two_steps(engine, model) -> None:
@@ -163,7 +171,13 @@ def measure(dp: int, precision: str, timeout: int = 600) -> dict[int, dict[str, 
             f"--master_port={_free_port()}",
         ]
         command += [str(Path(__file__).resolve()), "--worker", "--precision", precision, "--out", str(out)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(REPO),
+            "PYTHONFAULTHANDLER": "1",
+        }
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             raise RuntimeError(f"zero_memory worker failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
