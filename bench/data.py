@@ -1,6 +1,6 @@
 """Data pipeline throughput: our WebDataset path against a plain PIL loop, in the same process.
 
-    python bench/data.py [--samples 512] [--rounds 4] [--batch-size 16] [--step-rate 1 2 4 8]
+    python bench/data.py [--samples 1024] [--rounds 6] [--batch-size 16] [--step-rate 1 2 4 8]
 
 Both paths do the same work per sample at 336 px (CLIP ViT-L/14-336: 576 visual tokens):
 decode a 640x480 JPEG, resize + centre-crop to uint8 (vlm_train.data.preprocess; the model
@@ -196,9 +196,13 @@ def report(args, rates: dict, convert_rate: float, mean_kb: float) -> str:
         "",
         f"The pipeline's own work (read tar -> decode -> preprocess -> tokenize -> collate, in-process) runs at "
         f"{_ratio(rates, 'ours (in-process)', 'core'):.2f}x the plain loop per core. What the 1-worker path "
-        "adds is the DataLoader worker: a worker start per epoch (once per DataLoader) and every pixel "
-        "batch copied into shared memory and mapped by the trainer. Pixels travel as uint8 (normalised by "
-        "the model on the device): float32 batches, 4x the bytes, measured 0.78x per core here.",
+        "adds is the DataLoader worker: its start once per epoch (a fork, its first touch of memory, its "
+        "exit; each round here is one epoch, so one start per round) and the hand-over of each batch. "
+        "Pixels travel as uint8 (the model normalises them on the device) through a few shared-memory "
+        "slots per worker that are written batch after batch (vlm_train/data/transfer.py); the trainer "
+        "reads them in place. With a fresh segment per batch instead, as torch's collate makes, every "
+        "page of every batch was a page fault in the worker: 0.88x per core at 512 records per round "
+        "(and 0.78x with float32 pixels, 4x the bytes).",
         "",
         f"DataLoader workers (one core each) that feed a step rate at {ours:.1f} samples/s per worker:",
         "",
@@ -230,8 +234,8 @@ def write_section(path: Path, section: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=512, help="records; one epoch of them per round")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=1024, help="records; one epoch of them per round")
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=16, help="samples per step per rank")
     parser.add_argument("--step-rate", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0], help="optimizer steps/s")
     parser.add_argument("--convert-workers", type=int, default=2)

@@ -11,9 +11,11 @@ epoch, with a warning that says how many.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import signal
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from torch.utils.data import DataLoader
 
+from vlm_train.data.transfer import PixelSlots
 from vlm_train.errors import DataError
 
 if TYPE_CHECKING:
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from vlm_train.data.sources import Source
 
 log = logging.getLogger(__name__)
+PREFETCH = 4  # batches each loader worker prepares ahead
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,18 @@ def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+_WITH_WORKERS: weakref.WeakSet[TrainBatches] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers_at_exit() -> None:
+    # multiprocessing's own exit hook (registered before this one, so run after it) sends SIGTERM
+    # to loader workers, which ignore it, then waits for them: a program that ends while a loader
+    # still runs (an uncaught exception, a bench script) would never exit.
+    for batches in list(_WITH_WORKERS):
+        batches.close()
+
+
 class TrainBatches:
     """This rank's endless batch stream, epoch after epoch, with a resumable position."""
 
@@ -97,20 +113,25 @@ class TrainBatches:
     def __next__(self) -> dict:
         if self._iterator is None:
             self.stream.set_position(self.epoch, self.batch, [h for hs in self.hints.values() for h in hs])
+            # A worker has at most PREFETCH batches in flight, plus the one the trainer is taking.
+            self.stream.pixel_slots = PixelSlots(self.num_workers, PREFETCH + 1) if self.num_workers else None
             loader = DataLoader(
                 self.stream,
                 batch_size=None,
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
-                prefetch_factor=4 if self.num_workers else None,
+                prefetch_factor=PREFETCH if self.num_workers else None,
                 worker_init_fn=_leave_stop_signals_to_the_trainer,
             )
             if self.num_workers:
+                _WITH_WORKERS.add(self)
                 # Workers are forked: objects the parent's garbage collector would otherwise walk in
                 # each child (touching, so copying, every page that holds one) are frozen first.
                 gc.freeze()
             self._iterator = iter(loader)
         batch = next(self._iterator)
+        if self.stream.pixel_slots is not None:
+            self.stream.pixel_slots.take(batch)
         self.hints[self.batch % self.stream.workers] = batch.pop("resume_hints", [])
         if self.keys_file is not None:
             with self.keys_file.open("a") as out:  # debug aid (data.log_keys): one line per batch taken

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from vlm_train.data.templates import Encoded
-from vlm_train.data.transfer import cat_for_transfer
 from vlm_train.models.vlm import IGNORE_INDEX
 
 
@@ -31,9 +30,11 @@ def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int, max_length: int) -> dict:
+def collate_packed(
+    samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int, max_length: int, cat=torch.cat
+) -> dict:
     """Packed batch: input_ids/labels [R,T], attention_mask [R,T] of segment numbers, pixel_values in
-    the order the image slots appear row by row, keys in the same order."""
+    the order the image slots appear row by row (concatenated by `cat`), keys in the same order."""
     rows = first_fit([len(enc.input_ids) for _, _, enc in samples], max_length)
     length = max(sum(len(samples[i][2].input_ids) for i in row) for row in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -50,7 +51,7 @@ def collate_packed(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int
             offset += n
     order = [index for row in rows for index in row]
     return {
-        "pixel_values": cat_for_transfer([samples[i][1] for i in order]),
+        "pixel_values": cat([samples[i][1] for i in order]),
         "input_ids": input_ids,
         "attention_mask": segments,
         "labels": labels,

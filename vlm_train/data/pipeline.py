@@ -33,7 +33,7 @@ from vlm_train.data.preprocess import ImageTransform
 from vlm_train.data.reader import Skipped, Slice, read_slice
 from vlm_train.data.sources import MixSchedule, Source, expand_urls, shard_sizes, slot_slices
 from vlm_train.data.templates import Encoded, encode, truncate
-from vlm_train.data.transfer import cat_for_transfer
+from vlm_train.data.transfer import PixelSlots, cat_for_transfer
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,9 @@ def _skip(reason: str, key: str, why: str) -> Skipped:
     return Skipped(reason, key)
 
 
-def collate(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int) -> dict:
-    """Right-padded batch: pixel_values [I,3,S,S], input_ids/attention_mask/labels [B,T], keys."""
+def collate(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int, cat=torch.cat) -> dict:
+    """Right-padded batch: pixel_values [I,3,S,S] (concatenated by `cat`), input_ids/attention_mask/labels
+    [B,T], keys."""
     from vlm_train.models.vlm import IGNORE_INDEX
 
     length = max(len(enc.input_ids) for _, _, enc in samples)
@@ -151,7 +152,7 @@ def collate(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int) -> di
         labels[row, :n] = torch.tensor(enc.labels)
         attention_mask[row, :n] = 1
     return {
-        "pixel_values": cat_for_transfer([pixels for _, pixels, _ in samples]),
+        "pixel_values": cat([pixels for _, pixels, _ in samples]),
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
@@ -202,6 +203,7 @@ class ShardStream(IterableDataset):
         self.block_starts: dict[int, tuple] = {}  # source -> (url, index, offset) of the last block read
         self.batches_per_slot = sum(source.used for source in sources) // batch_size
         self.transition: Transition | None = None  # the rest of an epoch begun under another layout
+        self.pixel_slots: PixelSlots | None = None  # set by TrainBatches for each set of loader workers
 
     def in_transition(self) -> bool:
         return self.transition is not None and self.transition.epoch == self.epoch
@@ -263,10 +265,13 @@ class ShardStream(IterableDataset):
                 counts[REASON_INDEX[item.reason]] += 1
                 item = _placeholder(fallback, self.pad_id, self.encoder.transform.size)
             samples.append(item)
+        cat = self.pixel_slots.cat if self.pixel_slots is not None else cat_for_transfer
         if self.packing:
-            batch = collate_packed(samples, self.pad_id, self.encoder.cfg.max_length)
+            batch = collate_packed(samples, self.pad_id, self.encoder.cfg.max_length, cat)
         else:
-            batch = collate(samples, self.pad_id)
+            batch = collate(samples, self.pad_id, cat)
+        if self.pixel_slots is not None:
+            batch["pixel_slot"] = self.pixel_slots.slot_of(batch["pixel_values"])
         batch["resume_hints"] = list(self.block_starts.values())
         batch["skipped_by_reason"] = counts
         batch["skipped"] = int(counts.sum())
