@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vlm_train.errors import UserError
+from vlm_train.errors import UserError, report
 
 
 def to_hf_command(run_dir: Path, out: Path, step: int | None) -> None:
@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             inspect_command(args.hf_dir)
     except UserError as err:
-        print(f"vlm-convert: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return report("vlm-convert", err)
     return 0
 
 

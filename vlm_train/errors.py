@@ -1,5 +1,7 @@
 """Errors that are the user's to fix: the CLI prints them as one line and exits non-zero."""
 
+import sys
+
 
 class UserError(Exception):
     """A mistake in the config, the data or the launch; the message says what and how to fix it."""
@@ -23,3 +25,9 @@ class TrainingDiverged(UserError):
     """More steps had a non-finite loss than `train.max_bad_steps` allows; the last checkpoint is kept."""
 
     exit_code = 3
+
+
+def report(program: str, err: UserError) -> int:
+    """Print a user's mistake as the CLI's one line on stderr; return the exit code to leave with."""
+    print(f"{program}: error: {err}", file=sys.stderr, flush=True)
+    return err.exit_code

@@ -258,7 +258,7 @@ def describe(cfg: Config, gpus: int = 8) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from vlm_train.config import compose
-    from vlm_train.errors import UserError
+    from vlm_train.errors import UserError, report
 
     args = list(sys.argv[1:] if argv is None else argv)
     if any(arg in ("-h", "--help") for arg in args):
@@ -276,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(describe(compose(args), gpus))
     except UserError as err:
-        print(f"vlm-plan: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return report("vlm-plan", err)
     return 0
 
 

@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 
 from vlm_train.data.shard_records import Checked, Record, Skipped, check_or_skip, read_captions, read_llava
-from vlm_train.errors import DataError, UserError
+from vlm_train.errors import DataError, UserError, report
 
 BLOCK = 512  # tar header and data granularity
 RECORD = 20 * BLOCK  # a tar stream is padded to whole records of this size
@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_out(args.out, args.force)
         convert(records, args.images, args.out, args.max_count, args.max_size, args.workers)
     except UserError as err:
-        print(f"vlm-shards: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return report("vlm-shards", err)
     return 0
 
 

@@ -101,13 +101,12 @@ def exit_failed_rank(err: Exception, world: int) -> None:
     (data loader workers, process-group threads tied to the dead peer), and torchrun only
     notices a failure when the process is gone. A preemption stop is orderly and returns.
     """
-    from vlm_train.errors import UserError
+    from vlm_train.errors import UserError, report
 
     if world == 1 or isinstance(err, signals.Preempted):
         return
     if isinstance(err, UserError):
-        print(f"vlm-train: error: {err}", file=sys.stderr, flush=True)
-        code = err.exit_code
+        code = report("vlm-train", err)
     else:
         traceback.print_exc()
         code = 1

@@ -119,11 +119,10 @@ def sequence_parallel_refusal() -> str:
 
 
 def check_megatron_decoder(cfg: Config, tp: int) -> None:
-    """The megatron decoder is Llama-family, unpacked, and splits evenly over `tp` ranks."""
+    """The megatron decoder is Llama-family and splits evenly over `tp` ranks (packing, which it
+    cannot mask, is refused with the config: config.validate)."""
     if cfg.llm.family not in ("llama", "mistral"):
         raise LayoutError(f"llm.backend=megatron builds Llama-family decoders, not llm.family={cfg.llm.family}")
-    if getattr(cfg.data, "packing", False):
-        raise LayoutError("data.packing=true is not supported with llm.backend=megatron (causal masks only)")
     check_decoder_splits(cfg.llm, tp)
 
 
