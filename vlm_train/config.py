@@ -140,7 +140,9 @@ class DataConfig:
     synthetic_dir: str | None = None  # generate the toy scenes here when `urls` matches nothing
     synthetic_train: int = 20000  # toy scenes to generate (train split)
     synthetic_eval: int = 400  # toy scenes to generate (held-out split)
-    template: str = "chat"  # chat (USER/ASSISTANT turns) | plain (LLaVA pretraining captions)
+    template: str = "chat"  # plain (LLaVA stage 1) | vicuna_v1 (LLaVA-1.5) | hf (the tokenizer's chat_template) | chat (the toy's)
+    image_aspect_ratio: str = "crop"  # crop (short side, centre crop) | pad (LLaVA's expand2square, mean colour) | resize
+    group_by_modality_length: bool = False  # batches of image samples and of text-only samples (LLaVA's sampler)
     max_length: int = 128  # tokens per sample, visual tokens included; text is truncated first
     num_workers: int = 2  # DataLoader workers per rank
     shuffle_block: int = 512  # samples shuffled together within a worker's stream
@@ -171,12 +173,16 @@ class ParallelConfig:
 class TrainConfig:
     """Optimisation and the step loop."""
 
-    max_steps: int = 100
+    max_steps: int = 100  # optimizer steps; derived from the shards when train.epochs is set
+    epochs: float | None = None  # train this many passes over data.urls (steps from the shards' sample counts)
     micro_batch_size: int = 8  # per rank
-    grad_accum: int = 1  # micro-batches per optimizer step
+    global_batch_size: int | None = None  # samples per optimizer step, any rank count: grad_accum is derived
+    grad_accum: int = 1  # micro-batches per optimizer step (derived when global_batch_size is set)
+    grad_reduce_dtype: str = "fp32"  # dtype gradients accumulate and all-reduce in under bf16: fp32 | bf16
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 10
+    warmup_ratio: float | None = None  # warmup as a fraction of the steps (LLaVA: 0.03); overrides warmup_steps
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -231,9 +237,11 @@ _CHOICES = {
     "vision.family": ("clip", "siglip", "blip2", "idefics2"),
     "llm.backend": ("auto", "hf", "megatron"),
     "llm.family": ("llama", "mistral", "opt"),
-    "data.template": ("chat", "plain"),
+    "data.template": ("chat", "plain", "vicuna_v1", "hf"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "train.grad_reduce_dtype": ("fp32", "bf16"),
+    "data.image_aspect_ratio": ("crop", "pad", "resize"),
     "wandb.mode": ("disabled", "offline", "online"),
 }
 
