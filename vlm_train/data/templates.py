@@ -1,15 +1,47 @@
-"""Conversation templates: LLaVA-style turns -> token ids, with labels on answer tokens only.
+"""Conversation templates: LLaVA-style turns -> token ids, with labels on the answers only.
 
-A conversation is a list of {"from": "human"|"gpt", "value": str}; `<image>` in a human turn
-marks where an image goes and is expanded to one image-token id per visual token.
+A conversation is a list of {"from": "human"|"gpt", "value": str}; `<image>` marks where an image
+goes and becomes `image_tokens` copies of the tokenizer's `<image>` id (never supervised).
+
+- `plain`     LLaVA stage 1, as LLaVA's `preprocess_plain`: each human turn becomes its `<image>`
+              (its text is dropped), each answer is followed by "\\n" (conv_llava_plain's separator,
+              no EOS); labels on everything but BOS and images. Documents (several images and texts
+              in any order) follow the same rule.
+- `vicuna_v1` LLaVA-1.5, as LLaVA's `preprocess_v1` with `conv_vicuna_v1`: the system prompt, every
+              `<image>` moved to the front of its turn with "\\n" (`preprocess_multimodal`), the whole
+              conversation rendered then tokenized once (`tokenizer_image_token`), labels masked by
+              LLaVA's round arithmetic, its legacy/non-legacy branch included.
+- `hf`        the tokenizer's own `chat_template` (ChatML, Llama-3, ...): the whole conversation
+              rendered then tokenized once; labels on exactly the assistant contents and the
+              end-of-turn token that follows each.
+- `chat`      the toy's Vicuna-like turns, each piece tokenized alone (word-level toy tokenizer).
+
+`encode_conversation` is the one entry point; the training pipeline and evaluation both use it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vlm_train.data.tokenizer import IMAGE_TOKEN
 from vlm_train.models.vlm import IGNORE_INDEX
+
+TEMPLATES = ("chat", "plain", "vicuna_v1", "hf")
+ROLES = ("human", "gpt")
+HF_ROLES = {"human": "user", "gpt": "assistant"}
+# llava/conversation.py conv_vicuna_v1 (sep_style TWO) and conv_llava_plain (sep_style PLAIN).
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+VICUNA_ROLES = {"human": "USER", "gpt": "ASSISTANT"}
+VICUNA_SEP, VICUNA_SEP2 = " ", "</s>"
+PLAIN_SEP = "\n"
+
+
+class ConversationError(ValueError):
+    """A conversation the template cannot encode (turns that do not alternate, a template mismatch)."""
 
 
 @dataclass
@@ -19,43 +51,260 @@ class Encoded:
     num_images: int
 
 
-def conversation_pieces(turns: list[dict], template: str, eos: str) -> list[tuple[str, bool]]:
-    """(text, is_answer) pieces. chat: Vicuna v1 turns; plain: LLaVA pretraining (image, caption)."""
-    pieces: list[tuple[str, bool]] = []
-    for turn in turns:
-        value = turn["value"]
-        if turn["from"] == "human":
-            if template == "plain":
-                pieces.append((IMAGE_TOKEN * value.count(IMAGE_TOKEN), False))
-            else:
-                pieces.append((f"USER: {value} ASSISTANT:", False))
-        elif template == "plain":
-            pieces.append((f"{value}{eos}", True))
-        else:
-            pieces.append((f" {value}{eos}", True))
-    return pieces
+def encode_conversation(
+    turns: list[dict], tokenizer, template: str, image_tokens: int, add_generation_prompt: bool = False
+) -> tuple[list[int], list[int]]:
+    """What a conversation becomes for training: `(input_ids, labels)`, labels `-100` where no loss.
+
+    `turns`: LLaVA-style `[{"from": "human", "value": "<image>\\nWhat is it?"}, {"from": "gpt",
+    "value": "A cat."}, ...]`, alternating human/gpt from a human turn (`plain` also takes documents:
+    any order). `template`: plain | vicuna_v1 | hf | chat. Each `<image>` becomes `image_tokens`
+    copies of the tokenizer's `<image>` id. With `add_generation_prompt` the turns end on a human
+    turn and the ids end where the answer would start (labels all -100). Raises `ValueError` for a
+    conversation the template cannot encode. Example:
+
+        >>> ids, labels = encode_conversation(turns, tokenizer, "vicuna_v1", image_tokens=576)
+        >>> tokenizer.decode([t for t, l in zip(ids, labels) if l != -100])
+        'A cat.</s>'
+    """
+    encoded = encode(turns, tokenizer, template, image_tokens, add_generation_prompt)
+    return encoded.input_ids, encoded.labels
 
 
 def encode(
     turns: list[dict], tokenizer, template: str, image_tokens: int, add_generation_prompt: bool = False
 ) -> Encoded:
-    """Token ids and labels; each `<image>` becomes `image_tokens` image-token ids (no labels).
-
-    With `add_generation_prompt`, `turns` ends on a human turn and the ids end ready for the answer.
-    """
+    """`encode_conversation`, with the number of images (the pipeline checks it against the sample's)."""
+    if template not in RENDERERS:
+        raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    check_turns(turns, template, add_generation_prompt)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    ids, labels = RENDERERS[template](turns, tokenizer, image_id, add_generation_prompt)
+    return expand_images(ids, labels, image_id, image_tokens)
+
+
+def check_turns(turns: list[dict], template: str, add_generation_prompt: bool) -> None:
+    """Roles human/gpt, alternating from a human turn, ending on gpt (on human for a generation prompt)."""
+    roles = [turn["from"] for turn in turns]
+    unknown = [role for role in roles if role not in ROLES]
+    if unknown:
+        raise ConversationError(f"unknown role {unknown[0]!r}: turns are from 'human' or 'gpt'")
+    if template == "plain":  # images and texts in any order: documents are conversations too
+        return
+    for index, role in enumerate(roles):
+        if role != ROLES[index % 2]:
+            order = " -> ".join(roles)
+            raise ConversationError(f"turns must alternate human, gpt, human, ... from a human turn; got {order}")
+    last = "human" if add_generation_prompt else "gpt"
+    if not roles or roles[-1] != last:
+        what = (
+            "a generation prompt must end on a human turn" if add_generation_prompt else "the last turn must be gpt's"
+        )
+        raise ConversationError(f"{what}; got {' -> '.join(roles) or 'no turns'}")
+
+
+def expand_images(ids: list[int], labels: list[int], image_id: int, image_tokens: int) -> Encoded:
+    """Each image id -> `image_tokens` image ids without labels."""
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    num_images = 0
+    for token, label in zip(ids, labels):
+        if token == image_id:
+            num_images += 1
+            out_ids += [image_id] * image_tokens
+            out_labels += [IGNORE_INDEX] * image_tokens
+        else:
+            out_ids.append(token)
+            out_labels.append(label)
+    return Encoded(out_ids, out_labels, num_images)
+
+
+def tokenize_with_images(text: str, tokenizer, image_id: int) -> list[int]:
+    """LLaVA's `tokenizer_image_token`: the text between `<image>`s tokenized piece by piece (special
+    tokens added, so SentencePiece prefixes each piece with "▁"), BOS kept on the first piece only,
+    one image id per `<image>`."""
+    chunks = [tokenizer(chunk).input_ids for chunk in text.split(IMAGE_TOKEN)]
+    bos = tokenizer.bos_token_id
+    skip = int(bos is not None and bool(chunks[0]) and chunks[0][0] == bos)
+    ids = chunks[0][:skip]
+    for index, chunk in enumerate(chunks):
+        ids += ([image_id] if index else []) + chunk[skip:]
+    return ids
+
+
+def _mask(labels: list[int], start: int, stop: int | None = None) -> None:
+    stop = len(labels) if stop is None else min(stop, len(labels))
+    labels[start:stop] = [IGNORE_INDEX] * max(0, stop - start)  # (torch-like: never grows the list)
+
+
+# --- plain: LLaVA stage 1 (llava/train/train.py preprocess_plain) -------------------------------
+
+
+def _plain(turns: list[dict], tokenizer, image_id: int, add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+    parts = [
+        IMAGE_TOKEN * t["value"].count(IMAGE_TOKEN) if t["from"] == "human" else t["value"] + PLAIN_SEP for t in turns
+    ]
+    ids = tokenize_with_images("".join(parts), tokenizer, image_id)
+    labels = [IGNORE_INDEX if token == image_id else token for token in ids]
+    if ids and ids[0] == tokenizer.bos_token_id:
+        labels[0] = IGNORE_INDEX
+    if add_generation_prompt:
+        labels = [IGNORE_INDEX] * len(ids)
+    return ids, labels
+
+
+# --- vicuna_v1: LLaVA-1.5 (preprocess_multimodal + preprocess_v1, conv_vicuna_v1) ---------------
+
+
+def images_first(value: str) -> str:
+    """LLaVA's `preprocess_multimodal`: a turn's `<image>` moved to its front, followed by "\\n"
+    (LLaVA keeps one; several stay several here, LLaVA-1.5 never has more than one)."""
+    count = value.count(IMAGE_TOKEN)
+    if not count:
+        return value
+    return ((IMAGE_TOKEN + "\n") * count + value.replace(IMAGE_TOKEN, "").strip()).strip()
+
+
+def vicuna_prompt(turns: list[dict], add_generation_prompt: bool = False) -> str:
+    """conv_vicuna_v1.get_prompt(): "SYSTEM USER: q ASSISTANT: a</s>USER: ..." (a falsy message
+    renders as "ROLE:", which is also the generation prompt "... ASSISTANT:")."""
+    messages = [(VICUNA_ROLES[t["from"]], t["value"]) for t in turns]
+    if add_generation_prompt:
+        messages.append((VICUNA_ROLES["gpt"], None))
+    seps = (VICUNA_SEP, VICUNA_SEP2)
+    prompt = VICUNA_SYSTEM + seps[0]
+    for index, (role, message) in enumerate(messages):
+        prompt += f"{role}: {message}{seps[index % 2]}" if message else f"{role}:"
+    return prompt
+
+
+def prefix_space_after_special(tokenizer) -> bool:
+    """Whether text right after a special token gets SentencePiece's "▁" as at the start of a text.
+
+    This is what LLaVA's `tokenizer.legacy` means for the slow Llama tokenizer it trains with (flag
+    and behaviour always agree there); a fast tokenizer's behaviour comes from its tokenizer.json
+    (legacy normaliser: yes; Metaspace prepend_scheme=first: no), so it is measured, not read.
+    """
+    sep = tokenizer(VICUNA_SEP2, add_special_tokens=False).input_ids
+    after = tokenizer(VICUNA_SEP2 + VICUNA_ROLES["human"], add_special_tokens=False).input_ids[len(sep) :]
+    return after == tokenizer(VICUNA_ROLES["human"], add_special_tokens=False).input_ids
+
+
+def vicuna_labels(prompt: str, ids: list[int], tokenizer, image_id: int) -> list[int]:
+    """LLaVA's `preprocess_v1` masking, round by round, with its token-count arithmetic."""
+    labels = list(ids)
+    legacy = prefix_space_after_special(tokenizer)
+    sep = VICUNA_SEP + VICUNA_ROLES["gpt"] + ": "
+    cur = 1  # BOS
+    _mask(labels, 0, cur)
+    for index, rou in enumerate(prompt.split(VICUNA_SEP2)):
+        if rou == "":
+            break
+        parts = rou.split(sep)
+        if len(parts) != 2:
+            break
+        round_len = len(tokenize_with_images(rou, tokenizer, image_id))
+        instruction_len = len(tokenize_with_images(parts[0] + sep, tokenizer, image_id)) - 2  # BOS, trailing "▁"
+        if index != 0 and not legacy:  # the round's "USER" follows "</s>" without the "▁" it gets alone
+            round_len -= 1
+            instruction_len -= 1
+        _mask(labels, cur, cur + instruction_len)
+        cur += round_len
+    _mask(labels, cur)
+    total = sum(token != tokenizer.pad_token_id for token in ids)
+    if cur != total:  # LLaVA masks the whole sample ("tokenization mismatch"); we skip it instead
+        raise ConversationError(f"tokenization mismatch: LLaVA's round lengths give {cur} tokens, the text {total}")
+    return [IGNORE_INDEX if token == image_id else label for token, label in zip(ids, labels)]
+
+
+def _vicuna_v1(turns: list[dict], tokenizer, image_id: int, add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+    if any(IMAGE_TOKEN in t["value"] for t in turns):  # LLaVA moves images only in samples with an image
+        turns = [{**t, "value": images_first(t["value"])} for t in turns]
+    prompt = vicuna_prompt(turns, add_generation_prompt)
+    ids = tokenize_with_images(prompt, tokenizer, image_id)
+    if add_generation_prompt:
+        return ids, [IGNORE_INDEX] * len(ids)
+    return ids, vicuna_labels(prompt, ids, tokenizer, image_id)
+
+
+# --- hf: the tokenizer's own chat_template -------------------------------------------------------
+
+
+def _render(messages: list[dict], tokenizer, add_generation_prompt: bool) -> str:
+    from jinja2 import TemplateError  # a template's own raise_exception("...") arrives as this
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as err:
+        raise ConversationError(f"the chat template refuses this conversation: {err}") from None
+
+
+def _answer_spans(messages: list[dict], text: str, tokenizer) -> list[tuple[int, int]]:
+    """Character spans of each assistant content in the rendered `text`: it starts where the
+    generation prompt of the conversation so far ends (templates may trim the content)."""
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = _render(messages[:index], tokenizer, add_generation_prompt=True)
+        content = message["content"].strip()
+        start = text.find(content, len(prefix)) if text.startswith(prefix) else -1
+        if start < 0 or text[len(prefix) : start].strip():
+            raise ConversationError(
+                f"the chat template does not render assistant turn {index} right after its generation prompt"
+            )
+        spans.append((start, start + len(content)))
+    return spans
+
+
+def _hf(turns: list[dict], tokenizer, image_id: int, add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+    messages = [{"role": HF_ROLES[t["from"]], "content": t["value"]} for t in turns]
+    text = _render(messages, tokenizer, add_generation_prompt)
+    spans = [] if add_generation_prompt else _answer_spans(messages, text, tokenizer)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # BOS is the template's
+    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in spans:
+        for index, (token_start, token_end) in enumerate(offsets):
+            if token_start < end and token_end > start and ids[index] != image_id:
+                labels[index] = ids[index]
+        after = next((i for i, (token_start, _) in enumerate(offsets) if token_start >= end), None)
+        if after is not None and ids[after] in special and ids[after] != image_id:  # <|im_end|>, <|eot_id|>, </s>
+            labels[after] = ids[after]
+    return ids, labels
+
+
+# --- chat: the toy's turns ------------------------------------------------------------------------
+
+
+def _chat(turns: list[dict], tokenizer, image_id: int, add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+    eos = tokenizer.eos_token or ""
     ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     labels: list[int] = [IGNORE_INDEX] * len(ids)
-    num_images = 0
-    for text, is_answer in conversation_pieces(turns, template, tokenizer.eos_token or ""):
-        for token in tokenizer(text, add_special_tokens=False).input_ids:
-            copies = image_tokens if token == image_id else 1
-            num_images += token == image_id
-            ids += [token] * copies
-            labels += [token if is_answer else IGNORE_INDEX] * copies
-    if add_generation_prompt and turns and turns[-1]["from"] != "human":
-        raise ValueError("a generation prompt must end on a human turn")
-    return Encoded(ids, labels, num_images)
+    for turn in turns:
+        answer = turn["from"] == "gpt"
+        text = f" {turn['value']}{eos}" if answer else f"USER: {turn['value']} ASSISTANT:"
+        pieces = tokenizer(text, add_special_tokens=False).input_ids
+        ids += pieces
+        labels += pieces if answer else [IGNORE_INDEX] * len(pieces)
+    return ids, labels
+
+
+Renderer = Callable[[list[dict], object, int, bool], tuple[list[int], list[int]]]
+RENDERERS: dict[str, Renderer] = {"chat": _chat, "plain": _plain, "vicuna_v1": _vicuna_v1, "hf": _hf}
+
+
+def check_template(tokenizer, template: str) -> None:
+    """Start-up check: the `hf` template needs a tokenizer that has a chat template."""
+    from vlm_train.errors import ConfigError
+
+    if template == "hf" and not getattr(tokenizer, "chat_template", None):
+        where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise ConfigError(
+            f"data.template=hf needs a tokenizer with a chat template, and {where} has none "
+            "(add a chat_template.jinja there, or use data.template=vicuna_v1|plain)"
+        )
 
 
 def truncate(encoded: Encoded, max_length: int, image_token_id: int) -> Encoded | None:

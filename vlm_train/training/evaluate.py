@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from vlm_train.data.pipeline import SampleEncoder, collate
-from vlm_train.data.templates import encode
+from vlm_train.data.templates import encode_conversation
 
 
 @dataclass
@@ -34,8 +34,10 @@ def questions_of(raw: dict, encoder: SampleEncoder) -> list[Question]:
     for ask, reply in zip(turns[0::2], turns[1::2]):
         text = ask["value"].replace("<image>", "").strip()
         turn = [{"from": "human", "value": f"<image>\n{text}" if pixels.shape[0] else text}]
-        prompt = encode(turn, encoder.tokenizer, encoder.cfg.template, encoder.image_tokens, add_generation_prompt=True)
-        questions.append(Question(ask.get("kind", "answer"), pixels, prompt.input_ids, reply["value"]))
+        prompt, _ = encode_conversation(  # the training template, ending where the answer starts
+            turn, encoder.tokenizer, encoder.cfg.template, encoder.image_tokens, add_generation_prompt=True
+        )
+        questions.append(Question(ask.get("kind", "answer"), pixels, prompt, reply["value"]))
     return questions
 
 
