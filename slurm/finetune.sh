@@ -2,7 +2,9 @@
 # Stage 2 (instruction tuning: connector + LLM) on DGX SuperPOD nodes with 8 GPUs each:
 #   sbatch slurm/finetune.sh [hydra overrides...]
 #   sbatch slurm/finetune.sh vision.path=/models/clip-vit-large-patch14-336 llm.path=/models/vicuna-7b-v1.5 \
-#     connector.path=runs/llava15-7b-stage1/mm_projector.bin 'data.urls=/data/llava665k/{000000..000664}.tar'
+#     connector.path=runs/llava15-7b-stage1 'data.urls=/data/shards/mix665k/shard-{000000..000066}.tar'
+# connector.path: stage 1's run dir (it holds mm_projector.bin and connector.safetensors, rewritten at
+# every checkpoint), either file, LLaVA's published mm_projector.bin, or a `vlm-convert consolidate` folder.
 # Every argument is a Hydra override (experiment= defaults to llava15-7b-stage2). sbatch flags on
 # the command line win over the headers below; a CPU-only node: --gres=none --cpus-per-task=<n>.
 # Logs: <run.dir>/logs/slurm-<jobid>.log. Environment knobs: see slurm/common.sh.

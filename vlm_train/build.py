@@ -8,6 +8,7 @@ from vlm_train.config import Config
 from vlm_train.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 from vlm_train.errors import ConfigError
 from vlm_train.models import VisionLanguageModel, build_connector, build_llm, build_vision_tower
+from vlm_train.models.connectors import load_connector_weights
 
 
 def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel:
@@ -24,6 +25,8 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
         cfg.connector, vision_dim=vision.hidden_size, llm_dim=llm.hidden_size, num_patches=vision.num_features
     )
     model = VisionLanguageModel(vision, connector, llm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    if cfg.connector.path:  # after attaching (cross_attention's blocks exist then), before TP splits them
+        load_connector_weights(connector, cfg.connector.path)
     if cfg.llm.backend == "megatron":
         from vlm_train.parallel.tensor_parallel import shard_connector
 
@@ -58,9 +61,10 @@ def _build_decoder(cfg: Config, vocab_size: int, layout):
         return build_llm(cfg.llm, vocab_size=vocab_size)
     if layout is None:
         raise ConfigError("llm.backend=megatron builds inside a run (it needs the run's layout): use llm.backend=hf")
+    from vlm_train.parallel.engine import run_precision
     from vlm_train.parallel.tensor_parallel import build_megatron_llm
 
-    return build_megatron_llm(cfg.llm, vocab_size, layout)
+    return build_megatron_llm(cfg.llm, vocab_size, layout, precision=run_precision(cfg))  # bf16: fp32 softmax
 
 
 def _set_trainable(module: nn.Module, trainable: bool) -> None:

@@ -1,9 +1,12 @@
 """`vlm-convert`: move models between vlm_train runs and Hugging Face checkpoints.
 
-    vlm-convert to-hf RUN_DIR OUT [--step N]   newest (or step N) checkpoint of a run -> HF folder
+    vlm-convert to-hf RUN_DIR OUT [--step N]   newest (or step N) checkpoint of a run -> HF folder, with
+                                                its processor (image processor, tokenizer, chat template of
+                                                the run's data.template) for AutoProcessor and pipeline()
     vlm-convert consolidate RUN_DIR OUT [--step N]
                                                 the same checkpoint (any ZeRO stage, TP size) -> one
-                                                OUT/model.safetensors (frozen weights included) + config.yaml
+                                                OUT/model.safetensors (frozen weights included) + config.yaml;
+                                                connector.path=OUT starts a run from its connector
     vlm-convert from-hf HF_DIR OUT              a HF VLM -> tower, decoder and connector files in OUT,
                                                 and prints the overrides that train from them
     vlm-convert inspect HF_DIR                  import a LLaVA/BLIP-2/Idefics2 folder and summarise it
@@ -25,8 +28,9 @@ def to_hf_command(run_dir: Path, out: Path, step: int | None) -> None:
     from vlm_train.interop import to_hf
 
     folder = run_checkpoint(run_dir, step)
-    _, tokenizer, model = rebuild_trained_model(folder)
-    to_hf(model, out, tokenizer)
+    cfg, tokenizer, model = rebuild_trained_model(folder)
+    # The processor prepares prompts and images as this run's data pipeline did.
+    to_hf(model, out, tokenizer, template=cfg.data.template, image_aspect_ratio=cfg.data.image_aspect_ratio)
     print(f"wrote {out} from {folder}")
 
 

@@ -37,8 +37,20 @@ def from_hf(path: str | Path) -> VisionLanguageModel:
     return importers[model_type](path)
 
 
-def to_hf(model: VisionLanguageModel, path: str | Path, tokenizer=None) -> None:
-    """Write `model` as the HF family of its connector; `from_pretrained` then loads it."""
+def to_hf(
+    model: VisionLanguageModel,
+    path: str | Path,
+    tokenizer=None,
+    template: str = "vicuna_v1",
+    image_aspect_ratio: str = "crop",
+) -> None:
+    """Write `model` as the HF family of its connector; `from_pretrained` then loads it.
+
+    With the `tokenizer`, a LLaVA export also ships its processor (`AutoProcessor` and
+    `pipeline("image-text-to-text")` work on the folder): an image processor that prepares images
+    as `image_aspect_ratio` did in training, the tokenizer, and a chat template that renders the
+    training `template` (data.template), so prompts are tokenized as vlm_train tokenized them.
+    """
     exporters = {MLPConnector: _to_llava, QFormerConnector: _to_blip2, PerceiverConnector: _to_idefics2}
     exporter = exporters.get(type(model.connector))
     if exporter is None:
@@ -46,9 +58,21 @@ def to_hf(model: VisionLanguageModel, path: str | Path, tokenizer=None) -> None:
             f"no Hugging Face family takes a {type(model.connector).__name__}: export mlp, qformer or perceiver"
         )
     hf_model = exporter(model)
-    hf_model.save_pretrained(path)
     if tokenizer is not None:
+        _set_generation_tokens(hf_model, tokenizer)
+    hf_model.save_pretrained(path)
+    if tokenizer is None:
+        return
+    if exporter is _to_llava:
+        llava_processor(model, tokenizer, template, image_aspect_ratio).save_pretrained(path)
+    else:
         tokenizer.save_pretrained(path)
+
+
+def _set_generation_tokens(hf_model: nn.Module, tokenizer) -> None:
+    """`generate` stops where vlm_train's evaluation stops: at the tokenizer's end-of-sequence."""
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(hf_model.generation_config, name, getattr(tokenizer, name))
 
 
 def _causal_lm(text_config, body: nn.Module, lm_head: nn.Module) -> CausalLM:
@@ -183,3 +207,112 @@ def _to_idefics2(model: VisionLanguageModel) -> nn.Module:
     hf.model.connector.perceiver_resampler = model.connector.perceiver_resampler
     hf.model.text_model, hf.lm_head = model.llm.hf_model.model, model.llm.hf_model.lm_head
     return hf
+
+
+# --- LLaVA's processor: image processor, tokenizer, chat template -------------------------------
+
+# Each chat template renders what vlm_train.data.templates renders, so that transformers, which
+# tokenizes the rendered text in one piece, gets the very ids training used (tests/test_recipe.py).
+# One difference needs care: LLaVA tokenizes the text after each `<image>` as a new text (its
+# `tokenizer_image_token`), which gives it SentencePiece's leading "▁"; a tokenizer that does not
+# prefix text after a special token (Llama-2's non-legacy normalisation, Vicuna v1.5's) gets the
+# same "▁" only from a space written out after `<image>`. AFTER_IMAGE is that space, or nothing.
+# For the same reason BOS is not rendered: the processor's tokenizer adds it, and the text after it
+# is then the start of a text, as in training.
+_MESSAGE_PARTS = (
+    "{%- if message['content'] is string -%}"
+    "{%- set images = message['content'].count('<image>') -%}"
+    "{%- set text = message['content'].replace('<image>', '') if images else message['content'] -%}"
+    "{%- else -%}"
+    "{%- set images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+    "{%- endif -%}"
+)
+_TEMPLATES = {
+    # LLaVA-1.5 (conv_vicuna_v1, separator style TWO): "<system> USER: <image>\n<question> ASSISTANT:
+    # <answer></s>USER: ... ASSISTANT:", the image moved before the question (preprocess_multimodal).
+    "vicuna_v1": (
+        "{%- set system = SYSTEM -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system = messages[0]['content'] if messages[0]['content'] is string"
+        " else messages[0]['content'] | map(attribute='text') | join(' ') -%}"
+        "{%- set messages = messages[1:] -%}"
+        "{%- endif -%}"
+        "{{- system + ' ' -}}"
+        "{%- for message in messages -%}" + _MESSAGE_PARTS + "{%- if message['role'] == 'user' -%}"
+        "{{- 'USER: ' + (('<image>' + AFTER_IMAGE + '\n') * images + (text | trim) if images else text) + ' ' -}}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{- 'ASSISTANT: ' + text + eos_token -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+    ),
+    # LLaVA's stage 1 (conv_llava_plain): the image, then the caption and "\n"; questions are dropped.
+    "plain": (
+        "{%- set state = namespace(after_image=false) -%}"
+        "{%- for message in messages -%}" + _MESSAGE_PARTS + "{%- if message['role'] == 'user' -%}"
+        "{{- '<image>' * images -}}"
+        "{%- set state.after_image = images > 0 -%}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{- (AFTER_IMAGE if state.after_image else '') + text + '\n' -}}"
+        "{%- set state.after_image = false -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    ),
+    # The toy's template: "USER: <question> ASSISTANT: <answer></s>" (word-level: spaces do not matter).
+    "chat": (
+        "{{- bos_token -}}"
+        "{%- for message in messages -%}" + _MESSAGE_PARTS + "{%- if message['role'] == 'user' -%}"
+        "{{- 'USER: ' + ('<image>\n' * images + (text | trim) if images else text) + ' ASSISTANT:' -}}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{- ' ' + text + eos_token -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    ),
+}
+
+
+def chat_template(template: str, tokenizer) -> str:
+    """The Jinja chat template that renders vlm_train's `data.template` for transformers: the same
+    text, tokenized by `tokenizer` into the same ids as training (`hf`: the tokenizer's own)."""
+    from vlm_train.data.templates import VICUNA_SYSTEM, prefix_space_after_special
+
+    if template == "hf":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("data.template=hf but the tokenizer has no chat_template to export")
+        return tokenizer.chat_template
+    if template not in _TEMPLATES:
+        raise ConfigError(f"no chat template for data.template={template}: one of hf, {', '.join(_TEMPLATES)}")
+    after_image = "" if template == "chat" or prefix_space_after_special(tokenizer) else " "
+    constants = "{%- set SYSTEM = " + json.dumps(VICUNA_SYSTEM) + " -%}"
+    constants += "{%- set AFTER_IMAGE = " + json.dumps(after_image) + " -%}"
+    return constants + _TEMPLATES[template]
+
+
+def llava_processor(model: VisionLanguageModel, tokenizer, template: str, image_aspect_ratio: str):
+    """A LlavaProcessor that prepares what vlm_train's data pipeline prepared in training."""
+    from transformers import LlavaImageProcessorPil, LlavaProcessor
+
+    from vlm_train.data.tokenizer import IMAGE_TOKEN
+    from vlm_train.models.vision import HAS_CLS
+
+    vision, size = model.vision, model.vision.image_size
+    # pad = LLaVA's expand2square with the mean colour, then CLIP's resize + centre crop; resize =
+    # a plain S x S resize. (Saved as "LlavaImageProcessor": the torchvision one where installed.)
+    image_processor = LlavaImageProcessorPil(
+        do_pad=image_aspect_ratio == "pad",
+        size={"height": size, "width": size} if image_aspect_ratio == "resize" else {"shortest_edge": size},
+        do_center_crop=image_aspect_ratio != "resize",
+        crop_size={"height": size, "width": size},
+        image_mean=list(vision.image_mean),
+        image_std=list(vision.image_std),
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.hf_model.config.patch_size,
+        vision_feature_select_strategy="default" if vision.drop_cls else "full",
+        chat_template=chat_template(template, tokenizer),
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=int(HAS_CLS[vision.family]),  # the CLS token, dropped by "default"
+    )

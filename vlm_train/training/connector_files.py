@@ -1,0 +1,84 @@
+"""The connector of a run, in the files stage 2 (or anyone) loads it from.
+
+    <run.dir>/connector.safetensors   every connector: its state dict, fp32 (vlm_train's keys)
+    <run.dir>/mm_projector.bin        mlp only: LLaVA's own file, `torch.save` of
+                                      {"model.mm_projector.0.weight": ..., "model.mm_projector.0.bias": ...,
+                                       "model.mm_projector.2.weight": ..., ...}, as LLaVA's
+                                      `safe_save_model_for_hf_trainer` writes it in stage 1
+
+Both are rewritten by every checkpoint save (the end of a run included), after the checkpoint is
+published, so they hold the weights of the newest complete checkpoint. `connector.path` takes
+either file, or the run dir itself (vlm_train/models/connectors/__init__.py).
+
+The values are the trained fp32 weights: DeepSpeed's fp32 master copy when it keeps one (bf16
+training, ZeRO 1-3), else the module's parameters, gathered first where ZeRO-3 partitions them.
+LLaVA saves the bf16 module copy instead; loading either into a bf16 run gives the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vlm_train.config import Config
+
+CONNECTOR_FILE = "connector.safetensors"
+LLAVA_PROJECTOR_FILE = "mm_projector.bin"
+LLAVA_PREFIX = "model.mm_projector."  # LLaVA's name of the projector inside LlavaLlamaForCausalLM
+
+
+def write_connector_files(engine, run_dir: Path, step: int, cfg: Config) -> None:
+    """Collective: every rank helps gather the connector; rank 0 writes the files atomically."""
+    connector = engine.module.connector
+    if cfg.parallel.tensor_parallel > 1 and connector.placement == "cross_attention":
+        return  # its blocks are split over TP ranks like the decoder: `vlm-convert consolidate` joins them
+    state = connector_state(connector)
+    if dist.get_rank() != 0:
+        return
+    from safetensors.torch import save_file
+
+    metadata = {"format": "vlm_train", "connector": cfg.connector.name, "step": str(step)}
+    _atomic(run_dir / CONNECTOR_FILE, lambda path: save_file(state, path, metadata=metadata))
+    if cfg.connector.name == "mlp":
+        llava = {f"{LLAVA_PREFIX}{name}": tensor for name, tensor in state.items()}
+        _atomic(run_dir / LLAVA_PROJECTOR_FILE, lambda path: torch.save(llava, path))
+
+
+def connector_state(connector: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The connector's whole fp32 state dict on CPU, whatever ZeRO stage holds it (collective)."""
+    state = {}
+    for name, value in connector.state_dict(keep_vars=True).items():  # the keys load_state_dict expects
+        if isinstance(value, torch.nn.Parameter):
+            state[name] = _full_fp32(value)
+        else:  # a persistent buffer: floating ones in fp32 like the weights, others as they are
+            buffer = value.detach().cpu().clone()
+            state[name] = buffer.float() if buffer.is_floating_point() else buffer
+    return {name: tensor.contiguous() for name, tensor in state.items()}
+
+
+def _full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
+    # The optimizer's fp32 master copy, assembled across ranks (collective under ZeRO 1-3).
+    if param.requires_grad and (hasattr(param, "_hp_mapping") or hasattr(param, "_z3_optimizer")):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        master = safe_get_full_fp32_param(param)
+        if master is not None:
+            return master.detach().float().cpu().clone()
+    if hasattr(param, "ds_id"):  # ZeRO-3 partition without a master copy (a frozen connector)
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        with GatheredParameters([param]):
+            return param.data.detach().float().cpu().clone()
+    return param.detach().float().cpu().clone()
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary name then rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
