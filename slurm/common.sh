@@ -71,9 +71,10 @@ vlm_container_args() {
 }
 
 # run.dir as vlm_train resolves it (experiment defaults included), absolute. A bad override fails
-# here, in seconds, before any node starts training.
+# here, in seconds, before any node starts training, and so does a train.global_batch_size that
+# the job's VLM_WORLD ranks cannot make exactly (vlm_train/training/schedule.py).
 vlm_resolve_run_dir() {
-  local code='import sys
+  local code='import os, sys
 try:
     from vlm_train.config import compose
     from vlm_train.errors import UserError
@@ -81,7 +82,12 @@ try:
 except ImportError as err:
     sys.exit(f"{sys.executable} cannot import vlm_train ({err}): set PYTHON to your environment'"'"'s interpreter")
 try:
-    print(compose(sys.argv[1:]).run.dir)
+    cfg = compose(sys.argv[1:])
+    world = int(os.environ.get("VLM_WORLD") or 0)
+    if world:
+        from vlm_train.training.schedule import plan_batch
+        plan_batch(cfg.train, max(world // cfg.parallel.tensor_parallel, 1))
+    print(cfg.run.dir)
 except UserError as err:
     sys.exit(f"vlm-train: error: {err}")'
   local dir  # (errexit does not reach into $(...): every failure below is checked by hand)
@@ -191,18 +197,18 @@ vlm_launch() {
   mapfile -t overrides < <(vlm_with_experiment "$default_experiment" "$@")
   vlm_container_args
 
-  local run_dir log
-  run_dir="$(vlm_resolve_run_dir "${overrides[@]}")" || { vlm_log "job $SLURM_JOB_ID: the overrides do not compose (above); nothing started"; exit 2; }
+  local run_dir log nodes="${SLURM_JOB_NUM_NODES:-1}" nproc
+  nproc="$(vlm_nproc_per_node)"
+  run_dir="$(VLM_WORLD=$((nodes * nproc)) vlm_resolve_run_dir "${overrides[@]}")" || { vlm_log "job $SLURM_JOB_ID: the overrides do not compose or do not fit this job (above); nothing started"; exit 2; }
   mkdir -p "$run_dir/logs"
   log="$run_dir/logs/slurm-$SLURM_JOB_ID.log"
   vlm_log "job $SLURM_JOB_ID: logging to $log"
   exec >>"$log" 2>&1   # from here on, this shell and every srun step write into the run dir
 
   vlm_nccl_env
-  local head port nproc nodes="${SLURM_JOB_NUM_NODES:-1}"
+  local head port
   head="$(vlm_head_node)"
   port="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}"
-  nproc="$(vlm_nproc_per_node)"
   vlm_log "job $SLURM_JOB_ID start $((${SLURM_RESTART_COUNT:-0} + 1)): $nodes node(s) x $nproc worker(s), rendezvous $head:$port, run.dir $run_dir"
   vlm_log "container: ${CONTAINER_IMAGE:-none}; NCCL_IB_HCA=${NCCL_IB_HCA:-<all>} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-<auto>}"
   vlm_log "overrides: ${overrides[*]}"

@@ -80,7 +80,7 @@ def test_sbatch_pretrain_trains_the_toy_model(slurm_cluster, toy_data, tmp_path)
         "--cpus-per-task=2",
         f"--output={tmp_path}/slurm-%j.out",
         "slurm/pretrain.sh",
-        *_cpu_overrides(toy_data, run_dir, "train.max_steps=10"),
+        *_cpu_overrides(toy_data, run_dir, "train.max_steps=10", "train.global_batch_size=8"),
     ]
     try:
         result = _run(command, timeout=300, env=_job_env())
@@ -94,6 +94,7 @@ def test_sbatch_pretrain_trains_the_toy_model(slurm_cluster, toy_data, tmp_path)
     job_id = re.search(r"Submitted batch job (\d+)", result.stdout).group(1)
     log = (run_dir / "logs" / f"slurm-{job_id}.log").read_text()
     assert "1 node(s) x 1 worker(s)" in log  # no GPUs: one worker, gloo
+    assert "global batch 8 = micro-batch 4 x 1 data-parallel rank(s) x 2 accumulation step(s)" in log
     assert "training finished with exit code 0" in log
 
 

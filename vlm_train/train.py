@@ -72,9 +72,13 @@ def _train(cfg: Config, layout, device) -> None:
     from vlm_train.training.flops import TrainingFlops
     from vlm_train.training.loop import Trainer
     from vlm_train.training.metrics import MetricsLogger
+    from vlm_train.training.schedule import resolve_schedule
 
     run_dir = Path(cfg.run.dir)
     prepare_synthetic_data(cfg, layout.rank)
+    _, batch_line = resolve_schedule(cfg, layout.dp)  # derived fields, before the config is compared or written
+    if layout.rank == 0:
+        print(batch_line, flush=True)
     resume_from = latest_checkpoint(run_dir)
     if resume_from is not None:
         check_resumable((resume_from / "config.yaml").read_text(), cfg, resume_from)
@@ -136,7 +140,8 @@ def evaluate_run(trainer, cfg: Config, tokenizer, transform) -> None:
 
 
 def check_fits_and_report(cfg: Config, layout, device) -> None:
-    """The planner's model-state check (vlm_train/plan.py), then one line on the kernels in use."""
+    """The planner's check (vlm_train/plan.py: model states + activations of this micro-batch),
+    then one line on the kernels in use."""
     from vlm_train.parallel.kernels import probe_kernels
     from vlm_train.plan import check_fits
 

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from vlm_train.config import Config, to_yaml
 from vlm_train.errors import ConfigError
+from vlm_train.training.connector_files import write_connector_files
 from vlm_train.training.signals import fault_point
 
 LATEST = "latest"
@@ -76,6 +77,8 @@ def save(engine, run_dir: Path, step: int, trainer_state: dict, cfg: Config) -> 
     if rank == 0:
         _publish(root, partial, tag, world=dist.get_world_size())
         prune(root, keep=cfg.train.keep_last)
+    # <run.dir>/connector.safetensors (+ LLaVA's mm_projector.bin): the newest published connector
+    write_connector_files(engine, run_dir, step, cfg)  # collective (gathers under ZeRO-3)
     dist.barrier()
     return root / tag
 
@@ -285,9 +288,13 @@ RESUME_KEYS = (
     "parallel.tensor_parallel",
     "train.micro_batch_size",
     "train.grad_accum",
+    "train.global_batch_size",
     "data.urls",
     "data.num_workers",
 )
+# With train.global_batch_size set, micro-batch and accumulation are derived from the number of
+# ranks: a resume on another data-parallel size keeps the global batch, not these.
+DERIVED_WITH_GLOBAL_BATCH = ("train.micro_batch_size", "train.grad_accum")
 
 
 def check_resumable(saved_yaml: str, cfg: Config, folder: Path) -> None:
@@ -297,7 +304,10 @@ def check_resumable(saved_yaml: str, cfg: Config, folder: Path) -> None:
     saved = OmegaConf.create(saved_yaml)
     current = OmegaConf.structured(cfg)
     differences = []
+    fixed_global = current.train.global_batch_size is not None and saved.train.get("global_batch_size") is not None
     for key in RESUME_KEYS:
+        if fixed_global and key in DERIVED_WITH_GLOBAL_BATCH:
+            continue
         old, new = OmegaConf.select(saved, key), OmegaConf.select(current, key)
         if OmegaConf.is_config(old):
             old, new = OmegaConf.to_container(old), OmegaConf.to_container(new)
