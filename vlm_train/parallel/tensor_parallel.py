@@ -121,10 +121,19 @@ class MegatronCausalLM(nn.Module):
         return CausalLM(hf_model)
 
 
-def transformer_config(shape: DecoderShape, hf_config, tp: int, sequence_parallel: bool = False):
-    """megatron's TransformerConfig for a HF Llama config: fusions off, CPU initialisation, fp32."""
+def transformer_config(
+    shape: DecoderShape, hf_config, tp: int, sequence_parallel: bool = False, precision: str = "fp32"
+):
+    """megatron's TransformerConfig for a HF Llama config: fusions off, CPU initialisation, and
+    weights in `precision` (bf16 | fp32).
+
+    Under bf16 megatron must be told (`bf16=True`): its attention softmax upcasts bf16 scores to
+    fp32 only when the config says the inputs are 16-bit (`attention_softmax_in_fp32` alone does
+    nothing for an fp32-configured model fed bf16 by DeepSpeed).
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    bf16 = precision == "bf16"
     return TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -143,7 +152,8 @@ def transformer_config(shape: DecoderShape, hf_config, tp: int, sequence_paralle
         sequence_parallel=sequence_parallel,
         use_cpu_initialization=True,
         perform_initialization=False,  # the weights come from the HF decoder
-        params_dtype=torch.float32,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
@@ -164,8 +174,11 @@ def layer_spec():
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
-def from_hf_decoder(hf_llm: CausalLM, layout: Layout, vocab_size: int | None = None) -> MegatronCausalLM:
-    """Shard a HF Llama decoder for this rank's place in the TP group."""
+def from_hf_decoder(
+    hf_llm: CausalLM, layout: Layout, vocab_size: int | None = None, precision: str = "fp32"
+) -> MegatronCausalLM:
+    """Shard a HF Llama decoder for this rank's place in the TP group, built for `precision`
+    (bf16 | fp32: the run's resolved `train.precision`)."""
     from megatron.core.models.gpt import GPTModel
 
     hf_config = hf_llm.hf_model.config
@@ -173,7 +186,7 @@ def from_hf_decoder(hf_llm: CausalLM, layout: Layout, vocab_size: int | None = N
         raise ConfigError(f"llm.backend=megatron builds Llama-family decoders, not '{hf_config.model_type}'")
     shape = DecoderShape.from_hf_config(hf_config, vocab_size or hf_llm.vocab_size)
     hf_config.vocab_size = shape.vocab_size
-    config = transformer_config(shape, hf_config, layout.tp)
+    config = transformer_config(shape, hf_config, layout.tp, precision=precision)
     with torch.random.fork_rng():  # building draws nothing the rest of the model would see
         gpt = GPTModel(
             config=config,
@@ -191,6 +204,7 @@ def from_hf_decoder(hf_llm: CausalLM, layout: Layout, vocab_size: int | None = N
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise RuntimeError(f"HF -> megatron weights do not fit GPTModel: missing {missing}, unexpected {unexpected}")
+    gpt.to(config.params_dtype)  # torch norms ignore params_dtype; Megatron's Float16Module casts them too
     return MegatronCausalLM(gpt, shape, hf_config, layout.tp, layout.tp_rank)
 
 
@@ -212,9 +226,10 @@ def _rope_theta(hf_config) -> float:
     return float(params.get("rope_theta", 10000.0))
 
 
-def build_megatron_llm(cfg: LLMConfig, vocab_size: int, layout: Layout) -> MegatronCausalLM:
-    """The decoder `llm.backend=megatron` trains: `cfg`'s HF decoder, sharded for this TP rank."""
-    return from_hf_decoder(build_llm(cfg, vocab_size), layout)
+def build_megatron_llm(cfg: LLMConfig, vocab_size: int, layout: Layout, precision: str = "fp32") -> MegatronCausalLM:
+    """The decoder `llm.backend=megatron` trains: `cfg`'s HF decoder, sharded for this TP rank,
+    built for `precision` (bf16 | fp32)."""
+    return from_hf_decoder(build_llm(cfg, vocab_size), layout, precision=precision)
 
 
 # --- cross-attention connector blocks, tensor-parallel like the decoder layers they hook -------
