@@ -105,6 +105,9 @@ def build_llm(cfg: LLMConfig, vocab_size: int) -> CausalLM:
             tie_word_embeddings=cfg.tie_embeddings,
         )
         hf_model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attn_implementation)
-    if hf_model.get_input_embeddings().weight.shape[0] < vocab_size:
-        hf_model.resize_token_embeddings(vocab_size, mean_resizing=True)
+    embeddings = hf_model.get_input_embeddings().weight
+    if embeddings.shape[0] < vocab_size:
+        # new rows start at the mean of the old ones (as LLaVA does); a meta-device build (vlm-plan)
+        # has no values to average, and the mean's covariance check would call .item() on meta
+        hf_model.resize_token_embeddings(vocab_size, mean_resizing=embeddings.device.type != "meta")
     return CausalLM(hf_model)
