@@ -23,7 +23,7 @@ from vlm_train.data.reader import tar_samples
 from vlm_train.data.synthetic import make_sample
 
 
-def run_overrides(toy_data: Path, run_dir: Path) -> list[str]:
+def run_overrides(toy_data: Path, run_dir: Path, *extra: str) -> list[str]:
     # one shard of 64 samples: 2 workers x 8 batches of 4 per epoch, so 20 steps cross an epoch
     return toy_overrides(
         toy_data,
@@ -31,6 +31,7 @@ def run_overrides(toy_data: Path, run_dir: Path) -> list[str]:
         f"data.urls={toy_data}/train-000000.tar",
         "data.num_workers=2",
         "data.shuffle_block=8",
+        *extra,
         f"data.log_keys={run_dir}/keys",
         "train.max_steps=20",
         "train.save_every=4",
@@ -71,21 +72,29 @@ def run_until_step(overrides: list[str], run_dir: Path, step: int) -> None:
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_takes_the_same_samples(toy_data, tmp_path):
+@pytest.mark.parametrize("grouped", [False, True], ids=["plain", "modality_grouped"])
+def test_killed_and_resumed_run_takes_the_same_samples(toy_data, tmp_path, grouped):
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
-    result = run_cli(run_overrides(toy_data, reference_dir))
+    extra, kills = [], (5, 10, 17)  # kills between saves (4, 8, 16), one in the second epoch
+    if grouped:  # a shard of image and text-only samples; windows of 3 batches, so saves fall mid-window
+        write_mixed_shard(tmp_path / "mixed.tar", 64)
+        extra = [f"data.urls={tmp_path}/mixed.tar", "data.shuffle_block=12", "data.group_by_modality_length=true"]
+        kills = (10,)  # resumes from step 8: each worker 4 batches in, in its second window
+    result = run_cli(run_overrides(toy_data, reference_dir, *extra))
     assert result.returncode == 0, result.stderr[-2000:]
     expected, rewinds = taken_keys(reference_dir)
     assert len(expected) == 20 and rewinds == 0
     assert len(set(expected[:16])) == 16  # the first epoch: 16 batches, no sample twice
+    if grouped:
+        assert sum(is_mixed(keys.split()) for keys in expected[:16]) <= 6  # one per window: 2 workers x 3
 
-    for step in (5, 10, 17):  # kills between saves (4, 8, 16), one in the second epoch
-        run_until_step(run_overrides(toy_data, killed_dir), killed_dir, step)
-    result = run_cli(run_overrides(toy_data, killed_dir))
+    for step in kills:
+        run_until_step(run_overrides(toy_data, killed_dir, *extra), killed_dir, step)
+    result = run_cli(run_overrides(toy_data, killed_dir, *extra))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed from" in result.stdout
     taken, rewinds = taken_keys(killed_dir)
-    assert rewinds == 3  # every restart went back to a checkpoint, not to the start
+    assert rewinds == len(kills)  # every restart went back to a checkpoint, not to the start
     assert taken == expected
 
 
@@ -132,3 +141,72 @@ def test_a_hint_seeks_and_a_stale_hint_falls_back_to_the_scan(tmp_path):
     assert [s["__key__"] for s in tar_samples(url, 32, (index, offset, key))] == [s["__key__"] for s in scanned[2:]]
     stale = (index, offset + 512, key)  # points into the middle of a sample: rejected, scanned instead
     assert [s["__key__"] for s in tar_samples(url, 32, stale)] == [s["__key__"] for s in scanned[2:]]
+
+
+def write_mixed_shard(path: Path, count: int, text_every: int = 3) -> None:
+    """Image samples `i*` and, every `text_every`-th one, text-only samples `t*` (no image, no
+    <image>), with answers of varied length."""
+    rng = __import__("random").Random(1)
+    with wds.TarWriter(str(path)) as sink:
+        for index in range(count):
+            png, record = make_sample(rng)
+            if index % text_every:
+                sink.write({"__key__": f"i{index:05d}", "png": png, "json": json.dumps(record).encode()})
+                continue
+            answer = " ".join(["red"] * rng.randint(1, 6))
+            turns = [{"from": "human", "value": "what color is the circle ?"}, {"from": "gpt", "value": answer}]
+            sink.write({"__key__": f"t{index:05d}", "json": json.dumps({"conversations": turns}).encode()})
+
+
+def grouped_batches(pattern: str, rank: int, world: int, workers: int = 2, grouped: bool = True):
+    data = compose(
+        [
+            "experiment=toy",
+            f"data.urls={pattern}",
+            f"data.num_workers={workers}",
+            "data.shuffle_block=14",  # grouping windows of 4 batches of 4 (the block rounded up)
+            f"data.group_by_modality_length={str(grouped).lower()}",
+        ]
+    ).data
+    return build_train_batches(data, TOKENIZER, TRANSFORM, 9, rank=rank, world=world, batch_size=4, seed=3)
+
+
+def is_mixed(keys: list[str]) -> bool:
+    return len({key.replace("skipped:", "")[0] for key in keys}) > 1
+
+
+def test_modality_grouping_keeps_every_sample_once_in_batches_of_one_modality(tmp_path):
+    write_mixed_shard(tmp_path / "mixed-0.tar", 160)  # 4 slots x 40: 10 batches each, windows of 4, 4, 2
+    pattern = str(tmp_path / "mixed-{0..0}.tar")
+    per_rank = []
+    for rank in (0, 1):
+        batches = grouped_batches(pattern, rank, world=2)
+        per_rank.append([next(batches)["keys"] for _ in range(batches.stream.batches_per_epoch)])
+        batches.close()
+    assert [len(epoch) for epoch in per_rank] == [20, 20]  # every rank runs the same number of steps
+    seen = [key for epoch in per_rank for keys in epoch for key in keys]
+    assert sorted(seen) == sorted({*seen}) and len(seen) == 160  # each sample once: no leftover dropped
+    mixed = sum(is_mixed(keys) for epoch in per_rank for keys in epoch)
+    assert mixed <= 4 * 3  # at most one mixed batch per window: 4 slots x 3 windows
+    ungrouped = grouped_batches(pattern, 0, world=2, grouped=False)
+    assert sum(is_mixed(next(ungrouped)["keys"]) for _ in range(20)) >= 15  # the data is mixed: 18 of 20
+    ungrouped.close()
+
+
+def test_modality_grouping_resumes_exactly_anywhere(tmp_path):
+    write_mixed_shard(tmp_path / "mixed-0.tar", 80)  # 1 rank x 2 workers x 10 batches per epoch
+    pattern = str(tmp_path / "mixed-{0..0}.tar")
+    reference = grouped_batches(pattern, 0, world=1)
+    expected = [next(reference)["keys"] for _ in range(30)]  # one and a half epochs
+    reference.close()
+    assert sum(not is_mixed(keys) for keys in expected) >= 20  # at most one mixed batch per window
+    for stop in (6, 9, 20, 23):  # per worker: mid-window; one mid-window, one at its end; epoch end; epoch 2
+        first = grouped_batches(pattern, 0, world=1)
+        taken = [next(first)["keys"] for _ in range(stop)]
+        state = first.state_dict()
+        first.close()
+        resumed = grouped_batches(pattern, 0, world=1)
+        resumed.load_state_dict(state)
+        taken += [next(resumed)["keys"] for _ in range(30 - stop)]
+        resumed.close()
+        assert taken == expected, f"resumed after batch {stop}"

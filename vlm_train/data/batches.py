@@ -14,9 +14,10 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import random
 import signal
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,6 +70,32 @@ class Transition:
                 pieces.append((old_slot, first + begin - offset, first + end - offset))
             offset += stop - first
         return pieces
+
+
+def modality_batches(window: list, batch_size: int, modality_of: Callable, rng: random.Random) -> list[list]:
+    """One grouping window (a whole number of batches of samples) as batches of one modality each,
+    as LLaVA's LengthGroupedSampler(group_by_modality=True) makes them, within the window.
+
+    `modality_of(sample)` -> (has images, length). Image samples and text-only samples are batched
+    apart, each longest first (similar lengths pad less; ties keep the shuffled order); the batch
+    order is then shuffled with `rng`. The two modalities' leftovers (fewer than a batch each) make
+    up exactly one batch between them, since the window holds whole batches: that mixed batch
+    comes last, as LLaVA's `additional_batch` does. Nothing is dropped or repeated, and the window
+    gives the same number of batches as ungrouped, so every rank's batch count is unchanged.
+    """
+    groups: dict[bool, list[tuple[int, object]]] = {True: [], False: []}
+    for sample in window:
+        has_images, length = modality_of(sample)
+        groups[has_images].append((length, sample))
+    batches, leftover = [], []
+    for group in groups.values():
+        ordered = [sample for _, sample in sorted(group, key=lambda pair: -pair[0])]
+        whole = len(ordered) // batch_size * batch_size
+        batches += [ordered[i : i + batch_size] for i in range(0, whole, batch_size)]
+        leftover += ordered[whole:]
+    rng.shuffle(batches)
+    assert len(leftover) in (0, batch_size), "a grouping window holds whole batches"
+    return batches + [leftover] if leftover else batches
 
 
 def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:

@@ -1,6 +1,7 @@
 """Metrics: `metrics.jsonl` in the run dir, wandb (offline/disabled by default), and the console.
 
-Only rank 0 writes. Every record is one JSON object: training records carry step, loss, lr,
+Only rank 0 writes. Every start of a run dir (a requeue, a resume) logs to one wandb run, whose
+id `<run.dir>/wandb_id` keeps. Every record is one JSON object: training records carry step, loss, lr,
 samples_per_s, tokens_per_s (and grad_norm, mem_gb, mfu when known); evaluation records carry
 step, eval_loss, eval_accuracy. At the end, `loss_curve.png` in the run dir.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import json
 import resource
+import secrets
+import string
 import sys
 from pathlib import Path
 
@@ -16,6 +19,8 @@ import torch
 
 from vlm_train.config import Config
 from vlm_train.training.checkpoint import redact_secrets
+
+WANDB_ID_FILE = "wandb_id"  # in the run dir: the wandb run every start of this run logs to
 
 
 class MetricsLogger:
@@ -104,9 +109,26 @@ def _start_wandb(cfg: Config, run_dir: Path):
         mode=cfg.wandb.mode,
         dir=str(run_dir),
         name=run_dir.name,
-        resume="allow",
+        id=wandb_run_id(run_dir),
+        resume="allow",  # with the id: a requeued or resumed job continues the same wandb run
         config=json.loads(redact_secrets(json.dumps(_config_dict(cfg)))),  # no token interpolated into the config
     )
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The wandb run id of this run dir: read from `<run.dir>/wandb_id`, made and written there by
+    the first start. Without a fixed id, `resume="allow"` starts a new wandb run on every requeue.
+    Only rank 0 calls this (it alone logs), so one writer."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file() and (run_id := path.read_text().strip()):
+        return run_id
+    alphabet = string.ascii_lowercase + string.digits  # what wandb's own ids are made of
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(run_id + "\n")
+    partial.replace(path)  # atomic: a kill mid-write never leaves an empty id behind
+    return run_id
 
 
 def _config_dict(cfg: Config) -> dict:
