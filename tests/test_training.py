@@ -4,6 +4,7 @@ continues the loss curve exactly, and user mistakes end in one line, not a trace
 from __future__ import annotations
 
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -15,55 +16,147 @@ from tests.conftest import read_metrics, run_cli, step_losses, toy_overrides
 pytestmark = pytest.mark.slow
 
 
-def test_zero_stages_match_on_two_ranks(toy_data, tmp_path):
-    """fp32, same seed and data: per-step losses of ZeRO 1, 2, 3 equal ZeRO 0 within 1e-3 relative."""
-    losses = {}
+def test_zero_stages_match_and_skip_non_finite_steps(toy_data, tmp_path, monkeypatch):
+    """fp32, 2 ranks, accumulation 2, the same seed and data at ZeRO 0-3. Step 3's loss is NaN on one
+    rank: every stage skips it on both, weights and optimizer state (Adam moments, step counts)
+    exactly as before it, the LR schedule advanced. Per-step losses of ZeRO 1-3 equal ZeRO-0's within
+    1e-6 relative, the steps after the skip included. At ZeRO 0-2 a second NaN (step 7) exceeds
+    train.max_bad_steps=1: each rank exits 3, the last checkpoint kept; ZeRO-3 runs on and evaluates."""
+    from vlm_train.training.checkpoint import consolidated_state_dict
+
+    losses, lrs = {}, {}
     for stage in (0, 1, 2, 3):
         run_dir = tmp_path / f"zero{stage}"
         # ZeRO-3 also evaluates: greedy decoding on 2 ranks must keep their parameter gathers in step
         evaluation = ("train.eval=true", "data.eval_samples=8", "data.max_new_tokens=4") if stage == 3 else ()
+        monkeypatch.setenv("VLM_TRAIN_NAN_STEPS", "3" if stage == 3 else "3,7")
         result = run_cli(
             toy_overrides(
                 toy_data,
                 run_dir,
                 f"parallel.zero_stage={stage}",
-                "train.max_steps=4",
+                "train.max_steps=8",
                 "train.grad_accum=2",
                 "train.precision=fp32",
+                "train.lr=2e-3",
+                "train.warmup_steps=1",  # updates large enough that a stage computing them differently shows
+                "train.save_every=1",
+                "train.keep_last=0",
+                "train.max_bad_steps=1",
                 "vision.freeze=false",
                 *evaluation,
             ),
             nproc=2,
         )
-        assert result.returncode == 0, result.stderr[-3000:]
-        losses[stage] = step_losses(run_dir)
-        assert sorted(losses[stage]) == [1, 2, 3, 4]
+        if stage == 3:
+            assert result.returncode == 0, result.stderr[-3000:]
+        records = {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
+        losses[stage] = {step: r["loss"] for step, r in records.items()}
+        lrs[stage] = [r["lr"] for r in records.values()]
+        assert records[3]["loss"] is None and records[3]["bad_steps"] == 1, stage
+        # a step that let the NaN through leaves NaN weights: step 4 fails too and the run stops there
+        assert 4 in records, (stage, result.stderr[-1000:])
+        assert records[4]["loss"] > 0 and records[4]["bad_steps"] == 1, stage
+        checkpoints = run_dir / "checkpoints"
+        before, skipped, after = (consolidated_state_dict(checkpoints / f"step_{s}", stage) for s in (2, 3, 4))
+        assert before.keys() == skipped.keys() and all(torch.equal(before[k], skipped[k]) for k in before), stage
+        assert not all(torch.equal(skipped[k], after[k]) for k in skipped), stage  # step 4 trained
+        assert_same_optimizer_state(checkpoints / "step_2", checkpoints / "step_3", checkpoints / "step_4")
+        for step in (1, 2, 4, 5, 6):
+            assert losses[stage][step] == pytest.approx(losses[0][step], rel=1e-6, abs=0), (stage, step)
+        assert lrs[stage][:6] == pytest.approx(lrs[0][:6], rel=1e-12), stage  # skips keep the schedule in step
+        if stage == 3:
+            assert sorted(losses[stage]) == list(range(1, 9))
+            continue
+        # torchrun exits 1 when a child fails; the child's own exit code is in its failure report
+        assert re.search(r"exitcode\s*:\s*3 ", result.stderr.split("Root Cause")[-1]), result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("vlm-train: error:")]
+        assert len(set(errors)) == 1 and "2 steps had a non-finite loss" in errors[0]  # the same line on each rank
+        assert (checkpoints / "latest").read_text() == "step_6"
+        assert sorted(losses[stage]) == [1, 2, 3, 4, 5, 6]  # step 7 raised before it was logged
     assert "eval_accuracy" in read_metrics(tmp_path / "zero3")[-1]
-    for stage in (1, 2, 3):
-        for step, reference in losses[0].items():
-            assert losses[stage][step] == pytest.approx(reference, rel=1e-3), (stage, step)
-    assert losses[0][4] < losses[0][1]
+    assert losses[0][6] < losses[0][4] - 0.2  # the steps compared follow real updates, not a flat line
 
 
-def test_loss_is_token_weighted_across_micro_batches(toy_data, tmp_path):
-    """8 samples as one micro-batch or as 2 accumulated micro-batches of 4: the same loss and the
-    same update (a mean of per-micro-batch means would differ when answer lengths differ)."""
-    runs = {}
-    for micro, accum in ((8, 1), (4, 2)):
-        run_dir = tmp_path / f"mb{micro}"
+def optimizer_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the optimizer state a checkpoint folder holds, by path: ZeRO-0's torch AdamW state
+    in the model file, ZeRO 1-3's partitions (Adam moments, step counts, fp32 master weights) per rank."""
+    from vlm_train.training.checkpoint import safe_torch_load
+
+    found: dict[str, torch.Tensor] = {}
+
+    def collect(value, path: str) -> None:
+        if isinstance(value, torch.Tensor):
+            found[path] = value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                collect(item, f"{path}/{key}")
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                collect(item, f"{path}/{index}")
+
+    for file in sorted(folder.glob("*optim_states.pt")):
+        collect(safe_torch_load(file)["optimizer_state_dict"], file.name)
+    for file in sorted(folder.glob("*model_states.pt")):
+        collect(safe_torch_load(file).get("optimizer"), file.name)
+    return found
+
+
+def assert_same_optimizer_state(before: Path, skipped: Path, after: Path) -> None:
+    """The skipped step's optimizer state equals the one before it, tensor for tensor; the next step's differs."""
+    state, same = optimizer_tensors(before), optimizer_tensors(skipped)
+    for name in ("exp_avg", "exp_avg_sq", "step"):  # the comparison is not of an empty state
+        assert any(path.endswith(f"/{name}") for path in state), (name, sorted(state)[:8])
+    assert state.keys() == same.keys()
+    for path, tensor in state.items():
+        assert torch.equal(tensor, same[path]), f"optimizer state {path} changed by a skipped step"
+    moved = optimizer_tensors(after)
+    assert any(not torch.equal(moved[path], tensor) for path, tensor in same.items() if path.endswith("/exp_avg"))
+
+
+def test_loss_normalisation_is_the_same_across_ranks_and_accumulation(tmp_path):
+    """Global batch 8 as 2 ranks x micro 4 (accumulation 1), 1 rank x micro 4 x accumulation 2 and
+    1 rank x micro 8: the same losses and weights within fp32 noise (observed: losses 2.2e-7 relative,
+    weights 1.2e-7 absolute; asserted 1e-6). A lost factor 2 gives 2.6088 instead of 2.5405 at step 4.
+    Plain SGD without clipping, so a constant factor in the loop's DP or accumulation divisor moves
+    the weights (Adam's normalised update would hide it). The data are exactly one global batch, so
+    every layout trains on the same 8 samples at every step; their answers differ in length, so a
+    mean of per-micro-batch means would differ too."""
+    from vlm_train.data.synthetic import generate
+    from vlm_train.training.checkpoint import consolidated_state_dict
+
+    data = generate(tmp_path / "data", train=8, eval=1, shards=2, seed=1)
+    layouts = {"dp2": (2, 4), "accum2": (1, 4), "micro8": (1, 8)}  # name: (ranks, micro-batch)
+    losses, weights = {}, {}
+    for name, (ranks, micro) in layouts.items():
+        run_dir = tmp_path / name
         overrides = toy_overrides(
-            toy_data,
+            data,
             run_dir,
+            f"data.urls={data}/train-{{000000..000001}}.tar",
             f"train.micro_batch_size={micro}",
-            f"train.grad_accum={accum}",
-            "train.max_steps=3",
+            "train.global_batch_size=8",
+            "train.optimizer=sgd",
+            "train.lr=0.5",
+            "train.grad_clip=0",
+            "train.warmup_steps=1",
+            "train.max_steps=4",
             "train.precision=fp32",
+            "vision.freeze=false",
         )
-        result = run_cli(overrides)
+        result = run_cli(overrides, nproc=ranks)
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[micro] = step_losses(run_dir)
-    for step in (1, 2, 3):
-        assert runs[4][step] == pytest.approx(runs[8][step], rel=1e-5), step
+        accum = 8 // (ranks * micro)
+        assert f"micro-batch {micro} x {ranks} data-parallel rank(s) x {accum} accumulation" in result.stdout
+        losses[name] = step_losses(run_dir)
+        weights[name] = consolidated_state_dict(run_dir / "checkpoints" / "step_4", zero_stage=0)
+    reference = losses["micro8"]
+    assert reference[4] < reference[2] - 0.05  # the steps move the weights: a wrong scale would show
+    for name in ("dp2", "accum2"):
+        for step in (1, 2, 3, 4):
+            assert losses[name][step] == pytest.approx(reference[step], rel=1e-6, abs=0), (name, step)
+        for key, tensor in weights["micro8"].items():
+            torch.testing.assert_close(weights[name][key], tensor, rtol=1e-6, atol=1e-6, msg=f"{name} {key}")
 
 
 def test_resume_continues_the_loss_curve_exactly(toy_data, tmp_path):
@@ -85,34 +178,6 @@ def test_resume_continues_the_loss_curve_exactly(toy_data, tmp_path):
     assert sorted(got) == [4, 5, 6]
     for step in (4, 5, 6):
         assert got[step] == expected[step], f"step {step}: {got[step]} != {expected[step]}"
-
-
-def test_non_finite_loss_skips_the_step_then_stops(toy_data, tmp_path, monkeypatch):
-    """A NaN loss on one rank skips the step on both: weights unchanged, schedule advanced, counted.
-    ZeRO-2 takes DeepSpeed's own overflow path (non-finite gradient norm), ZeRO-3 ours (the optimizer
-    update is cancelled). Past train.max_bad_steps the run stops (exit 3), the last checkpoint kept."""
-    from vlm_train.training.checkpoint import consolidated_state_dict
-
-    common = ("train.save_every=1", "train.keep_last=0", "train.precision=fp32", "train.max_bad_steps=1")
-    runs = {2: ("3", "train.max_steps=4"), 3: ("3,5", "train.max_steps=6")}
-    for stage, (nan_steps, max_steps) in runs.items():
-        monkeypatch.setenv("VLM_TRAIN_NAN_STEPS", nan_steps)
-        run_dir = tmp_path / f"zero{stage}"
-        result = run_cli(toy_overrides(toy_data, run_dir, f"parallel.zero_stage={stage}", max_steps, *common), nproc=2)
-        records = {r["step"]: r for r in read_metrics(run_dir)}
-        assert records[3]["loss"] is None and records[3]["bad_steps"] == 1
-        assert records[4]["loss"] > 0 and records[4]["bad_steps"] == 1
-        checkpoints = run_dir / "checkpoints"
-        before, after = (consolidated_state_dict(checkpoints / f"step_{s}", stage) for s in (2, 3))
-        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-        if stage == 2:
-            assert result.returncode == 0, result.stderr[-3000:]
-    assert result.returncode != 0  # each rank exits 3; torchrun reports a failed child as 1
-    errors = [line for line in result.stderr.splitlines() if line.startswith("vlm-train: error:")]
-    assert len(set(errors)) == 1 and "2 steps had a non-finite loss" in errors[0]  # the same line on each rank
-    assert (tmp_path / "zero3" / "checkpoints" / "latest").read_text() == "step_4"
-    lr = {stage: [r["lr"] for r in read_metrics(tmp_path / f"zero{stage}")[:4]] for stage in runs}
-    assert lr[2] == lr[3]  # both paths keep the LR schedule in step with the trainer
 
 
 def _shard_with_broken_images(source: Path, target: Path, every: int) -> Path:
@@ -166,7 +231,8 @@ def test_toy_run_writes_the_run_dir_and_evaluates(toy_data, tmp_path):
 
 
 def test_bf16_run_with_offline_wandb(toy_data, tmp_path):
-    """bf16 through DeepSpeed's bf16 path on CPU, ZeRO-2, wandb writing locally without network."""
+    """A bf16 run through the CLI at ZeRO-2, wandb writing locally without network. (bf16 numerics,
+    50 steps against fp32 and the dtypes in use: tests/test_bf16.py.)"""
     run_dir = tmp_path / "bf16"
     result = run_cli(
         toy_overrides(
@@ -180,7 +246,7 @@ def test_bf16_run_with_offline_wandb(toy_data, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     losses = step_losses(run_dir)
-    assert sorted(losses) == [1, 2] and all(0 < loss < 10 for loss in losses.values())
+    assert sorted(losses) == [1, 2]
     assert list((run_dir / "wandb").glob("offline-run-*"))
 
 

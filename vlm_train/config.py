@@ -140,8 +140,9 @@ class DataConfig:
     synthetic_dir: str | None = None  # generate the toy scenes here when `urls` matches nothing
     synthetic_train: int = 20000  # toy scenes to generate (train split)
     synthetic_eval: int = 400  # toy scenes to generate (held-out split)
-    template: str = "chat"  # plain (LLaVA stage 1) | vicuna_v1 (LLaVA-1.5) | hf (the tokenizer's chat_template) | chat (the toy's)
-    image_aspect_ratio: str = "crop"  # crop (short side, centre crop) | pad (LLaVA's expand2square, mean colour) | resize
+    # plain (LLaVA stage 1) | vicuna_v1 (LLaVA-1.5) | hf (the tokenizer's chat_template) | chat (the toy's)
+    template: str = "chat"
+    image_aspect_ratio: str = "crop"  # crop (short side, centre crop) | pad (LLaVA's expand2square) | resize
     group_by_modality_length: bool = False  # batches of image samples and of text-only samples (LLaVA's sampler)
     max_length: int = 128  # tokens per sample, visual tokens included; text is truncated first
     num_workers: int = 2  # DataLoader workers per rank
@@ -179,6 +180,7 @@ class TrainConfig:
     global_batch_size: int | None = None  # samples per optimizer step, any rank count: grad_accum is derived
     grad_accum: int = 1  # micro-batches per optimizer step (derived when global_batch_size is set)
     grad_reduce_dtype: str = "fp32"  # dtype gradients accumulate and all-reduce in under bf16: fp32 | bf16
+    optimizer: str = "adamw"  # adamw | sgd (plain SGD, no momentum: tests where Adam would hide a gradient scale)
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 10
@@ -241,6 +243,7 @@ _CHOICES = {
     "parallel.backend": ("auto", "nccl", "gloo"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.grad_reduce_dtype": ("fp32", "bf16"),
+    "train.optimizer": ("adamw", "sgd"),
     "data.image_aspect_ratio": ("crop", "pad", "resize"),
     "wandb.mode": ("disabled", "offline", "online"),
 }

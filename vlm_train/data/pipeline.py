@@ -27,12 +27,12 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlm_train.config import DataConfig
-from vlm_train.data.batches import TrainBatches, Transition
+from vlm_train.data.batches import TrainBatches, Transition, modality_batches
 from vlm_train.data.packing import collate_packed
 from vlm_train.data.preprocess import ImageTransform
 from vlm_train.data.reader import Skipped, Slice, read_slice
 from vlm_train.data.sources import MixSchedule, Source, expand_urls, shard_sizes, slot_slices
-from vlm_train.data.templates import Encoded, encode, truncate
+from vlm_train.data.templates import ConversationError, Encoded, check_template, encode, truncate
 from vlm_train.data.transfer import PixelSlots, cat_for_transfer
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "too_long",  # longer than data.max_length even after cutting text (visual tokens are never cut)
     "image_token_mismatch",  # <image> markers != images in the sample
     "empty_shard",  # a shard without samples (counted once per epoch; takes no batch position)
+    "bad_conversation",  # turns that do not alternate human/gpt, or that data.template cannot encode
 )
 REASON_INDEX = {reason: index for index, reason in enumerate(SKIP_REASONS)}
 
@@ -62,10 +63,11 @@ class SampleEncoder:
     def __init__(self, cfg: DataConfig, tokenizer, transform: ImageTransform, image_tokens: int):
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.transform = transform
+        self.transform = transform.with_aspect_ratio(cfg.image_aspect_ratio)  # crop | pad | resize: the data's call
         self.image_tokens = image_tokens
         self.image_keys = cfg.image_key.split(";")
         self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+        check_template(tokenizer, cfg.template)  # at start-up: data.template=hf needs a chat template
 
     def __call__(self, raw: dict) -> tuple[str, torch.Tensor, Encoded] | None:
         """The encoded sample, or None for a bad one (logged)."""
@@ -77,6 +79,8 @@ class SampleEncoder:
         try:
             turns = self.conversation(raw)
             encoded = encode(turns, self.tokenizer, self.cfg.template, self.image_tokens)
+        except ConversationError as err:
+            return _skip("bad_conversation", key, str(err))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             return _skip("missing_field", key, f"no usable '{self.cfg.text_key}' field ({err})")
         try:
@@ -193,11 +197,12 @@ class ShardStream(IterableDataset):
         seed: int,
         shuffle_block: int,
         packing: bool = False,
+        group_by_modality: bool = False,
     ):
         self.sources, self.encoder, self.pad_id = sources, encoder, pad_id
         self.rank, self.world, self.workers = rank, world, max(workers, 1)
         self.batch_size, self.seed, self.shuffle_block = batch_size, seed, max(shuffle_block, 1)
-        self.packing = packing
+        self.packing, self.group_by_modality = packing, group_by_modality
         self.epoch, self.start_batch = 0, 0
         self.hints: dict[str, list[tuple]] = {}  # shard url -> [(sample index, byte offset, key)]
         self.block_starts: dict[int, tuple] = {}  # source -> (url, index, offset) of the last block read
@@ -236,24 +241,66 @@ class ShardStream(IterableDataset):
         logical = (worker + self.start_batch) % self.workers
         done = max(0, -(-(self.start_batch - logical) // self.workers))
         slot = self.rank * self.workers + logical
+        # Grouped batches are cut from whole windows: a resume re-reads the window it stopped in.
+        first = done // self.window_batches() * self.window_batches() if self.group_by_modality else done
         if self.in_transition():
-            items = self.transition_items(slot, done * self.batch_size)
+            items = self.transition_items(slot, first * self.batch_size)
         else:
-            items = self.slot_items(slot, (self.epoch * self.batches_per_slot + done) * self.batch_size)
+            items = self.slot_items(slot, (self.epoch * self.batches_per_slot + first) * self.batch_size)
+        if self.group_by_modality:
+            raw_batches = self.grouped_batches(items, first, slot)
+        else:
+            raw_batches = self.plain_batches(items, self.slot_batches() - first)
         fallback = None
-        for _ in range(done, self.slot_batches()):
-            counts = torch.zeros(len(SKIP_REASONS), dtype=torch.int64)
-            raw_batch: list[dict | Skipped] = []
-            while len(raw_batch) < self.batch_size:
-                item = next(items)
-                if isinstance(item, Skipped) and item.reason == "empty_shard":
-                    counts[REASON_INDEX[item.reason]] += 1  # takes no position: the shard had none
-                else:
-                    raw_batch.append(item)
-            batch, fallback = self.make_batch(raw_batch, counts, fallback)
+        for raw_batch, counts, hints in islice(raw_batches, done - first, None):
+            batch, fallback = self.make_batch(raw_batch, counts, fallback, hints)
             yield batch
 
-    def make_batch(self, raw_batch: list[dict | Skipped], counts: torch.Tensor, fallback) -> tuple[dict, tuple]:
+    def plain_batches(self, items: Iterator, count: int) -> Iterator[tuple[list, torch.Tensor, None]]:
+        """`count` batches of the stream's next samples, in stream order (hints: read when made)."""
+        for _ in range(count):
+            counts = torch.zeros(len(SKIP_REASONS), dtype=torch.int64)
+            yield self.take(items, self.batch_size, counts), counts, None
+
+    def take(self, items: Iterator, count: int, counts: torch.Tensor) -> list[dict | Skipped]:
+        """The next `count` samples; empty shards take no position, they are only counted."""
+        raw: list[dict | Skipped] = []
+        while len(raw) < count:
+            item = next(items)
+            if isinstance(item, Skipped) and item.reason == "empty_shard":
+                counts[REASON_INDEX[item.reason]] += 1
+            else:
+                raw.append(item)
+        return raw
+
+    def window_batches(self) -> int:
+        """Batches per modality-grouping window: the shuffle block rounded up to whole batches."""
+        return -(-self.shuffle_block // self.batch_size)
+
+    def grouped_batches(self, items: Iterator, first: int, slot: int) -> Iterator[tuple[list, torch.Tensor, list]]:
+        """data.group_by_modality_length: the slot's batches from `first` (a window start) on, each
+        window of samples regrouped into batches of one modality (batches.modality_batches)."""
+        for start in range(first, self.slot_batches(), self.window_batches()):
+            size = min(self.window_batches(), self.slot_batches() - start)
+            counts = torch.zeros(len(SKIP_REASONS), dtype=torch.int64)
+            window = self.take(items, 1, counts)
+            # where the window starts (no later block than its first sample's): a resume seeks there
+            hints = list(self.block_starts.values())
+            window += self.take(items, size * self.batch_size - 1, counts)
+            rng = random.Random(f"modality-{self.seed}-{self.epoch}-{slot}-{start}")
+            for index, raw_batch in enumerate(modality_batches(window, self.batch_size, self.modality_of, rng)):
+                yield raw_batch, counts if index == 0 else torch.zeros_like(counts), hints
+
+    def modality_of(self, item: dict | Skipped) -> tuple[bool, int]:
+        """(has images, length): length is the text field's size in bytes (LLaVA counts words). An
+        unreadable sample goes with the image samples (its placeholder copies a batch-mate)."""
+        if isinstance(item, Skipped):
+            return True, 0
+        return bool(self.encoder.image_members(item)), len(item.get(self.encoder.cfg.text_key) or b"")
+
+    def make_batch(
+        self, raw_batch: list[dict | Skipped], counts: torch.Tensor, fallback, hints: list | None = None
+    ) -> tuple[dict, tuple]:
         encoded = [
             self.encoder.encode(item) if isinstance(item, dict) else _skip(item.reason, item.key, "unreadable")
             for item in raw_batch
@@ -272,7 +319,7 @@ class ShardStream(IterableDataset):
             batch = collate(samples, self.pad_id, cat)
         if self.pixel_slots is not None:
             batch["pixel_slot"] = self.pixel_slots.slot_of(batch["pixel_values"])
-        batch["resume_hints"] = list(self.block_starts.values())
+        batch["resume_hints"] = list(self.block_starts.values()) if hints is None else hints
         batch["skipped_by_reason"] = counts
         batch["skipped"] = int(counts.sum())
         return batch, fallback
@@ -367,6 +414,7 @@ def build_train_batches(
         seed=seed,
         shuffle_block=cfg.shuffle_block,
         packing=cfg.packing,
+        group_by_modality=cfg.group_by_modality_length,
     )
     keys_file = None
     if cfg.log_keys:

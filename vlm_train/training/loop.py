@@ -126,8 +126,9 @@ class Trainer:
         """Count a skipped step; stop when there were too many (the last checkpoint stays good)."""
         self.optimizer.skip_next = False
         if self.engine.skipped_steps > self.ds_skipped_before:
-            # DeepSpeed cancelled the update itself (non-finite gradients under ZeRO 1/2) and then
-            # leaves its LR schedule behind; keep the schedule in step with the trainer.
+            # DeepSpeed cancelled the update itself (ZeRO 1-3 take a non-finite gradient norm for an
+            # overflow; ZeRO-0 has only SkippableAdamW) and then leaves its LR schedule behind; keep
+            # the schedule in step with the trainer.
             self.step_is_bad = True
             self.engine.lr_scheduler.step()
         if self.layout.zero_stage > 0 and not self.step_is_bad:
