@@ -70,3 +70,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def step_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def run_worker(worker) -> None:
+    """The `__main__` of a launched test worker: `worker(plan)` with the JSON plan named by argv[1].
+    A failure exits at once: loader workers and process groups left behind would keep a failed
+    rank alive until the launch times out, instead of failing the test in seconds."""
+    try:
+        worker(json.loads(Path(sys.argv[1]).read_text()))
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)

@@ -308,13 +308,6 @@ def worker(plan: list[dict]) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.conftest import toy_overrides  # noqa: F401  (the same environment defaults as pytest)
+    from tests.conftest import run_worker  # also sets the same environment defaults as pytest
 
-    try:
-        worker(json.loads(Path(sys.argv[1]).read_text()))
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
+    run_worker(worker)

@@ -507,15 +507,6 @@ def save_trained_logits(run_dir: Path, env) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.conftest import toy_overrides  # noqa: F401  (the same environment defaults as pytest)
+    from tests.conftest import run_worker  # also sets the same environment defaults as pytest
 
-    try:
-        worker(json.loads(Path(sys.argv[1]).read_text()))
-    except BaseException:
-        # Exit at once: loader workers and process groups left behind would keep a failed rank
-        # alive until the launch times out, instead of failing the test in seconds.
-        import traceback
-
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
+    run_worker(worker)

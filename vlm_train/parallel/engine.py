@@ -135,13 +135,12 @@ def _check_decoder_precision(model: torch.nn.Module, precision: str) -> None:
         raise RuntimeError(f"the megatron decoder was built for bf16={gpt.config.bf16} but the run is {precision}")
 
 
-class SkippableAdamW(torch.optim.AdamW):
-    """torch's AdamW whose next update can be cancelled.
+class SkipNextStep:
+    """Mixin for a torch optimizer: setting `skip_next` cancels its next update.
 
     The trainer skips a step whose global loss is not finite. Cancelling here, inside whatever
     DeepSpeed wraps around the optimizer, lets every ZeRO stage still reduce, clip and clear the
-    gradients as usual, while weights and Adam moments stay exactly as they were. (A torch
-    optimizer, not DeepSpeed's fused CPU Adam, which costs a 72 s compile on first use.)
+    gradients as usual, while weights and optimizer state stay exactly as they were.
     """
 
     skip_next = False
@@ -153,13 +152,9 @@ class SkippableAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-class SkippableSGD(torch.optim.SGD):
-    """torch's SGD (no momentum) with SkippableAdamW's protocol: `skip_next` cancels the next update."""
+class SkippableAdamW(SkipNextStep, torch.optim.AdamW):
+    """torch's AdamW (not DeepSpeed's fused CPU Adam, which costs a 72 s compile on first use)."""
 
-    skip_next = False
 
-    def step(self, closure=None):
-        if self.skip_next:
-            self.skip_next = False
-            return None
-        return super().step(closure)
+class SkippableSGD(SkipNextStep, torch.optim.SGD):
+    """torch's SGD (no momentum): its update is proportional to the gradient."""
