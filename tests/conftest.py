@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -84,3 +85,11 @@ def run_worker(worker) -> None:
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)
+
+
+def keep_only_checkpoint(whole: Path, resumed: Path, step: int) -> None:
+    """`resumed` as `whole`'s run dir would be had the run stopped right after its step-`step` checkpoint."""
+    resumed.mkdir(exist_ok=True)
+    shutil.copytree(whole / "checkpoints" / f"step_{step}", resumed / "checkpoints" / f"step_{step}")
+    (resumed / "checkpoints" / "latest").write_text(f"step_{step}")
+    shutil.copy(whole / "config.yaml", resumed / "config.yaml")

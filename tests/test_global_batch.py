@@ -8,12 +8,11 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, step_losses, toy_overrides
+from tests.conftest import keep_only_checkpoint, run_cli, step_losses, toy_overrides
 from vlm_train.config import compose, to_yaml
 from vlm_train.errors import ConfigError
 from vlm_train.parallel.engine import deepspeed_config
@@ -162,10 +161,7 @@ def test_resume_on_fewer_ranks_keeps_the_global_batch_and_the_loss_curve(one_bat
     written = (whole / "config.yaml").read_text()
     assert "max_steps: 6" in written and "warmup_steps: 2" in written and "grad_accum: 1" in written
 
-    resumed.mkdir()
-    shutil.copytree(whole / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
-    (resumed / "checkpoints" / "latest").write_text("step_3")
-    shutil.copy(whole / "config.yaml", resumed / "config.yaml")
+    keep_only_checkpoint(whole, resumed, 3)
     result = run_cli(one_batch_overrides(one_batch_data, resumed, *common))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "global batch 8 = micro-batch 4 x 1 data-parallel rank(s) x 2 accumulation step(s)" in result.stdout

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import io
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import read_metrics, run_cli, step_losses, toy_overrides
+from tests.conftest import keep_only_checkpoint, read_metrics, run_cli, step_losses, toy_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -167,10 +166,7 @@ def test_resume_continues_the_loss_curve_exactly(toy_data, tmp_path):
     assert (whole / "checkpoints" / "latest").read_text() == "step_6"
 
     # The same run, stopped after its step-3 checkpoint: only what existed then is kept.
-    resumed.mkdir()
-    shutil.copytree(whole / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
-    (resumed / "checkpoints" / "latest").write_text("step_3")
-    shutil.copy(whole / "config.yaml", resumed / "config.yaml")
+    keep_only_checkpoint(whole, resumed, 3)
     result = run_cli(toy_overrides(toy_data, resumed, *common))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
