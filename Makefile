@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast lint format lock
+.PHONY: setup demo test test-fast lint typecheck format lock
 
 setup:
 	python3 -m venv $(VENV) && $(VENV)/bin/pip install -q torch==2.13.0 && $(VENV)/bin/pip install -q -c constraints.txt -e '.[dev]'
@@ -19,6 +19,9 @@ test-fast:
 lint:
 	$(VENV)/bin/ruff check vlm_train tests launch bench
 	$(VENV)/bin/ruff format --check vlm_train tests launch bench
+
+typecheck:
+	$(PY) -m mypy
 
 format:
 	$(VENV)/bin/ruff format vlm_train tests

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 if __name__ != "__main__":
-    from tests.conftest import REPO, step_losses, torchrun, toy_overrides
+    from tests.helpers import REPO, step_losses, torchrun, toy_overrides
 
 STEPS = 50
 # Measured (toy, 2 gloo ranks, ZeRO-2, 2 x 2 micro-batches, 50 steps): largest per-step
@@ -308,6 +308,6 @@ def worker(plan: list[dict]) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.conftest import run_worker  # also sets the same environment defaults as pytest
+    from tests.helpers import run_worker  # also sets the same environment defaults as pytest
 
     run_worker(worker)

@@ -178,7 +178,7 @@ def half_text_only_shards(tmp_path_factory) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("connector", [*sorted(CONNECTORS), "ln_adapter connector.modality_norms=true"])
 def test_connector_trains_under_zero3_when_a_rank_has_no_image(connector, half_text_only_shards, tmp_path):
-    from tests.conftest import run_cli, step_losses
+    from tests.helpers import run_cli, step_losses
 
     name, *options = connector.split()
     overrides = [

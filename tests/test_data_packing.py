@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import run_cli, step_losses, toy_overrides
+from tests.helpers import run_cli, step_losses, toy_overrides
 from tests.test_data import TOKENIZER, write_shards
 from vlm_train import compose
 from vlm_train.build import build_model

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from tests.conftest import REPO, read_metrics, run_cli, toy_overrides
+from tests.helpers import REPO, read_metrics, run_cli, toy_overrides
 from tests.test_data import TOKENIZER, TRANSFORM
 from vlm_train import compose
 from vlm_train.data.pipeline import build_train_batches

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.test_data import batches_for, write_shards
 from vlm_train.data.batches import PREFETCH
 

@@ -15,7 +15,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # Builds that come from the platform (NGC containers ship their own): bounds stay wide on purpose.
 PLATFORM_PACKAGES = {"torch", "numpy", "pillow"}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, read_metrics, run_cli, step_losses, torchrun, toy_overrides
+from tests.helpers import REPO, read_metrics, run_cli, step_losses, torchrun, toy_overrides
 from vlm_train.errors import ConfigError
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import keep_only_checkpoint, run_cli, step_losses, toy_overrides
+from tests.helpers import keep_only_checkpoint, run_cli, step_losses, toy_overrides
 from vlm_train.config import compose, to_yaml
 from vlm_train.errors import ConfigError
 from vlm_train.parallel.engine import deepspeed_config
@@ -191,7 +191,7 @@ def test_sbatch_checks_the_global_batch_against_the_jobs_gpus_before_starting():
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     script = """source slurm/common.sh; VLM_CONTAINER_ARGS=()
     for world in 24 16; do VLM_WORLD=$world vlm_resolve_run_dir "$@" || echo "refused at $world"; done"""

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from launch.k8s import JobSpec, main, parse_args, render, render_indexed_job, render_pytorchjob, to_yaml
-from tests.conftest import REPO, free_port, read_metrics, toy_overrides
+from tests.helpers import REPO, free_port, read_metrics, toy_overrides
 from vlm_train.parallel.launch_env import LaunchEnv, LaunchError, expand_nodelist, first_host, launch_env
 
 # --- the launch environment ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, read_metrics
+from tests.helpers import REPO, read_metrics
 from vlm_train.parallel.launch_env import expand_nodelist
 
 pytestmark = pytest.mark.slow

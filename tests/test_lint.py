@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PATHS = ["vlm_train", "tests", "launch", "bench"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import run_cli, step_losses, toy_overrides
+from tests.helpers import run_cli, step_losses, toy_overrides
 from vlm_train.training.metrics import WANDB_ID_FILE, wandb_run_id
 
 

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from tests.conftest import REPO, run_cli, toy_overrides
+from tests.helpers import REPO, run_cli, toy_overrides
 from vlm_train.build import build_model
 from vlm_train.config import compose
 from vlm_train.errors import ConfigError

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli, toy_overrides
+from tests.helpers import REPO, run_cli, toy_overrides
 from vlm_train.errors import ConfigError
 
 TOKENIZERS = REPO / "tests" / "assets" / "tokenizers"

@@ -16,7 +16,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from tests.conftest import REPO, read_metrics, run_cli, toy_overrides
+from tests.helpers import REPO, read_metrics, run_cli, toy_overrides
 from vlm_train import compose
 from vlm_train.data.pipeline import build_train_batches
 from vlm_train.data.preprocess import ImageTransform

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, run_cli
 from vlm_train.config import LLMConfig, compose
 from vlm_train.data import encode_conversation
 from vlm_train.data.tokenizer import IMAGE_TOKEN, load_tokenizer
@@ -341,7 +341,7 @@ def test_a_conversation_that_does_not_alternate_is_a_counted_skip(tmp_path):
 
 @pytest.mark.slow
 def test_hf_template_without_a_chat_template_fails_at_start_up_in_one_line(toy_data, tmp_path):
-    from tests.conftest import toy_overrides
+    from tests.helpers import toy_overrides
 
     overrides = toy_overrides(
         toy_data, tmp_path / "run", f"llm.tokenizer={TOKENIZERS / 'llama2'}", "data.template=hf", "train.max_steps=1"

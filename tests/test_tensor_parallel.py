@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 if __name__ != "__main__":
-    from tests.conftest import REPO, read_metrics, run_cli, step_losses, torchrun, toy_overrides
+    from tests.helpers import REPO, read_metrics, run_cli, step_losses, torchrun, toy_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -507,6 +507,6 @@ def save_trained_logits(run_dir: Path, env) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.conftest import run_worker  # also sets the same environment defaults as pytest
+    from tests.helpers import run_worker  # also sets the same environment defaults as pytest
 
     run_worker(worker)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import keep_only_checkpoint, read_metrics, run_cli, step_losses, toy_overrides
+from tests.helpers import keep_only_checkpoint, read_metrics, run_cli, step_losses, toy_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -281,7 +281,7 @@ def test_stop_signal_saves_and_exits_with_the_documented_code(signal_name, toy_d
     import sys
     import time
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
     from vlm_train.training.signals import EXIT_PREEMPTED
 
     run_dir = tmp_path / "run"
