@@ -105,7 +105,7 @@ class Ours:
         cfg = compose(["experiment=toy", *overrides]).data
         tokens = (IMAGE_SIZE // PATCH) ** 2
         self.batches = build_train_batches(
-            cfg, tokenizer, transform, tokens, rank=0, world=1, batch_size=batch_size, seed=0
+            cfg, tokenizer, transform, tokens, dp_rank=0, dp_size=1, batch_size=batch_size, seed=0
         )
 
     def round(self) -> tuple[int, float, float, float]:
@@ -114,7 +114,7 @@ class Ours:
         # so the worker's CPU time is in RUSAGE_CHILDREN when the round ends.
         self.batches.load_state_dict(self.batches.state_dict())
         clock = Clock()
-        samples = sum(len(next(self.batches)["keys"]) for _ in range(self.batches.stream.batches_per_epoch))
+        samples = sum(len(next(self.batches)["keys"]) for _ in range(self.batches.batches_per_epoch))
         return samples, *clock.stop()
 
 

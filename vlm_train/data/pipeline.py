@@ -5,7 +5,8 @@ seed, concatenated, and cut into equal contiguous ranges, one per (rank, worker)
 rank gets the same number of batches whatever the shard count (an uneven split hangs the
 collectives), every sample is seen at most once per epoch (exactly once when the total divides
 evenly), and a position (epoch, batch) is enough to resume without replaying earlier epochs: a
-worker seeks to its block of the shuffled range (a byte offset the checkpoint kept, see batches.py).
+worker seeks to its block of the shuffled range (a byte offset the checkpoint kept). The position
+and the slot arithmetic are data/position.py; data/batches.py runs the DataLoader over this stream.
 
 Bad samples never stop a run: each is replaced by a masked placeholder (every rank keeps full,
 equal batches) and counted by reason in `batch["skipped_by_reason"]`, an int64 tensor
@@ -14,6 +15,7 @@ equal batches) and counted by reason in `batch["skipped_by_reason"]`, an int64 t
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -27,17 +29,27 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlm_train.config import DataConfig
-from vlm_train.data.batches import TrainBatches, Transition, modality_batches
+from vlm_train.data.batches import TrainBatches, modality_batches
 from vlm_train.data.packing import collate_packed
+from vlm_train.data.position import DataLayout, Position, ceil_div, worker_start
 from vlm_train.data.preprocess import ImageTransform
-from vlm_train.data.reader import Skipped, Slice, read_slice
+from vlm_train.data.reader import SkippedSample, Slice, read_slice
 from vlm_train.data.sources import MixSchedule, Source, expand_urls, shard_sizes, slot_slices
 from vlm_train.data.templates import ConversationError, Encoded, check_template, encode, truncate
 from vlm_train.data.transfer import PixelSlots, cat_for_transfer
+from vlm_train.models.vlm import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SKIP_REASONS", "Skipped", "Slice", "TrainBatches", "build_train_batches", "expand_urls", "shard_sizes"]
+__all__ = [
+    "SKIP_REASONS",
+    "SkippedSample",
+    "Slice",
+    "TrainBatches",
+    "build_train_batches",
+    "expand_urls",
+    "shard_sizes",
+]
 
 SKIP_REASONS: tuple[str, ...] = (
     "corrupt_tar",  # a truncated or corrupt tar member, or a shard shorter than its declared size
@@ -51,14 +63,14 @@ SKIP_REASONS: tuple[str, ...] = (
 REASON_INDEX = {reason: index for index, reason in enumerate(SKIP_REASONS)}
 
 
-def read_raw(slices: list[Slice], hints: dict | None = None) -> Iterator[dict | Skipped]:
-    """Undecoded samples ({"__key__", ext: bytes}) of each slice, in order; `Skipped` for unreadable ones."""
+def read_raw(slices: list[Slice], hints: dict | None = None) -> Iterator[dict | SkippedSample]:
+    """Undecoded samples ({"__key__", ext: bytes}) of each slice, in order; `SkippedSample` for unreadable ones."""
     for piece in slices:
         yield from read_slice(piece, hints)
 
 
 class SampleEncoder:
-    """Raw WebDataset sample -> (key, pixels [I,3,S,S], Encoded), or `Skipped` with the reason."""
+    """Raw WebDataset sample -> (key, pixels [I,3,S,S], Encoded), or `SkippedSample` with the reason."""
 
     def __init__(self, cfg: DataConfig, tokenizer, transform: ImageTransform, image_tokens: int):
         self.cfg = cfg
@@ -72,9 +84,9 @@ class SampleEncoder:
     def __call__(self, raw: dict) -> tuple[str, torch.Tensor, Encoded] | None:
         """The encoded sample, or None for a bad one (logged)."""
         result = self.encode(raw)
-        return None if isinstance(result, Skipped) else result
+        return None if isinstance(result, SkippedSample) else result
 
-    def encode(self, raw: dict) -> tuple[str, torch.Tensor, Encoded] | Skipped:
+    def encode(self, raw: dict) -> tuple[str, torch.Tensor, Encoded] | SkippedSample:
         key = raw.get("__key__", "?")
         try:
             turns = self.conversation(raw)
@@ -91,10 +103,10 @@ class SampleEncoder:
             return _skip(
                 "image_token_mismatch", key, f"{encoded.num_images} <image> markers for {pixels.shape[0]} images"
             )
-        encoded = truncate(encoded, self.cfg.max_length, self.image_token_id)
-        if encoded is None:
+        fitted = truncate(encoded, self.cfg.max_length, self.image_token_id)
+        if fitted is None:
             return _skip("too_long", key, f"longer than data.max_length={self.cfg.max_length} without cutting images")
-        return key, pixels, encoded
+        return key, pixels, fitted
 
     def conversation(self, raw: dict) -> list[dict]:
         if self.cfg.text_key == "json" and "json" in raw:
@@ -136,16 +148,14 @@ def document_turns(texts: list[str | None]) -> list[dict]:
     return [{"from": "human", "value": "<image>"} if t is None else {"from": "gpt", "value": t} for t in texts]
 
 
-def _skip(reason: str, key: str, why: str) -> Skipped:
+def _skip(reason: str, key: str, why: str) -> SkippedSample:
     log.warning("skipping sample %s: %s", key, why)
-    return Skipped(reason, key)
+    return SkippedSample(reason, key)
 
 
 def collate(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int, cat=torch.cat) -> dict:
     """Right-padded batch: pixel_values [I,3,S,S] (concatenated by `cat`), input_ids/attention_mask/labels
     [B,T], keys."""
-    from vlm_train.models.vlm import IGNORE_INDEX
-
     length = max(len(enc.input_ids) for _, _, enc in samples)
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
@@ -168,8 +178,6 @@ def _placeholder(sample: tuple[str, torch.Tensor, Encoded] | None, pad_id: int, 
     """Stands in for a skipped sample so every rank still runs full batches (unequal batch counts
     hang the collectives): a copy of a good sample whose labels are all masked, so it adds nothing
     to the loss or the token count; a one-token text when the stream has no good sample yet."""
-    from vlm_train.models.vlm import IGNORE_INDEX
-
     if sample is None:
         return "skipped:", torch.empty(0, 3, size, size, dtype=torch.uint8), Encoded([pad_id], [IGNORE_INDEX], 0)
     key, pixels, enc = sample
@@ -190,8 +198,8 @@ class ShardStream(IterableDataset):
         encoder: SampleEncoder,
         pad_id: int,
         *,
-        rank: int,
-        world: int,
+        dp_rank: int,
+        dp_size: int,
         workers: int,
         batch_size: int,
         seed: int,
@@ -200,53 +208,39 @@ class ShardStream(IterableDataset):
         group_by_modality: bool = False,
     ):
         self.sources, self.encoder, self.pad_id = sources, encoder, pad_id
-        self.rank, self.world, self.workers = rank, world, max(workers, 1)
+        self.dp_rank, self.workers = dp_rank, max(workers, 1)
+        self.layout = DataLayout(dp_size, self.workers, batch_size, tuple(source.shape() for source in sources))
         self.batch_size, self.seed, self.shuffle_block = batch_size, seed, max(shuffle_block, 1)
         self.packing, self.group_by_modality = packing, group_by_modality
-        self.epoch, self.start_batch = 0, 0
+        self.position = Position()  # where iteration starts: set on the copy `starting_at` returns
         self.hints: dict[str, list[tuple]] = {}  # shard url -> [(sample index, byte offset, key)]
         self.block_starts: dict[int, tuple] = {}  # source -> (url, index, offset) of the last block read
-        self.batches_per_slot = sum(source.used for source in sources) // batch_size
-        self.transition: Transition | None = None  # the rest of an epoch begun under another layout
-        self.pixel_slots: PixelSlots | None = None  # set by TrainBatches for each set of loader workers
+        self.pixel_slots: PixelSlots | None = None  # the loader workers' shared-memory pixel slots
 
-    def in_transition(self) -> bool:
-        return self.transition is not None and self.transition.epoch == self.epoch
+    def starting_at(self, position: Position, pixel_slots: PixelSlots | None) -> ShardStream:
+        """This stream from `position` on (its epoch), its pixels in `pixel_slots` (None: in-process)."""
+        started = copy.copy(self)
+        started.position, started.pixel_slots, started.hints = position, pixel_slots, {}
+        for url, *where in position.flat_hints():  # block starts to seek to
+            started.hints.setdefault(url, []).append(tuple(where))
+        return started
 
     def slot_batches(self) -> int:
-        if not self.in_transition():
-            return self.batches_per_slot
-        return self.transition.share(self.old_source(), self.world * self.workers, self.batch_size) // self.batch_size
-
-    def old_source(self) -> Source:
-        """The single source split as the transition's old layout split it."""
-        t, source = self.transition, self.sources[0]
-        return Source.split(source.urls, source.sizes, source.weight, t.world * t.workers, t.batch_size)
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.slot_batches() * self.workers
-
-    def set_position(self, epoch: int, start_batch: int, hints: list | None = None) -> None:
-        """Start at (epoch, batch); `hints` are (url, sample index, byte offset, key) block starts to seek to."""
-        self.epoch, self.start_batch, self.hints = epoch, start_batch, {}
-        for url, *where in hints or []:
-            self.hints.setdefault(url, []).append(tuple(where))
+        return self.position.slot_batches(self.layout)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        # After resuming at batch b, DataLoader asks worker 0 first: it serves the slot that
-        # batch b came from, so batch order is the same as in an uninterrupted run.
-        logical = (worker + self.start_batch) % self.workers
-        done = max(0, -(-(self.start_batch - logical) // self.workers))
-        slot = self.rank * self.workers + logical
+        start = worker_start(self.dp_rank, self.workers, self.position.batch, info.id if info is not None else 0)
+        slot, done = start.slot, start.done
         # Grouped batches are cut from whole windows: a resume re-reads the window it stopped in.
         first = done // self.window_batches() * self.window_batches() if self.group_by_modality else done
-        if self.in_transition():
+        if self.position.in_transition():
             items = self.transition_items(slot, first * self.batch_size)
         else:
-            items = self.slot_items(slot, (self.epoch * self.batches_per_slot + first) * self.batch_size)
+            items = self.slot_items(
+                slot, (self.position.epoch * self.layout.batches_per_slot() + first) * self.batch_size
+            )
+        raw_batches: Iterator[tuple[list, torch.Tensor, list | None]]
         if self.group_by_modality:
             raw_batches = self.grouped_batches(items, first, slot)
         else:
@@ -262,12 +256,12 @@ class ShardStream(IterableDataset):
             counts = torch.zeros(len(SKIP_REASONS), dtype=torch.int64)
             yield self.take(items, self.batch_size, counts), counts, None
 
-    def take(self, items: Iterator, count: int, counts: torch.Tensor) -> list[dict | Skipped]:
+    def take(self, items: Iterator, count: int, counts: torch.Tensor) -> list[dict | SkippedSample]:
         """The next `count` samples; empty shards take no position, they are only counted."""
-        raw: list[dict | Skipped] = []
+        raw: list[dict | SkippedSample] = []
         while len(raw) < count:
             item = next(items)
-            if isinstance(item, Skipped) and item.reason == "empty_shard":
+            if isinstance(item, SkippedSample) and item.reason == "empty_shard":
                 counts[REASON_INDEX[item.reason]] += 1
             else:
                 raw.append(item)
@@ -275,7 +269,7 @@ class ShardStream(IterableDataset):
 
     def window_batches(self) -> int:
         """Batches per modality-grouping window: the shuffle block rounded up to whole batches."""
-        return -(-self.shuffle_block // self.batch_size)
+        return ceil_div(self.shuffle_block, self.batch_size)
 
     def grouped_batches(self, items: Iterator, first: int, slot: int) -> Iterator[tuple[list, torch.Tensor, list]]:
         """data.group_by_modality_length: the slot's batches from `first` (a window start) on, each
@@ -287,28 +281,28 @@ class ShardStream(IterableDataset):
             # where the window starts (no later block than its first sample's): a resume seeks there
             hints = list(self.block_starts.values())
             window += self.take(items, size * self.batch_size - 1, counts)
-            rng = random.Random(f"modality-{self.seed}-{self.epoch}-{slot}-{start}")
+            rng = random.Random(f"modality-{self.seed}-{self.position.epoch}-{slot}-{start}")
             for index, raw_batch in enumerate(modality_batches(window, self.batch_size, self.modality_of, rng)):
                 yield raw_batch, counts if index == 0 else torch.zeros_like(counts), hints
 
-    def modality_of(self, item: dict | Skipped) -> tuple[bool, int]:
+    def modality_of(self, item: dict | SkippedSample) -> tuple[bool, int]:
         """(has images, length): length is the text field's size in bytes (LLaVA counts words). An
         unreadable sample goes with the image samples (its placeholder copies a batch-mate)."""
-        if isinstance(item, Skipped):
+        if isinstance(item, SkippedSample):
             return True, 0
         return bool(self.encoder.image_members(item)), len(item.get(self.encoder.cfg.text_key) or b"")
 
     def make_batch(
-        self, raw_batch: list[dict | Skipped], counts: torch.Tensor, fallback, hints: list | None = None
+        self, raw_batch: list[dict | SkippedSample], counts: torch.Tensor, fallback, hints: list | None = None
     ) -> tuple[dict, tuple]:
         encoded = [
             self.encoder.encode(item) if isinstance(item, dict) else _skip(item.reason, item.key, "unreadable")
             for item in raw_batch
         ]
-        fallback = next((e for e in encoded if not isinstance(e, Skipped)), fallback)
+        fallback = next((e for e in encoded if not isinstance(e, SkippedSample)), fallback)
         samples = []
         for item in encoded:
-            if isinstance(item, Skipped):
+            if isinstance(item, SkippedSample):
                 counts[REASON_INDEX[item.reason]] += 1
                 item = _placeholder(fallback, self.pad_id, self.encoder.transform.size)
             samples.append(item)
@@ -324,7 +318,7 @@ class ShardStream(IterableDataset):
         batch["skipped"] = int(counts.sum())
         return batch, fallback
 
-    def slot_items(self, slot: int, position: int) -> Iterator[dict | Skipped]:
+    def slot_items(self, slot: int, position: int) -> Iterator[dict | SkippedSample]:
         """The slot's endless stream from sample `position` on, the sources interleaved by the mixture."""
         schedule = MixSchedule([source.weight for source in self.sources], self.seed, slot)
         streams = [
@@ -332,23 +326,25 @@ class ShardStream(IterableDataset):
         ]
         for index in schedule.sources_from(position):
             item = next(streams[index])
-            while isinstance(item, Skipped) and item.reason == "empty_shard":
+            while isinstance(item, SkippedSample) and item.reason == "empty_shard":
                 yield item
                 item = next(streams[index])
             yield item
 
-    def transition_items(self, slot: int, skip: int) -> Iterator[dict | Skipped]:
+    def transition_items(self, slot: int, skip: int) -> Iterator[dict | SkippedSample]:
         """This slot's share of the rest of a redistributed epoch: pieces of the old slots' streams."""
-        old = self.old_source()
-        for old_slot, first, stop in self.transition.pieces(old, self.world * self.workers, self.batch_size, slot):
+        transition = self.position.transition
+        assert transition is not None, "only a redistributed epoch has a transition"
+        old = transition.old_share(self.layout.sources[0].samples)
+        for old_slot, first, stop in transition.pieces(self.layout, slot):
             taken = min(skip, stop - first)
             skip -= taken
             if first + taken < stop:
                 lo = old_slot * old.per_slot
-                stream = self.shuffled(0, self.epoch, lo, lo + old.used, first + taken, old_slot)
+                stream = self.shuffled(0, self.position.epoch, lo, lo + old.used, first + taken, old_slot)
                 yield from islice(stream, stop - first - taken)
 
-    def source_items(self, index: int, slot: int, position: int) -> Iterator[dict | Skipped]:
+    def source_items(self, index: int, slot: int, position: int) -> Iterator[dict | SkippedSample]:
         """One source's samples for this slot from its `position` on, epoch after epoch."""
         source = self.sources[index]
         epoch, skip = divmod(position, source.used)
@@ -357,11 +353,13 @@ class ShardStream(IterableDataset):
             if skip == 0 and slot == 0:  # each empty shard counted once per epoch, by one slot
                 for url, size in zip(source.urls, source.sizes):
                     if size == 0:
-                        yield Skipped("empty_shard", url)
+                        yield SkippedSample("empty_shard", url)
             yield from self.shuffled(index, epoch, lo, lo + source.used, skip, slot)
             epoch, skip = epoch + 1, 0
 
-    def shuffled(self, index: int, epoch: int, lo: int, hi: int, skip: int, slot: int) -> Iterator[dict | Skipped]:
+    def shuffled(
+        self, index: int, epoch: int, lo: int, hi: int, skip: int, slot: int
+    ) -> Iterator[dict | SkippedSample]:
         """Block-shuffled raw samples of [lo, hi) of one source's epoch, the first `skip` left out
         without reading the whole blocks before them."""
         tag = f"{self.seed}-{epoch}" if index == 0 else f"{self.seed}-source{index}-{epoch}"
@@ -395,20 +393,20 @@ def build_train_batches(
     transform: ImageTransform,
     image_tokens: int,
     *,
-    rank: int,
-    world: int,
+    dp_rank: int,
+    dp_size: int,
     batch_size: int,
     seed: int,
     pin_memory: bool = False,
 ) -> TrainBatches:
-    """This rank's batches: `world` data-parallel ranks, `cfg.num_workers` loader workers each."""
+    """This data-parallel rank's batches: `dp_size` ranks, `cfg.num_workers` loader workers each."""
     workers = max(cfg.num_workers, 1)
     stream = ShardStream(
-        build_sources(cfg, world * workers, batch_size),
+        build_sources(cfg, dp_size * workers, batch_size),
         SampleEncoder(cfg, tokenizer, transform, image_tokens),
         tokenizer.pad_token_id,
-        rank=rank,
-        world=world,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
         workers=cfg.num_workers,
         batch_size=batch_size,
         seed=seed,
@@ -418,7 +416,7 @@ def build_train_batches(
     )
     keys_file = None
     if cfg.log_keys:
-        keys_file = Path(cfg.log_keys) / f"keys-rank{rank}.txt"
+        keys_file = Path(cfg.log_keys) / f"keys-rank{dp_rank}.txt"
         keys_file.parent.mkdir(parents=True, exist_ok=True)
     return TrainBatches(stream, cfg.num_workers, pin_memory, keys_file)
 

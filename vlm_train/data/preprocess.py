@@ -49,7 +49,7 @@ def resize_and_centre_crop(image: Image.Image, size: int) -> Image.Image:
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(size * long / short)  # transformers' exact expression: the same rounding
     resized = (size, new_long) if width <= height else (new_long, size)
-    image = image.resize(resized, Image.BICUBIC)
+    image = image.resize(resized, Image.Resampling.BICUBIC)
     left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
     return image.crop((left, top, left + size, top + size))
 
@@ -82,7 +82,7 @@ class ImageTransform:
         image = image.convert("RGB")
         if self.aspect_ratio == "resize":
             if image.size != (self.size, self.size):
-                image = image.resize((self.size, self.size), Image.BICUBIC)
+                image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
         else:
             if self.aspect_ratio == "pad":
                 image = expand2square(image, self.background)

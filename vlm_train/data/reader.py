@@ -2,7 +2,7 @@
 
 A sample is the run of consecutive tar members sharing a key (`<key>.<ext>`), as WebDataset
 groups them. `read_slice` yields exactly as many items as the slice holds: a shard that ends
-early or breaks mid-way yields `Skipped` markers for the samples it could not give, so every
+early or breaks mid-way yields `SkippedSample` markers for the samples it could not give, so every
 (rank, worker) slot keeps its length and the ranks their equal batch counts.
 
 Positioning inside a local shard reads tar headers only (data is seeked over), so resuming deep
@@ -37,8 +37,10 @@ class Slice:
 
 
 @dataclass(frozen=True)
-class Skipped:
-    """A sample that could not be used: `reason` is one of pipeline.SKIP_REASONS."""
+class SkippedSample:
+    """A training sample that could not be used (the pipeline puts a masked placeholder in its
+    place): `reason` is one of pipeline.SKIP_REASONS. Not shard_records.RejectedRecord, a record
+    the converter left out of the shards."""
 
     reason: str
     key: str
@@ -81,7 +83,9 @@ def open_tar(url: str) -> Iterator[tarfile.TarFile]:
 def _sample_members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
     """(key, extension, member) of each sample member, in tar order."""
     for member in tar:
-        tar.members = []  # keep no headers: a long stream would otherwise hold all of them
+        # keep no headers: a long stream would otherwise hold all of them (TarFile's own list,
+        # which typeshed leaves undeclared)
+        tar.members = []  # type: ignore[attr-defined]
         if not member.isreg() or META_MEMBER.match(member.name):
             continue
         match = KEY_AND_EXT.match(member.name)
@@ -97,15 +101,17 @@ def tar_samples(url: str, start: int = 0, hint: tuple[int, int, str] | None = No
     hint that no longer matches the file (the shard was rewritten) falls back to the scan. Each
     sample carries `__where__` = (url, index, offset, key) for such hints.
     """
-    seek = hint is not None and is_local(url) and 0 < hint[1] and hint[0] <= start  # offset 0: the plain scan
+    usable = hint is not None and is_local(url) and 0 < hint[1] and hint[0] <= start  # offset 0: the plain scan
+    seek = hint if usable else None
     with open_tar(url) as tar:
         index, current = -1, None
-        if seek:
-            tar.firstmember, tar.offset, tar.members = None, hint[1], []  # tarfile reads on from offset
-            index = hint[0] - 1
+        if seek is not None:
+            # tarfile reads on from `offset` once its private record of members read so far is reset
+            tar.firstmember, tar.offset, tar.members = None, seek[1], []  # type: ignore[attr-defined]
+            index = seek[0] - 1
         for key, ext, member in _sample_members(tar):
             if current is None or key != current["__key__"]:
-                if seek and current is None and key != hint[2]:
+                if seek is not None and current is None and key != seek[2]:
                     log.warning("%s changed since its position was saved: scanning it from the start", url)
                     break
                 if current is not None and index >= start:
@@ -113,18 +119,20 @@ def tar_samples(url: str, start: int = 0, hint: tuple[int, int, str] | None = No
                 index += 1
                 current = {"__key__": key, "__url__": url, "__where__": (url, index, member.offset, key)}
             if index >= start:
-                current[ext] = tar.extractfile(member).read()
+                data = tar.extractfile(member)
+                assert data is not None, "a regular member has data"
+                current[ext] = data.read()
         else:
             if current is not None and index >= start:
                 yield current
-            if current is not None or not seek:
+            if current is not None or seek is None:
                 return
             log.warning("%s has no sample where its saved position says: scanning it from the start", url)
     yield from tar_samples(url, start)
 
 
-def read_slice(piece: Slice, hints: dict[str, list[tuple]] | None = None) -> Iterator[dict | Skipped]:
-    """Exactly `stop - start` items: raw samples ({"__key__", ext: bytes}) or `Skipped` markers
+def read_slice(piece: Slice, hints: dict[str, list[tuple]] | None = None) -> Iterator[dict | SkippedSample]:
+    """Exactly `stop - start` items: raw samples ({"__key__", ext: bytes}) or `SkippedSample` markers
     where the shard is truncated, corrupt, or shorter than its declared size."""
     wanted, produced = piece.stop - piece.start, 0
     usable = [h for h in (hints or {}).get(piece.url, []) if h[0] <= piece.start]
@@ -141,7 +149,7 @@ def read_slice(piece: Slice, hints: dict[str, list[tuple]] | None = None) -> Ite
             "skipping samples %d-%d of %s: the shard ends early", piece.start + produced, piece.stop - 1, piece.url
         )
     for index in range(piece.start + produced, piece.stop):
-        yield Skipped("corrupt_tar", f"{piece.url}#{index}")
+        yield SkippedSample("corrupt_tar", f"{piece.url}#{index}")
 
 
 def count_samples(url: str) -> int:

@@ -13,6 +13,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+from vlm_train.data.shard_util import DEFAULT_IMAGE_KEYS, brace_pattern, parallel_map, shell_words
 from vlm_train.errors import DataError
 
 IMAGE_EXTENSIONS = {"png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff"}
@@ -23,7 +24,9 @@ WDS_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's key.extensi
 def scan_tar(path: Path) -> tuple[int, Counter, bytes | None]:
     """(samples, member extensions, first .json member) as WebDataset will group the members:
     consecutive members sharing a key form one sample."""
-    count, extensions, first_json, previous = 0, Counter(), None, None
+    count, previous = 0, None
+    extensions: Counter[str] = Counter()
+    first_json: bytes | None = None
     try:
         with tarfile.open(path, "r:") as tar:  # plain tar: headers are read, data is seeked over
             for member in tar:
@@ -35,7 +38,9 @@ def scan_tar(path: Path) -> tuple[int, Counter, bytes | None]:
                 previous = key
                 extensions[ext] += 1
                 if ext == "json" and first_json is None:
-                    first_json = tar.extractfile(member).read()
+                    data = tar.extractfile(member)
+                    assert data is not None, "a regular member has data"
+                    first_json = data.read()
     except (tarfile.TarError, OSError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(f"{path} is not a readable tar file: {reason}") from None
@@ -44,8 +49,6 @@ def scan_tar(path: Path) -> tuple[int, Counter, bytes | None]:
 
 def reading_overrides(extensions: Counter, first_json: bytes | None) -> tuple[list[str], list[str]]:
     """(overrides that read this corpus, notes on what the pipeline cannot read from it)."""
-    from vlm_train.data.shards import DEFAULT_IMAGE_KEYS
-
     overrides, notes = [], []
     images = set(extensions) & IMAGE_EXTENSIONS
     if not images:
@@ -66,14 +69,12 @@ def reading_overrides(extensions: Counter, first_json: bytes | None) -> tuple[li
 
 
 def manifest_command(folder: Path, workers: int) -> dict:
-    from vlm_train.data.shards import _parallel_map, brace_pattern, shell_words
-
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder")
     tars = sorted(folder.glob("*.tar"))
     if not tars:
         raise DataError(f"{folder} holds no .tar shards")
-    scans = _parallel_map(scan_tar, tars, workers)
+    scans = parallel_map(scan_tar, tars, workers)
     empty = [t.name for t, (count, _, _) in zip(tars, scans) if count == 0]
     if empty:
         print(f"warning: {len(empty)} shards hold no samples, e.g. {empty[0]}")
@@ -82,7 +83,7 @@ def manifest_command(folder: Path, workers: int) -> dict:
     manifest["shards"] = {t.name: count for t, (count, _, _) in zip(tars, scans)}
     manifest["total"] = sum(manifest["shards"].values())
     manifest_file.write_text(json.dumps(manifest, indent=1))
-    extensions = sum((ext for _, ext, _ in scans), Counter())
+    extensions: Counter[str] = sum((ext for _, ext, _ in scans), Counter())
     first_json = next((j for _, _, j in scans if j is not None), None)
     overrides, notes = reading_overrides(extensions, first_json)
     members = ", ".join(f"{ext} {n}" for ext, n in sorted(extensions.items()))

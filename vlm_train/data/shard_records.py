@@ -47,7 +47,10 @@ class Checked:
 
 
 @dataclass(frozen=True)
-class Skipped:
+class RejectedRecord:
+    """A converter input record left out of the shards (one line of skipped.jsonl); not to be
+    confused with reader.SkippedSample, a training sample replaced by a placeholder at run time."""
+
     index: int
     where: str
     id: str | None
@@ -71,7 +74,7 @@ def _input_file(path: Path) -> str:
 
 
 def _json_lines(path: Path, text: str) -> list[Record]:
-    records = []
+    records: list[Record] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -200,10 +203,10 @@ def _check_image(path: Path, name: str) -> tuple[str, int]:
     return (suffix if suffix in IMAGE_SUFFIXES else FORMAT_SUFFIX.get(image_format, "img")), len(data)
 
 
-def check_or_skip(record: Record, images: Path) -> Checked | Skipped:
+def check_or_skip(record: Record, images: Path) -> Checked | RejectedRecord:
     try:
         return check(record, images)
     except RecordProblem as problem:
         record_id = record.value.get("id") if isinstance(record.value, dict) else None
         record_id = None if record_id is None else str(record_id)
-        return Skipped(record.index, record.where, record_id, problem.reason, problem.detail)
+        return RejectedRecord(record.index, record.where, record_id, problem.reason, problem.detail)

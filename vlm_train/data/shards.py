@@ -17,23 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import re
-import shlex
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
-from vlm_train.data.shard_records import Checked, Record, Skipped, check_or_skip, read_captions, read_llava
+from vlm_train.data.shard_manifest import manifest_command
+from vlm_train.data.shard_records import Checked, Record, RejectedRecord, check_or_skip, read_captions, read_llava
+from vlm_train.data.shard_util import DEFAULT_IMAGE_KEYS, brace_pattern, parallel_map, shell_words
 from vlm_train.errors import DataError, UserError, report
 
 BLOCK = 512  # tar header and data granularity
 RECORD = 20 * BLOCK  # a tar stream is padded to whole records of this size
-DEFAULT_IMAGE_KEYS = {"png", "jpg", "jpeg", "webp"}  # data.image_key's default
 
 
 def parse_size(text: str) -> int:
@@ -75,7 +73,7 @@ def plan_shards(samples: list[Checked], max_count: int, max_size: int) -> list[l
 
 def write_shard(job: tuple[str, list[Checked]]) -> int:
     """Write one shard (to a temporary name first, so a crash never leaves a plausible tar)."""
-    import webdataset as wds
+    import webdataset as wds  # lazy: it imports torch (seconds), which `vlm-shards manifest` never needs
 
     path, samples = job
     partial_path = f"{path}.partial"
@@ -83,6 +81,7 @@ def write_shard(job: tuple[str, list[Checked]]) -> int:
         for sample in samples:
             member = {"__key__": sample.key, "json": sample.json_bytes}
             if sample.image_path is not None:
+                assert sample.image_ext is not None, "a checked record with an image has its extension"
                 data = Path(sample.image_path).read_bytes()
                 if len(data) != sample.image_bytes_len:
                     raise DataError(f"{sample.image_path} changed while converting; run vlm-shards again")
@@ -90,14 +89,6 @@ def write_shard(job: tuple[str, list[Checked]]) -> int:
             sink.write(member)
     os.replace(partial_path, path)
     return len(samples)
-
-
-def _parallel_map(function: Callable, items: Iterable, workers: int, chunksize: int = 1) -> list:
-    """`map` in input order, over a process pool when workers > 1."""
-    if workers <= 1:
-        return list(map(function, items))
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return list(pool.imap(function, items, chunksize=chunksize))
 
 
 def prepare_out(out: Path, force: bool) -> None:
@@ -115,9 +106,9 @@ def convert(records: list[Record], images: Path, out: Path, max_count: int, max_
     """Check, shard and write `records`; returns the manifest (written with skipped.jsonl)."""
     if not images.is_dir():
         raise DataError(f"--images {images} is not a folder")
-    results = _parallel_map(partial(check_or_skip, images=images), records, workers, chunksize=64)
+    results = parallel_map(partial(check_or_skip, images=images), records, workers, chunksize=64)
     checked = [r for r in results if isinstance(r, Checked)]
-    skipped = [r for r in results if isinstance(r, Skipped)]
+    skipped = [r for r in results if isinstance(r, RejectedRecord)]
     with open(out / "skipped.jsonl", "w") as report:
         for skip in skipped:
             report.write(json.dumps(asdict(skip), ensure_ascii=False) + "\n")
@@ -125,7 +116,7 @@ def convert(records: list[Record], images: Path, out: Path, max_count: int, max_
         raise DataError(f"all {len(records)} records were skipped, e.g. {_example(skipped[0])} (see {report.name})")
     groups = plan_shards(checked, max_count, max_size)
     names = [f"shard-{i:06d}.tar" for i in range(len(groups))]
-    counts = _parallel_map(write_shard, [(str(out / n), g) for n, g in zip(names, groups)], workers)
+    counts = parallel_map(write_shard, [(str(out / n), g) for n, g in zip(names, groups)], workers)
     manifest = {
         "shards": dict(zip(names, counts)),
         "total": sum(counts),
@@ -138,11 +129,11 @@ def convert(records: list[Record], images: Path, out: Path, max_count: int, max_
     return manifest
 
 
-def _example(skip: Skipped) -> str:
+def _example(skip: RejectedRecord) -> str:
     return f"{skip.where}{f' (id {skip.id})' if skip.id else ''}: {skip.detail}"
 
 
-def _print_report(out: Path, manifest: dict, skipped: list[Skipped], total: int) -> None:
+def _print_report(out: Path, manifest: dict, skipped: list[RejectedRecord], total: int) -> None:
     print(f"wrote {manifest['total']} samples in {len(manifest['shards'])} shards to {out}")
     if skipped:
         print(f"skipped {len(skipped)} of {total} records (all in {out / 'skipped.jsonl'}):")
@@ -156,26 +147,7 @@ def _print_report(out: Path, manifest: dict, skipped: list[Skipped], total: int)
     print(f"train on them with: {shell_words(overrides)}")
 
 
-def shell_words(overrides: list[str]) -> str:
-    """Overrides as one pastes them into a shell (braces and ';' quoted)."""
-    return " ".join(shlex.quote(o) for o in overrides)
-
-
-def brace_pattern(folder: Path, names: list[str]) -> str:
-    """A `data.urls` pattern for these shard files: `{000000..000009}` when numbered contiguously."""
-    parts = [re.fullmatch(r"(.*?)(\d+)(\.tar)", n) for n in sorted(names)]
-    if all(parts) and len({(p[1], p[3], len(p[2])) for p in parts}) == 1:
-        numbers = [int(p[2]) for p in parts]
-        if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
-            first, last = parts[0], parts[-1]
-            span = first[2] if len(parts) == 1 else f"{{{first[2]}..{last[2]}}}"
-            return str(folder / f"{first[1]}{span}{first[3]}")
-    return str(folder / ("{" + ",".join(sorted(names)) + "}" if len(names) > 1 else names[0]))
-
-
 def main(argv: list[str] | None = None) -> int:
-    from vlm_train.data.shard_manifest import manifest_command
-
     args = _parser().parse_args(argv)
     try:
         if args.command == "manifest":

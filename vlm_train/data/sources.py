@@ -15,6 +15,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import webdataset as wds
+
+from vlm_train.data.position import SourceShape, slot_share
 from vlm_train.data.reader import Slice, count_samples, is_local
 from vlm_train.errors import DataError
 
@@ -25,8 +28,6 @@ MIX_BLOCK = 1000
 
 def expand_urls(pattern: str, key: str = "data.urls") -> list[str]:
     """Brace-expand a shard pattern; local shards must exist (remote ones are opened lazily)."""
-    import webdataset as wds
-
     urls = wds.shardlists.expand_urls(pattern)
     local = [u for u in urls if is_local(u)]
     missing = [u for u in local if not Path(u).is_file()]
@@ -87,14 +88,17 @@ class Source:
 
     @classmethod
     def split(cls, urls: list[str], sizes: list[int], weight: float, slots: int, batch_size: int) -> Source:
-        per_slot = sum(sizes) // slots
-        used = per_slot // batch_size * batch_size
-        if used == 0:
+        share = slot_share(sum(sizes), slots, batch_size)
+        if share.used == 0:
             raise DataError(
                 f"{sum(sizes)} samples of {urls[0]}... cannot give {slots} (rank, worker) slots a batch of "
                 f"{batch_size} each: use more data, fewer data.num_workers or a smaller train.micro_batch_size"
             )
-        return cls(urls, sizes, weight, per_slot, used)
+        return cls(urls, sizes, weight, share.per_slot, share.used)
+
+    def shape(self) -> SourceShape:
+        """What a data position depends on of this source (data/position.py)."""
+        return SourceShape(len(self.urls), sum(self.sizes), self.weight)
 
 
 def slot_slices(urls: list[str], sizes: list[int], order_key: str, lo: int, hi: int) -> list[Slice]:

@@ -97,7 +97,7 @@ def make_sample(rng: random.Random, max_objects: int = 1) -> tuple[bytes, dict]:
 
 def write_split(out: Path, split: str, count: int, shard_size: int, seed: int, max_objects: int) -> dict[str, int]:
     """Write `count` samples as `<split>-NNNNNN.tar` shards; returns {shard name: samples}."""
-    import webdataset as wds
+    import webdataset as wds  # lazy: it imports torch (seconds); the rest of this module does not
 
     rng = random.Random(f"{seed}-{split}")
     counts: dict[str, int] = {}

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vlm_train.data.tokenizer import IMAGE_TOKEN
+from vlm_train.errors import ConfigError
 from vlm_train.models.vlm import IGNORE_INDEX
 
 TEMPLATES = ("chat", "plain", "vicuna_v1", "hf")
@@ -231,7 +232,9 @@ def _vicuna_v1(turns: list[dict], tokenizer, image_id: int, add_generation_promp
 
 
 def _render(messages: list[dict], tokenizer, add_generation_prompt: bool) -> str:
-    from jinja2 import TemplateError  # a template's own raise_exception("...") arrives as this
+    # A template's own raise_exception("...") arrives as this. Lazy: only data.template=hf renders
+    # with jinja2 (a dependency of transformers' chat templates), and it costs ~0.5 s to import.
+    from jinja2 import TemplateError
 
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -297,8 +300,6 @@ RENDERERS: dict[str, Renderer] = {"chat": _chat, "plain": _plain, "vicuna_v1": _
 
 def check_template(tokenizer, template: str) -> None:
     """Start-up check: the `hf` template needs a tokenizer that has a chat template."""
-    from vlm_train.errors import ConfigError
-
     if template == "hf" and not getattr(tokenizer, "chat_template", None):
         where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
         raise ConfigError(

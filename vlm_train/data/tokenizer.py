@@ -6,6 +6,7 @@ Either way the tokenizer gains the `<image>` token (one id per visual-token slot
 from __future__ import annotations
 
 from vlm_train.config import LLMConfig
+from vlm_train.data.synthetic import VOCABULARY
 from vlm_train.errors import ConfigError
 
 IMAGE_TOKEN = "<image>"
@@ -15,10 +16,9 @@ TOY_CHAT_WORDS = ["USER", "ASSISTANT", ":"]
 
 def build_toy_tokenizer():
     """A word-level tokenizer over the synthetic scenes' vocabulary, as a HF fast tokenizer."""
+    # Lazy: transformers takes seconds to import, and `vlm-shards` imports this module (IMAGE_TOKEN).
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from vlm_train.data.synthetic import VOCABULARY
 
     words = TOY_SPECIAL + TOY_CHAT_WORDS + [w for w in VOCABULARY if w not in TOY_CHAT_WORDS]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -42,7 +42,7 @@ def load_tokenizer(cfg: LLMConfig):
         return build_toy_tokenizer()
     if not source:
         raise ConfigError("llm.tokenizer is required when llm.path is not set (use llm.tokenizer=toy for the toy)")
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy, as above
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

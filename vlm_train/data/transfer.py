@@ -48,7 +48,7 @@ class PixelSlots:
                 storage = self._owned.get(slot)
                 if storage is None or storage.nbytes() < nbytes:
                     storage = self._owned[slot] = torch.UntypedStorage._new_shared(nbytes)
-                out = torch.empty(0, dtype=tensors[0].dtype).set_(storage, 0, shape)
+                out = torch.empty(0, dtype=tensors[0].dtype).set_(storage, 0, shape)  # type: ignore[call-overload]  # torch's stubs lack the stride-less form it accepts
                 return torch.cat(tensors, out=out)
         return cat_for_transfer(tensors)
 
