@@ -18,6 +18,10 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
     `llm.backend=megatron` needs the run's `layout` (its groups built): the decoder is sharded
     for this rank's place in its TP group; tower and connector are whole on every rank.
     """
+    if cfg.llm.backend == "megatron" and cfg.llm.activation_checkpointing:
+        from vlm_train.parallel.tensor_parallel import ACTIVATION_CHECKPOINTING_REFUSED
+
+        raise ConfigError(ACTIVATION_CHECKPOINTING_REFUSED)  # before building: no test proves it there
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.llm)
     vision = build_vision_tower(cfg.vision)
     llm = _build_decoder(cfg, len(tokenizer), layout)
@@ -45,15 +49,17 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
 
 
 def _enable_activation_checkpointing(model: VisionLanguageModel, cfg: Config) -> None:
-    """HF gradient checkpointing per component: each layer's activations are recomputed in
-    backward instead of kept. Non-reentrant, so frozen layers and ZeRO-3 hooks work as usual."""
-    for section, component in ((cfg.vision, model.vision), (cfg.llm, model.llm)):
-        if not section.activation_checkpointing:
-            continue
-        hf_model = getattr(component, "hf_model", None)
-        if hf_model is None or not getattr(hf_model, "supports_gradient_checkpointing", False):
-            raise ConfigError(f"{section.name} does not support activation_checkpointing")
+    """Per component, each layer's activations are recomputed in backward instead of kept (HF
+    gradient checkpointing, non-reentrant: frozen layers and ZeRO-3 hooks work as usual). The
+    decoder's recomputation replays the connector's per-forward state (modality norms' image
+    positions, cross-attention media) through the connector's `checkpoint_context_fn`."""
+    if cfg.vision.activation_checkpointing:
+        hf_model = model.vision.hf_model
+        if not getattr(hf_model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"{cfg.vision.name} does not support activation_checkpointing")
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.llm.activation_checkpointing:
+        model.llm.enable_activation_checkpointing(model.connector.checkpoint_context_fn())
 
 
 def _build_decoder(cfg: Config, vocab_size: int, layout):

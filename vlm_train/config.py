@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vlm_train.errors import ConfigError
 
@@ -70,6 +70,24 @@ class ConnectorConfig:
     freeze: bool = False
 
 
+SchemaT = TypeVar("SchemaT", bound=type[ConnectorConfig])
+
+# The one registry of connector names: name -> its config schema (Hydra's `connector` group; the
+# `<name>_schema` a configs/connector/*.yaml builds on). The factory, models/connectors/__init__.py,
+# keys its classes by the same schemas and refuses one this registry lacks.
+CONNECTOR_SCHEMAS: dict[str, type[ConnectorConfig]] = {}
+
+
+def connector_schema(schema: SchemaT) -> SchemaT:
+    """Register a connector's config schema under its `name` default (the connector's name)."""
+    name = schema.name
+    if not isinstance(name, str) or name == MISSING or name in CONNECTOR_SCHEMAS:
+        raise TypeError(f"{schema.__name__}: a connector schema needs a `name` default of its own, not {name!r}")
+    CONNECTOR_SCHEMAS[name] = schema
+    return schema
+
+
+@connector_schema
 @dataclass
 class MLPConnectorConfig(ConnectorConfig):
     """LLaVA-style projector: Linear, then (GELU, Linear) x (depth - 1). depth 1 = linear."""
@@ -78,6 +96,7 @@ class MLPConnectorConfig(ConnectorConfig):
     depth: int = 2
 
 
+@connector_schema
 @dataclass
 class QFormerConnectorConfig(ConnectorConfig):
     """BLIP-2's Q-Former: learned queries, BERT-style layers, cross-attention to the image."""
@@ -91,6 +110,7 @@ class QFormerConnectorConfig(ConnectorConfig):
     cross_attention_freq: int = 2  # a cross-attention to the image every N layers
 
 
+@connector_schema
 @dataclass
 class PerceiverConnectorConfig(ConnectorConfig):
     """Idefics2's modality-projection MLP then a Perceiver resampler of `num_latents` latents."""
@@ -104,6 +124,7 @@ class PerceiverConnectorConfig(ConnectorConfig):
     intermediate_size: int = 0  # modality-projection MLP width; 0: 4 x the LLM width
 
 
+@connector_schema
 @dataclass
 class CrossAttentionConnectorConfig(ConnectorConfig):
     """Flamingo's tanh-gated cross-attention blocks inside the decoder (gates start at zero)."""
@@ -114,6 +135,7 @@ class CrossAttentionConnectorConfig(ConnectorConfig):
     ff_mult: int = 4
 
 
+@connector_schema
 @dataclass
 class LNAdapterConnectorConfig(ConnectorConfig):
     """LayerNorm (no affine) + per-channel scale and shift + one linear map to the LLM width."""
@@ -227,14 +249,6 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-CONNECTOR_SCHEMAS: dict[str, type[ConnectorConfig]] = {
-    "mlp": MLPConnectorConfig,
-    "qformer": QFormerConnectorConfig,
-    "perceiver": PerceiverConnectorConfig,
-    "cross_attention": CrossAttentionConnectorConfig,
-    "ln_adapter": LNAdapterConnectorConfig,
-}
-
 _CHOICES = {
     "vision.family": ("clip", "siglip", "blip2", "idefics2"),
     "llm.backend": ("auto", "hf", "megatron"),
@@ -278,6 +292,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
         if missing:
             raise ConfigError(f"required but not set: {', '.join(missing)} (give them as key=value overrides)")
         cfg = OmegaConf.to_object(raw)
+        assert isinstance(cfg, Config)  # a structured config's object is its dataclass
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         raise ConfigError(_one_line(err)) from None
     validate(cfg)
@@ -339,7 +354,9 @@ def load_yaml(path: str | Path) -> Config:
     raw = OmegaConf.load(path)
     schema = CONNECTOR_SCHEMAS[raw.connector.name]
     merged = OmegaConf.merge(OmegaConf.structured(Config(connector=schema())), raw)
-    return OmegaConf.to_object(merged)
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, Config)  # a structured config's object is its dataclass
+    return cfg
 
 
 def to_yaml(cfg: Config) -> str:

@@ -1,29 +1,38 @@
-"""The language decoder: a Hugging Face causal LM behind a small interface.
+"""The language decoder: a Hugging Face causal LM behind the `Decoder` contract (models/decoder.py).
 
-The tensor-parallel decoder (parallel/) implements the same interface, so the VLM never knows
+The tensor-parallel decoder (parallel/) implements the same contract, so the VLM never knows
 which backend it runs. Legend: B batch, T tokens, Dl decoder width, V vocabulary.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from vlm_train.config import LLMConfig
+from vlm_train.errors import ConfigError
+from vlm_train.models.decoder import ContextFn, Decoder, token_cross_entropy
 from vlm_train.models.vision import _require_dir
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-class CausalLM(nn.Module):
-    """Embeds token ids and maps input embeddings to next-token logits."""
 
-    def __init__(self, hf_model: nn.Module):
+class CausalLM(Decoder):
+    """Embeds token ids and maps input embeddings to next-token logits (whole vocabulary)."""
+
+    sequence_first = False
+
+    def __init__(self, hf_model: PreTrainedModel):
         super().__init__()
         self.hf_model = hf_model
-        self.hidden_size: int = hf_model.config.hidden_size
+        self.hidden_size = int(hf_model.config.hidden_size)
 
     @property
     def vocab_size(self) -> int:
-        return self.hf_model.get_input_embeddings().weight.shape[0]
+        return int(self.hf_model.get_input_embeddings().weight.shape[0])
 
     def decoder_layers(self) -> nn.ModuleList:
         """The decoder's layer list (Llama/Mistral/Qwen: model.layers; OPT: model.decoder.layers)."""
@@ -62,6 +71,26 @@ class CausalLM(nn.Module):
             use_cache=False,
         )
         return out.logits
+
+    def gather_logits(self, logits_BTV: torch.Tensor) -> torch.Tensor:
+        """The logits as they are: this decoder is not vocab-parallel."""
+        return logits_BTV
+
+    def token_cross_entropy(
+        self, logits_BTV: torch.Tensor, labels_BT: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_cross_entropy(logits_BTV, labels_BT)
+
+    def enable_activation_checkpointing(self, context_fn: ContextFn | None = None) -> None:
+        """HF gradient checkpointing, non-reentrant (frozen layers and ZeRO-3 hooks work as usual).
+        transformers checkpoints each layer's `forward`, so hooks inside a layer (modality norms)
+        rerun at recomputation: `context_fn` gives them the state they saw in the forward."""
+        if not self.hf_model.supports_gradient_checkpointing:
+            raise ConfigError(f"llm.activation_checkpointing: {type(self.hf_model).__name__} does not support it")
+        kwargs: dict[str, object] = {"use_reentrant": False}
+        if context_fn is not None:  # only where a connector needs one: other runs checkpoint as before
+            kwargs["context_fn"] = context_fn
+        self.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def packed_attention(segments_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

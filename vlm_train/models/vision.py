@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from vlm_train.config import VisionConfig
 from vlm_train.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Normalisation each family was trained with (used when the checkpoint ships no preprocessor).
 IMAGE_STATS = {
@@ -34,7 +38,7 @@ class VisionTower(nn.Module):
     their post-layernormed last layer instead, as those models do.
     """
 
-    def __init__(self, hf_model: nn.Module, family: str, select_layer: int, drop_cls: bool):
+    def __init__(self, hf_model: PreTrainedModel, family: str, select_layer: int, drop_cls: bool):
         super().__init__()
         self.hf_model = hf_model
         self.family = family

@@ -7,16 +7,16 @@ N visual tokens per image, Dv tower width, Dl decoder width, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vlm_train.models.connectors.base import Connector
-from vlm_train.models.llm import CausalLM
+from vlm_train.models.connectors.base import Connector, Placement
+from vlm_train.models.decoder import IGNORE_INDEX, Decoder, token_cross_entropy
 from vlm_train.models.vision import VisionTower
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "VLMOutput", "VisionLanguageModel", "token_cross_entropy"]
 
 
 @dataclass
@@ -39,7 +39,7 @@ class VisionLanguageModel(nn.Module):
     order their slots appear, [I, C, H, W].
     """
 
-    def __init__(self, vision: VisionTower, connector: Connector, llm: CausalLM, image_token_id: int):
+    def __init__(self, vision: VisionTower, connector: Connector[Any], llm: Decoder, image_token_id: int):
         super().__init__()
         self.vision = vision
         self.connector = connector
@@ -60,7 +60,7 @@ class VisionLanguageModel(nn.Module):
         labels: torch.Tensor | None = None,
     ) -> VLMOutput:
         slots_BT = input_ids == self.image_token_id
-        if self.connector.placement == "sequence":
+        if self.connector.placement == Placement.SEQUENCE:
             embeds_BTDl, media_IMDl = self.embed(pixel_values, input_ids), None
         else:
             embeds_BTDl, media_IMDl = self.llm.embed(input_ids), self.encode_images_or_blank(pixel_values, slots_BT)
@@ -69,9 +69,8 @@ class VisionLanguageModel(nn.Module):
         # A tensor-parallel decoder returns its rank's vocabulary slice: it gathers the whole
         # logits and computes the (vocab-parallel, unsharded-equal) loss itself.
         if labels is None:
-            gather = getattr(self.llm, "gather_logits", None)
-            return VLMOutput(logits=gather(logits_BTV) if gather else logits_BTV)
-        loss_sum, count = getattr(self.llm, "token_cross_entropy", token_cross_entropy)(logits_BTV, labels)
+            return VLMOutput(logits=self.llm.gather_logits(logits_BTV))
+        loss_sum, count = self.llm.token_cross_entropy(logits_BTV, labels)
         return VLMOutput(logits_BTV, loss=loss_sum / count.clamp(min=1), loss_sum=loss_sum, num_label_tokens=count)
 
     def embed(self, pixel_values: torch.Tensor | None, input_ids_BT: torch.Tensor) -> torch.Tensor:
@@ -112,16 +111,3 @@ class VisionLanguageModel(nn.Module):
                 f"{visual_INDl.shape[0]} images give {num_visual} visual tokens but input_ids hold "
                 f"{int(slots_BT.sum())} image-token slots ({self.num_image_tokens} per image expected)"
             )
-
-
-def token_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy (fp32) over labelled positions, and their count."""
-    shifted_logits = logits_BTV[:, :-1].float()
-    shifted_labels = labels_BT[:, 1:]
-    loss_sum = F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
-        shifted_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss_sum, (shifted_labels != IGNORE_INDEX).sum()

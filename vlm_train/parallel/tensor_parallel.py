@@ -1,4 +1,4 @@
-"""The tensor-parallel decoder: megatron-core's GPTModel behind CausalLM's interface.
+"""The tensor-parallel decoder: megatron-core's GPTModel behind the `Decoder` contract (models/decoder.py).
 
 Built from the same `LLMConfig` as the HF backend (Llama family: RMSNorm, SwiGLU, RoPE with its
 theta, grouped-query attention, tied or untied embeddings): the HF decoder is built (or loaded)
@@ -11,6 +11,8 @@ TP rank's slice of it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -18,20 +20,20 @@ from torch import nn
 
 from vlm_train.config import LLMConfig
 from vlm_train.errors import ConfigError, LayoutError
-from vlm_train.interop.megatron import (
-    COLUMN_PARALLEL,
-    ROW_PARALLEL,
-    DecoderShape,
-    hf_to_megatron,
-    kv_rows,
-    megatron_to_hf,
-)
+from vlm_train.interop.megatron import DecoderShape, hf_to_megatron, megatron_to_hf
+from vlm_train.interop.tp_plan import COLUMN_PARALLEL, ROW_PARALLEL, kv_rows
+from vlm_train.models.connectors import Connector, Placement
+from vlm_train.models.decoder import IGNORE_INDEX, ContextFn, Decoder
 from vlm_train.models.llm import CausalLM, build_llm
-from vlm_train.models.vlm import IGNORE_INDEX
 from vlm_train.parallel.layout import Layout
 
+ACTIVATION_CHECKPOINTING_REFUSED = (
+    "llm.activation_checkpointing=true is not supported with llm.backend=megatron (tensor parallel): "
+    "set it to false, or use llm.backend=hf"
+)
 
-class MegatronCausalLM(nn.Module):
+
+class MegatronCausalLM(Decoder):
     """GPTModel (megatron's local layer spec) as a vlm_train decoder.
 
     Hidden states inside GPTModel are sequence-first ([T, B, Dl]): `sequence_first` tells the
@@ -40,11 +42,11 @@ class MegatronCausalLM(nn.Module):
 
     sequence_first = True
 
-    def __init__(self, gpt: nn.Module, shape: DecoderShape, hf_config, tp: int, tp_rank: int):
+    def __init__(self, gpt: Any, shape: DecoderShape, hf_config: Any, tp: int, tp_rank: int):
         super().__init__()
-        self.gpt = gpt
+        self.gpt = gpt  # megatron's GPTModel (megatron is not type-checked: Any)
         self.shape, self.hf_config, self.tp, self.tp_rank = shape, hf_config, tp, tp_rank
-        self.hidden_size: int = shape.hidden_size
+        self.hidden_size = shape.hidden_size
         per_rank = shape.padded_vocab(tp) // tp
         token_ids = torch.arange(tp_rank * per_rank, (tp_rank + 1) * per_rank)
         # Padding columns of the vocabulary (to a multiple of TP) never win a softmax or an argmax.
@@ -67,6 +69,11 @@ class MegatronCausalLM(nn.Module):
     def embed(self, ids_BT: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel lookup; the result is whole on every TP rank."""
         return self.gpt.embedding.word_embeddings(ids_BT)
+
+    def enable_activation_checkpointing(self, context_fn: ContextFn | None = None) -> None:
+        """Not wired: megatron's own recomputation is not configured, and replaying the connectors'
+        per-forward state under it is unproven (build_model refuses the combination first)."""
+        raise ConfigError(ACTIVATION_CHECKPOINTING_REFUSED)
 
     def forward(
         self,
@@ -114,7 +121,7 @@ class MegatronCausalLM(nn.Module):
         from transformers import AutoModelForCausalLM
 
         local = {k: v.detach().cpu() for k, v in self.gpt.state_dict().items() if not k.endswith("_extra_state")}
-        shards = [None] * self.tp
+        shards: list[Any] = [None] * self.tp  # all_gather_object fills in each rank's state dict
         dist.all_gather_object(shards, local, group=parallel_state.get_tensor_model_parallel_group())
         hf_model = AutoModelForCausalLM.from_config(self.hf_config)
         hf_model.load_state_dict(megatron_to_hf(shards, self.shape), strict=not self.shape.tied)
@@ -275,7 +282,7 @@ def _split_linear(linear: nn.Linear, name: str, config, tp: int, tp_rank: int) -
     return _TPLinear(parallel)
 
 
-def shard_cross_attention_blocks(connector: nn.Module, llm: MegatronCausalLM) -> None:
+def shard_cross_attention_blocks(connector: Any, llm: MegatronCausalLM) -> None:
     """Split the gated cross-attention blocks' heads and FFN over the TP ranks, as the decoder's
     own attention and MLP are; weights come from the whole blocks (same init at every TP size)."""
     tp, tp_rank = llm.tp, llm.tp_rank
@@ -293,7 +300,7 @@ def shard_cross_attention_blocks(connector: nn.Module, llm: MegatronCausalLM) ->
             setattr(parent, child, _split_linear(getattr(parent, child), name, llm.gpt.config, tp, tp_rank))
 
 
-def shard_connector(connector: nn.Module, llm: MegatronCausalLM) -> None:
+def shard_connector(connector: Connector[Any], llm: MegatronCausalLM) -> None:
     """Split what a connector runs inside the decoder (cross-attention blocks) like the decoder."""
-    if getattr(connector, "placement", None) == "cross_attention":
+    if connector.placement == Placement.CROSS_ATTENTION:
         shard_cross_attention_blocks(connector, llm)

@@ -1,42 +1,77 @@
 """Connectors: how visual features meet the language model. One registry, one factory.
 
 A connector maps tower features [I, P, Dv] to `num_tokens` visual tokens [I, N, Dl] that the VLM
-places in the token sequence (placement "sequence"); the cross-attention connector instead works
-inside the decoder (placement "cross_attention").
+places in the token sequence (`Placement.SEQUENCE`); the cross-attention connector instead works
+inside the decoder (`Placement.CROSS_ATTENTION`).
+
+The registry is keyed by each connector's config schema (`config_class.name`), the same schemas
+config.py registers with Hydra (`CONNECTOR_SCHEMAS`): a name is spelled once, and `register_connector`
+refuses a class whose schema config.py does not know.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from vlm_train.config import ConnectorConfig
+from vlm_train.config import CONNECTOR_SCHEMAS, ConnectorConfig
 from vlm_train.errors import ConfigError
-from vlm_train.models.connectors.base import Connector, count_trainable
+from vlm_train.models.connectors.base import Connector, ForwardState, Placement, count_trainable
 from vlm_train.models.connectors.cross_attention import CrossAttentionConnector
 from vlm_train.models.connectors.ln_adapter import LNAdapterConnector
 from vlm_train.models.connectors.mlp import MLPConnector
 from vlm_train.models.connectors.perceiver import PerceiverConnector
 from vlm_train.models.connectors.qformer import QFormerConnector
 
-CONNECTORS: dict[str, type[Connector]] = {
-    "mlp": MLPConnector,
-    "qformer": QFormerConnector,
-    "perceiver": PerceiverConnector,
-    "cross_attention": CrossAttentionConnector,
-    "ln_adapter": LNAdapterConnector,
-}
+ConnectorT = TypeVar("ConnectorT", bound=type[Connector[Any]])
+
+CONNECTORS: dict[str, type[Connector[Any]]] = {}
+
+
+def register_connector(connector_class: ConnectorT) -> ConnectorT:
+    """Add a connector to the factory under its config schema's name. The schema must be the one
+    config.py registered under that name (`@connector_schema`): config validation and this
+    factory then know the same connectors."""
+    name = connector_class.config_class.name
+    if CONNECTOR_SCHEMAS.get(name) is not connector_class.config_class:
+        raise TypeError(
+            f"{connector_class.__name__}: config.py registers no schema {connector_class.config_class.__name__} as '{name}'"
+        )
+    if name in CONNECTORS:
+        raise TypeError(f"{connector_class.__name__}: connector '{name}' is registered already")
+    CONNECTORS[name] = connector_class
+    return connector_class
+
+
+for _connector_class in (
+    MLPConnector,
+    QFormerConnector,
+    PerceiverConnector,
+    CrossAttentionConnector,
+    LNAdapterConnector,
+):
+    register_connector(_connector_class)
 
 # What `connector.path` may name inside a folder, in order of preference: a run dir's own file,
 # LLaVA's, the whole model `vlm-convert consolidate` writes.
 CONNECTOR_FILES = ("connector.safetensors", "mm_projector.bin", "model.safetensors")
 
-__all__ = ["CONNECTORS", "Connector", "build_connector", "count_trainable", "load_connector_weights"]
+__all__ = [
+    "CONNECTORS",
+    "Connector",
+    "ForwardState",
+    "Placement",
+    "build_connector",
+    "register_connector",
+    "count_trainable",
+    "load_connector_weights",
+]
 
 
-def build_connector(cfg: ConnectorConfig, vision_dim: int, llm_dim: int, num_patches: int) -> Connector:
+def build_connector(cfg: ConnectorConfig, vision_dim: int, llm_dim: int, num_patches: int) -> Connector[Any]:
     """Build the connector named by `cfg.name`; widths come from the built tower and LLM."""
     if cfg.name not in CONNECTORS:
         raise ConfigError(f"connector={cfg.name} is unknown: choose one of {', '.join(CONNECTORS)}")

@@ -10,14 +10,19 @@ code is not copied: a forward pre-hook on each chosen layer runs the block on it
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlm_train.config import CrossAttentionConnectorConfig
-from vlm_train.models.connectors.base import Connector
+from vlm_train.models.connectors.base import Connector, ForwardState, Placement
+from vlm_train.models.decoder import ContextFn, Decoder
+
+PreHook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]] | None]
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -49,10 +54,11 @@ class GatedCrossAttentionBlock(nn.Module):
         return x_BTD + torch.tanh(self.ff_gate) * self.ff(self.ff_norm(x_BTD)) * sees_image_BT1
 
 
-class CrossAttentionConnector(Connector):
+class CrossAttentionConnector(Connector[CrossAttentionConnectorConfig]):
     """Media = a linear map of the patch features to the LLM width; gated blocks read it."""
 
-    placement = "cross_attention"
+    config_class = CrossAttentionConnectorConfig
+    placement = Placement.CROSS_ATTENTION
 
     def __init__(self, vision_dim: int, llm_dim: int, every: int, heads: int, ff_mult: int):
         super().__init__()
@@ -60,7 +66,8 @@ class CrossAttentionConnector(Connector):
         self.every, self.heads, self.ff_mult, self.llm_dim = every, heads, ff_mult, llm_dim
         self.blocks = nn.ModuleList()
         self.num_tokens = 1  # one image token marks where each image occurs
-        self._state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.sequence_first = False  # the attached decoder's (attach sets it)
+        self._state = ForwardState[tuple[torch.Tensor, torch.Tensor]]()  # (media_IMD, allowed_BTI), one forward
 
     @classmethod
     def from_config(
@@ -71,37 +78,43 @@ class CrossAttentionConnector(Connector):
     def forward(self, features_IPDv: torch.Tensor) -> torch.Tensor:
         return self.proj(features_IPDv)
 
-    def attach(self, llm: nn.Module) -> None:
+    def attach(self, llm: Decoder) -> None:
         # megatron's decoder (parallel/tensor_parallel.py) passes hidden states sequence-first
-        self.sequence_first = getattr(llm, "sequence_first", False)
+        self.sequence_first = llm.sequence_first
         for index, layer in enumerate(llm.decoder_layers()):
             if index % self.every == 0:
                 self.blocks.append(GatedCrossAttentionBlock(self.llm_dim, self.heads, self.ff_mult))
                 layer.register_forward_pre_hook(self._pre_hook(len(self.blocks) - 1), with_kwargs=True)
 
-    def _pre_hook(self, block_index: int):
-        def block(hidden: torch.Tensor) -> torch.Tensor:
-            media_IMD, allowed_BTI = self._state
+    def _pre_hook(self, block_index: int) -> PreHook:
+        def block(hidden: torch.Tensor, media_IMD: torch.Tensor, allowed_BTI: torch.Tensor) -> torch.Tensor:
             if self.sequence_first:
                 return self.blocks[block_index](hidden.transpose(0, 1), media_IMD, allowed_BTI).transpose(0, 1)
             return self.blocks[block_index](hidden, media_IMD, allowed_BTI)
 
-        def run_block(module, args, kwargs):
-            if self._state is None:
+        def run_block(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+            state = self._state.value
+            if state is None:
                 return None
             if args:
-                return (block(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": block(kwargs["hidden_states"])}
+                return (block(args[0], *state), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": block(kwargs["hidden_states"], *state)}
 
         return run_block
 
-    @contextmanager
-    def conditioned(self, image_positions_BT: torch.Tensor, media_IMDl: torch.Tensor | None = None):
-        self._state = (media_IMDl, media_mask(image_positions_BT, media_IMDl.shape[0]))
-        try:
-            yield
-        finally:
-            self._state = None
+    def conditioned(
+        self, image_positions_BT: torch.Tensor, media_IMDl: torch.Tensor | None = None
+    ) -> AbstractContextManager:
+        if media_IMDl is None:
+            raise ValueError("cross_attention is conditioned on media: the VLM passes the images' connector outputs")
+        return self._state.holding((media_IMDl, media_mask(image_positions_BT, media_IMDl.shape[0])))
+
+    def checkpoint_context_fn(self) -> ContextFn | None:
+        # transformers checkpoints a layer's forward, inside the pre-hook that runs the block: the
+        # block is not recomputed today, but a decoder that checkpoints the whole call would
+        return self._state.replay_contexts
 
 
 def media_mask(image_positions_BT: torch.Tensor, num_images: int) -> torch.Tensor:

@@ -9,7 +9,9 @@ adapter are then all that trains.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,8 @@ from torch import nn
 
 from vlm_train.config import LNAdapterConnectorConfig
 from vlm_train.errors import ConfigError
-from vlm_train.models.connectors.base import Connector
+from vlm_train.models.connectors.base import Connector, ForwardState
+from vlm_train.models.decoder import ContextFn, Decoder
 
 
 class ImageAffine(nn.Module):
@@ -33,7 +36,9 @@ class ImageAffine(nn.Module):
         return out + self.bias if self.bias is not None else out
 
 
-class LNAdapterConnector(Connector):
+class LNAdapterConnector(Connector[LNAdapterConnectorConfig]):
+    config_class = LNAdapterConnectorConfig
+
     def __init__(self, vision_dim: int, llm_dim: int, num_patches: int, train_projection: bool, modality_norms: bool):
         super().__init__()
         self.norm = nn.LayerNorm(vision_dim, elementwise_affine=False)
@@ -43,7 +48,8 @@ class LNAdapterConnector(Connector):
         self.train_projection, self.modality_norms = train_projection, modality_norms
         self.image_norms = nn.ModuleList()
         self.num_tokens = num_patches
-        self._image_positions_BT: torch.Tensor | None = None
+        self.sequence_first = False  # the attached decoder's (attach sets it)
+        self._image_positions = ForwardState[torch.Tensor]()  # [B, T] bool, during one forward
 
     @classmethod
     def from_config(
@@ -55,40 +61,47 @@ class LNAdapterConnector(Connector):
         return self.bridge(self.norm(features_IPDv) * self.scale + self.shift)
 
     def fixed_parameters(self) -> list[nn.Parameter]:
-        return [] if self.train_projection else [self.bridge.weight]
+        weight = self.bridge.weight
+        assert isinstance(weight, nn.Parameter)  # torch annotates Linear.weight as a plain Tensor
+        return [] if self.train_projection else [weight]
 
     def freezes_llm(self) -> bool:
         return self.modality_norms
 
-    def attach(self, llm: nn.Module) -> None:
+    def attach(self, llm: Decoder) -> None:
         if not self.modality_norms:
             return
         # megatron's decoder (parallel/tensor_parallel.py) normalises sequence-first hidden states
-        self.sequence_first = getattr(llm, "sequence_first", False)
+        self.sequence_first = llm.sequence_first
         for norm in llm.norm_modules():
             _check_supported(norm)
+            assert isinstance(norm.weight, torch.Tensor)  # LayerNorm and RMSNorm have one
             self.image_norms.append(ImageAffine(norm.weight, getattr(norm, "bias", None)))
             norm.register_forward_hook(self._norm_hook(len(self.image_norms) - 1))
 
-    def _norm_hook(self, index: int):
-        def image_positions_use_their_own_affine(module, args, output):
-            if self._image_positions_BT is None:
+    def _norm_hook(self, index: int) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor | None]:
+        def image_positions_use_their_own_affine(
+            module: nn.Module, args: tuple[Any, ...], output: torch.Tensor
+        ) -> torch.Tensor | None:
+            positions_BT = self._image_positions.value
+            if positions_BT is None:
                 return None
             # Always run the image affine (a rank whose batch has no image still gathers it
             # under ZeRO-3); text positions keep the LLM's own output exactly.
             image_out = self.image_norms[index](_normalize(module, args[0])).to(output.dtype)
-            positions = self._image_positions_BT.transpose(0, 1) if self.sequence_first else self._image_positions_BT
+            positions = positions_BT.transpose(0, 1) if self.sequence_first else positions_BT
             return torch.where(positions[..., None], image_out, output)
 
         return image_positions_use_their_own_affine
 
-    @contextmanager
-    def conditioned(self, image_positions_BT: torch.Tensor, media_IMDl: torch.Tensor | None = None):
-        self._image_positions_BT = image_positions_BT if self.modality_norms else None
-        try:
-            yield
-        finally:
-            self._image_positions_BT = None
+    def conditioned(
+        self, image_positions_BT: torch.Tensor, media_IMDl: torch.Tensor | None = None
+    ) -> AbstractContextManager:
+        return self._image_positions.holding(image_positions_BT if self.modality_norms else None)
+
+    def checkpoint_context_fn(self) -> ContextFn | None:
+        # the norms sit inside the layers activation checkpointing recomputes
+        return self._image_positions.replay_contexts if self.modality_norms else None
 
 
 def _is_rms_norm(module: nn.Module) -> bool:

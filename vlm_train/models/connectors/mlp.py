@@ -9,11 +9,13 @@ from vlm_train.errors import ConfigError
 from vlm_train.models.connectors.base import Connector
 
 
-class MLPConnector(Connector, nn.Sequential):
+class MLPConnector(Connector[MLPConnectorConfig], nn.Sequential):
     """Linear(Dv, Dl) then (GELU, Linear(Dl, Dl)) x (depth - 1); depth 2 is LLaVA-1.5's mlp2x_gelu.
 
     A Sequential, like LLaVA's `mm_projector`, so its weights ("0.weight", "2.weight") load as-is.
     """
+
+    config_class = MLPConnectorConfig
 
     def __init__(self, vision_dim: int, llm_dim: int, depth: int, num_patches: int):
         layers: list[nn.Module] = [nn.Linear(vision_dim, llm_dim)]

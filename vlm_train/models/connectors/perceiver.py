@@ -14,7 +14,9 @@ from vlm_train.config import PerceiverConnectorConfig
 from vlm_train.models.connectors.base import Connector
 
 
-class PerceiverConnector(Connector):
+class PerceiverConnector(Connector[PerceiverConnectorConfig]):
+    config_class = PerceiverConnectorConfig
+
     def __init__(self, modality_projection: torch.nn.Module, perceiver_resampler: torch.nn.Module, num_latents: int):
         super().__init__()
         self.modality_projection = modality_projection

@@ -8,15 +8,22 @@ The layers are transformers' own `Blip2QFormerModel`, and the parameter names ar
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from vlm_train.config import QFormerConnectorConfig
 from vlm_train.models.connectors.base import Connector
 
+if TYPE_CHECKING:
+    from transformers import Blip2QFormerModel
 
-class QFormerConnector(Connector):
-    def __init__(self, qformer: nn.Module, num_queries: int, llm_dim: int):
+
+class QFormerConnector(Connector[QFormerConnectorConfig]):
+    config_class = QFormerConnectorConfig
+
+    def __init__(self, qformer: Blip2QFormerModel, num_queries: int, llm_dim: int):
         super().__init__()
         width = qformer.config.hidden_size
         self.query_tokens = nn.Parameter(torch.randn(1, num_queries, width) * qformer.config.initializer_range)
