@@ -49,7 +49,7 @@ def worker(rank: int, world: int, port: int, overrides: list[str], run_dir: str,
     from vlm_train.build import build_model
     from vlm_train.config import compose
     from vlm_train.parallel.distributed import init_distributed, launch_env, shutdown
-    from vlm_train.parallel.engine import build_engine
+    from vlm_train.parallel.engine import build_train_engine
     from vlm_train.parallel.layout import Layout
     from vlm_train.train import _quiet_libraries, seed_everything
     from vlm_train.training import checkpoint
@@ -63,7 +63,7 @@ def worker(rank: int, world: int, port: int, overrides: list[str], run_dir: str,
     def fresh_engine():
         seed_everything(cfg.run.seed)
         model = build_model(cfg)
-        return model, build_engine(model, cfg, layout, device)
+        return model, build_train_engine(model, cfg, layout, device)
 
     seed_everything(cfg.run.seed)
     vocab_size = build_model(cfg).llm.vocab_size  # read before ZeRO-3 partitions the embedding

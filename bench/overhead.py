@@ -52,7 +52,7 @@ def build_sides(batch_size: int, run_dir: Path):
     from vlm_train.build import build_model
     from vlm_train.config import compose
     from vlm_train.parallel.distributed import init_distributed, launch_env
-    from vlm_train.parallel.engine import build_engine
+    from vlm_train.parallel.engine import build_train_engine
     from vlm_train.parallel.layout import Layout
     from vlm_train.training.flops import TrainingFlops
     from vlm_train.training.loop import Trainer
@@ -68,7 +68,7 @@ def build_sides(batch_size: int, run_dir: Path):
     batch = toy_batch(model, batch_size)
     layout = Layout.from_config(cfg, world=env.world, rank=env.rank)
     flops = TrainingFlops.of(model)
-    engine = build_engine(model, cfg, layout, device)
+    engine = build_train_engine(model, cfg, layout, device)
     metrics = MetricsLogger(run_dir, cfg, enabled=False)
     trainer = Trainer(engine, itertools.repeat(batch), cfg, layout, device, metrics, flops)
     optimizer = torch.optim.AdamW(

@@ -115,7 +115,7 @@ vlm_head_node() { scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1; }
 # `#SBATCH --signal=B:USR1@<s>` sends USR1 to this batch shell only (B:), <s> seconds before the
 # time limit. We pass it on to the training step (srun forwards it to torchrun, torchrun -- told to
 # handle USR1 below -- to every worker). The trainer finishes its step, writes a checkpoint and
-# exits (vlm_train/training/signals.py). When the step has ended we `scontrol requeue` the job:
+# exits (vlm_train/parallel/signals.py). When the step has ended we `scontrol requeue` the job:
 # it returns to the queue with the same id, script and arguments, and its next start resumes from
 # <run.dir>/checkpoints/latest. Requeueing only after the step ended means the checkpoint is
 # never cut short by Slurm's KillWait; <s> must cover one step plus a checkpoint (300 s by

@@ -66,22 +66,22 @@ def rebuild_trained_model(folder: Path):
     from vlm_train.build import build_model
     from vlm_train.config import load_yaml
     from vlm_train.data.tokenizer import load_tokenizer
+    from vlm_train.parallel.engine_checkpoint import consolidated_state_dict
     from vlm_train.train import seed_everything
-    from vlm_train.training.checkpoint import (
-        check_rebuilt_frozen_weights,
-        consolidated_state_dict,
-        load_trained_weights,
-    )
+    from vlm_train.training.checkpoint import load_trained_weights
+    from vlm_train.training.frozen import check_rebuilt_frozen_weights
 
     cfg = load_yaml(folder / "config.yaml")
     tokenizer = load_tokenizer(cfg.llm)
     seed_everything(cfg.run.seed)  # a randomly initialised frozen part is rebuilt exactly
     if cfg.llm.backend == "megatron":
-        from vlm_train.interop.megatron import load_tp_checkpoint
+        from vlm_train.interop.tp_checkpoint import CheckpointReaders, load_tp_checkpoint
+        from vlm_train.parallel.engine_checkpoint import safe_torch_load
 
         cfg.llm.backend = "hf"  # the same model with the HF decoder: its TP shards are joined into it
         model = build_model(cfg, tokenizer)  # (its frozen checksum was taken over megatron's layout)
-        load_tp_checkpoint(model, folder, cfg.parallel.zero_stage, cfg.parallel.tensor_parallel)
+        readers = CheckpointReaders(safe_torch_load, consolidated_state_dict)  # interop reads no DeepSpeed file itself
+        load_tp_checkpoint(model, folder, cfg.parallel.zero_stage, cfg.parallel.tensor_parallel, readers)
     else:
         model = build_model(cfg, tokenizer)
         check_rebuilt_frozen_weights(model, folder)
@@ -92,13 +92,15 @@ def rebuild_trained_model(folder: Path):
 def from_hf_command(hf_dir: Path, out: Path) -> None:
     """Split a HF VLM into the pieces vlm-train's configs load, and print the overrides."""
     from safetensors.torch import save_file
+    from transformers import PreTrainedModel
 
     from vlm_train.interop import from_hf
 
     model = from_hf(hf_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.vision.hf_model.save_pretrained(out / "vision")
-    model.llm.hf_model.save_pretrained(out / "llm")
+    for part, hf_model in (("vision", model.vision.hf_model), ("llm", model.llm.hf_model)):
+        assert isinstance(hf_model, PreTrainedModel)  # from_hf builds both from HF classes
+        hf_model.save_pretrained(out / part)
     _copy_tokenizer(hf_dir, out / "llm")
     save_file({k: v.contiguous() for k, v in model.connector.state_dict().items()}, str(out / "connector.safetensors"))
     print(" ".join(connector_overrides(model, out)))

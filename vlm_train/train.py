@@ -11,9 +11,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from vlm_train.config import Config, compose, to_yaml
+from vlm_train.config import Config, compose
 from vlm_train.errors import UserError
-from vlm_train.training.signals import Preempted
+from vlm_train.parallel.signals import Preempted
 
 USAGE = """usage: vlm-train [key=value ...]
 
@@ -67,11 +67,13 @@ def _train(cfg: Config, layout, device) -> None:
     from vlm_train.data.pipeline import build_train_batches
     from vlm_train.data.preprocess import ImageTransform
     from vlm_train.data.tokenizer import load_tokenizer
-    from vlm_train.parallel.engine import build_engine
-    from vlm_train.training.checkpoint import check_resumable, latest_checkpoint, redact_secrets
+    from vlm_train.parallel.engine import build_train_engine
+    from vlm_train.training.checkpoint import latest_checkpoint
+    from vlm_train.training.config_dump import config_yaml
     from vlm_train.training.flops import TrainingFlops
     from vlm_train.training.loop import Trainer
     from vlm_train.training.metrics import MetricsLogger
+    from vlm_train.training.resume_check import check_resumable
     from vlm_train.training.schedule import resolve_schedule
 
     run_dir = Path(cfg.run.dir)
@@ -84,7 +86,7 @@ def _train(cfg: Config, layout, device) -> None:
         check_resumable((resume_from / "config.yaml").read_text(), cfg, resume_from)
     elif layout.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(redact_secrets(to_yaml(cfg)))
+        (run_dir / "config.yaml").write_text(config_yaml(cfg))
 
     mpu = layout.build_groups(cfg.run.seed)  # TP and DP groups, once (megatron backend); DeepSpeed's mpu
     check_fits_and_report(cfg, layout, device)  # refuses a layout whose model states cannot fit
@@ -97,14 +99,14 @@ def _train(cfg: Config, layout, device) -> None:
         tokenizer,
         transform,
         model.num_image_tokens,
-        rank=layout.dp_rank,
-        world=layout.dp,
+        dp_rank=layout.dp_rank,
+        dp_size=layout.dp,
         batch_size=cfg.train.micro_batch_size,
         seed=cfg.run.seed,
         pin_memory=device.type == "cuda",
     )
     flops = TrainingFlops.of(model)  # before DeepSpeed: ZeRO-3 empties partitioned parameters
-    engine = build_engine(model, cfg, layout, device, mpu)
+    engine = build_train_engine(model, cfg, layout, device, mpu)
     metrics = MetricsLogger(run_dir, cfg, enabled=layout.rank == 0)
     trainer = Trainer(engine, batches, cfg, layout, device, metrics, flops)
     try:
@@ -123,6 +125,7 @@ def evaluate_run(trainer, cfg: Config, tokenizer, transform) -> None:
     from vlm_train.data.pipeline import SampleEncoder, read_eval_records
     from vlm_train.training.evaluate import evaluate
 
+    assert cfg.data.eval_urls  # the caller checked
     model = trainer.engine.module
     encoder = SampleEncoder(cfg.data, tokenizer, transform, model.num_image_tokens)
     records = read_eval_records(cfg.data.eval_urls, cfg.data.eval_samples)
@@ -158,12 +161,13 @@ def prepare_synthetic_data(cfg: Config, rank: int) -> None:
     from vlm_train.data.pipeline import expand_urls
 
     data = cfg.data
-    wanted = data.synthetic_dir and data.urls.startswith(str(data.synthetic_dir))
-    if wanted and rank == 0 and not (Path(data.synthetic_dir) / "manifest.json").is_file():
+    synthetic_dir = data.synthetic_dir
+    wanted = synthetic_dir and data.urls.startswith(str(synthetic_dir))
+    if synthetic_dir and wanted and rank == 0 and not (Path(synthetic_dir) / "manifest.json").is_file():
         from vlm_train.data.synthetic import generate
 
-        print(f"generating synthetic scenes in {data.synthetic_dir}", flush=True)
-        generate(data.synthetic_dir, train=data.synthetic_train, eval=data.synthetic_eval)
+        print(f"generating synthetic scenes in {synthetic_dir}", flush=True)
+        generate(synthetic_dir, train=data.synthetic_train, eval=data.synthetic_eval)
     dist.barrier()
     expand_urls(data.urls)  # a pattern that matches nothing fails here, before any model is built
     if data.eval_urls and cfg.train.eval:

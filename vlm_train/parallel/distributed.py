@@ -11,12 +11,13 @@ import os
 import sys
 import traceback
 from datetime import timedelta
+from typing import Any
 
 import torch
 
 from vlm_train.config import ParallelConfig
+from vlm_train.parallel import signals
 from vlm_train.parallel.launch_env import LaunchEnv, launch_env
-from vlm_train.training import signals
 
 __all__ = ["LaunchEnv", "exit_failed_rank", "init_distributed", "launch_env", "pick_backend", "shutdown"]
 
@@ -83,7 +84,7 @@ def _init_after_torchrun_restart(backend: str, env: LaunchEnv, timeout: timedelt
 def _skip_shm_comm_build() -> None:
     # DeepSpeed compiles a shared-memory all-reduce op for its CPU accelerator at start-up
     # (40-47 s on 2 cores); gloo does the work without it.
-    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    comm_torch: Any = importlib.import_module("deepspeed.comm.torch")  # Any: ModuleType has no build_shm_op
     comm_torch.build_shm_op = lambda: None
 
 

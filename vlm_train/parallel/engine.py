@@ -1,12 +1,19 @@
-"""DeepSpeed glue: the engine config from our train/parallel sections, and the engine itself."""
+"""Everything DeepSpeed: the engine config from our train/parallel sections, the engine itself, and
+`TrainEngine`, the small interface the trainer and the checkpointer call instead of DeepSpeed's
+engine (its checkpoint files, resharding and gathering are in parallel/engine_checkpoint.py)."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from vlm_train.config import Config, TrainConfig
+from vlm_train.errors import ConfigError
 from vlm_train.parallel.kernels import Kernels, compile_model, probe_kernels
 from vlm_train.parallel.layout import Layout
 
@@ -84,7 +91,14 @@ def deepspeed_config(cfg: Config, layout: Layout, precision: str, on_gpu: bool =
     }
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, device: torch.device, mpu=None):
+def build_train_engine(
+    model: torch.nn.Module, cfg: Config, layout: Layout, device: torch.device, mpu: Any = None
+) -> TrainEngine:
+    """`build_engine` behind the trainer's interface (`TrainEngine`)."""
+    return TrainEngine(build_engine(model, cfg, layout, device, mpu))
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, device: torch.device, mpu: Any = None) -> Any:
     """Wrap the model in a DeepSpeed engine; only parameters that train reach the optimizer.
 
     `mpu` (from `Layout.build_groups`) is required at TP > 1: without it DeepSpeed reduces
@@ -149,7 +163,7 @@ class SkipNextStep:
         if self.skip_next:
             self.skip_next = False
             return None
-        return super().step(closure)
+        return super().step(closure)  # the torch optimizer it is mixed into
 
 
 class SkippableAdamW(SkipNextStep, torch.optim.AdamW):
@@ -158,3 +172,147 @@ class SkippableAdamW(SkipNextStep, torch.optim.AdamW):
 
 class SkippableSGD(SkipNextStep, torch.optim.SGD):
     """torch's SGD (no momentum): its update is proportional to the gradient."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What an optimizer step did: `updated` is False when the update was cancelled (asked for, or
+    by DeepSpeed itself on a non-finite gradient norm); `grad_norm` is the norm of the step's
+    gradients before clipping, when it was asked for and the update happened."""
+
+    updated: bool
+    grad_norm: float | None = None
+
+
+class TrainEngine:
+    """The engine as the trainer and the checkpointer see it; DeepSpeed stays behind it.
+
+    Training:
+        engine(*inputs)                 the model's forward (DeepSpeed's module wrapper)
+        engine.backward(loss)           back-propagate one micro-batch (DeepSpeed scales by 1/grad_accum,
+                                        accumulates, and reduces over data-parallel ranks at the step's
+                                        last micro-batch)
+        engine.micro_step()             after each backward but the step's last (DeepSpeed's bookkeeping)
+        engine.step(skip, grad_norm)    after the last backward: update the weights, or with skip=True
+                                        cancel the update -> StepResult(updated, grad_norm)
+        engine.lr                       the learning rate of the next update
+    Model and layout:
+        engine.module, engine.zero_stage, engine.tensor_parallel, engine.model_parallel_group
+    Checkpoints (files in DeepSpeed's layout; frozen parameters left out):
+        engine.save(root, tag)          collective: every rank writes its shards into root/tag
+        engine.load(folder, saved_ranks, saved_stage)
+                                        collective: every read weights_only; a checkpoint of another
+                                        rank count or ZeRO stage is resharded (universal checkpoint)
+        has_engine_state, consolidated_state_dict, full_tensor, full_fp32, safe_torch_load
+                                        (parallel/engine_checkpoint.py: whole weights without an engine)
+
+    Skipping a step (the only place that knows how): the caller decides that the step's global
+    loss is not finite and asks `step(skip=True)`. The optimizer (a `SkipNextStep`) then cancels
+    its own update inside whatever DeepSpeed wraps around it, so every ZeRO stage still reduces,
+    clips and clears the gradients while weights and optimizer state stay as they were. ZeRO 1-3
+    may cancel the update first, seeing a non-finite gradient norm (an "overflow"): it then counts
+    a skipped step and leaves its LR schedule behind, which is stepped here so that the schedule
+    follows the trainer's step count either way.
+    """
+
+    def __init__(self, engine: Any):
+        self._engine = engine
+        self._optimizer = engine.basic_optimizer
+        if not isinstance(self._optimizer, SkipNextStep):
+            raise TypeError(f"{type(self._optimizer).__name__} cannot cancel a step: build it with build_optimizer")
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model DeepSpeed wraps (parameters partitioned under ZeRO-3)."""
+        return self._engine.module
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self._engine.zero_optimization_stage())
+
+    @property
+    def tensor_parallel(self) -> int:
+        mpu = self._engine.mpu
+        return 1 if mpu is None else int(mpu.get_model_parallel_world_size())
+
+    @property
+    def model_parallel_group(self) -> dist.ProcessGroup | None:
+        """The tensor-parallel group of this rank; None without tensor parallelism."""
+        return self._engine.mpu.get_model_parallel_group() if self.tensor_parallel > 1 else None
+
+    @property
+    def lr(self) -> float:
+        return float(self._engine.get_lr()[0])
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        return self._engine(*inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._engine.backward(loss)
+
+    def micro_step(self) -> None:
+        """After the backward of a micro-batch that is not the last of its step."""
+        assert not self._engine.is_gradient_accumulation_boundary(), "the step's last micro-batch: call step()"
+        self._engine.step()
+
+    def step(self, skip: bool = False, grad_norm: bool = False) -> StepResult:
+        """After the backward of the step's last micro-batch: reduce, clip and apply the update, or
+        with `skip` cancel it (see the class docstring). `grad_norm` asks for the gradient norm
+        (at ZeRO-0 a pass over every gradient, so only when it is logged)."""
+        engine = self._engine
+        assert engine.is_gradient_accumulation_boundary(), "not the step's last micro-batch: call micro_step()"
+        # Without ZeRO, DeepSpeed reports no norm; the gradients are cleared by its step.
+        norm = self._unsharded_grad_norm() if grad_norm and not skip and self.zero_stage == 0 else None
+        skipped_before = engine.skipped_steps
+        self._optimizer.skip_next = skip
+        try:
+            engine.step()
+        finally:
+            self._optimizer.skip_next = False  # not consumed when DeepSpeed cancelled the update first
+        if engine.skipped_steps > skipped_before:
+            # DeepSpeed cancelled the update itself (ZeRO 1-3 on a non-finite gradient norm; ZeRO-0
+            # has only SkipNextStep) and left its LR schedule behind: keep it in step with the trainer.
+            engine.lr_scheduler.step()
+            return StepResult(updated=False)
+        if skip:
+            return StepResult(updated=False)
+        if grad_norm and self.zero_stage > 0:
+            reported = engine.get_global_grad_norm()
+            norm = None if reported is None else float(reported)
+        return StepResult(updated=True, grad_norm=norm)
+
+    def _unsharded_grad_norm(self) -> float:
+        """The reduced gradients are whole on every rank, except the tensor-parallel shards of the
+        decoder: their squares are summed over the TP group, everything replicated across it (tower,
+        connector, norms) is counted once."""
+        device = self._engine.device
+        sharded = torch.zeros((), dtype=torch.float64, device=device)
+        replicated = torch.zeros((), dtype=torch.float64, device=device)
+        for param in self.module.parameters():
+            if param.grad is not None:
+                square = torch.linalg.vector_norm(param.grad.double()) ** 2
+                if getattr(param, "tensor_model_parallel", False):
+                    sharded += square
+                else:
+                    replicated += square
+        if self.tensor_parallel > 1:
+            dist.all_reduce(sharded, group=self.model_parallel_group)
+        return float((sharded + replicated).sqrt())
+
+    def save(self, root: Path, tag: str) -> None:
+        """Collective: every rank writes its part of the engine state into root/tag."""
+        self._engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+
+    def load(self, folder: Path, saved_ranks: int, saved_stage: int) -> None:
+        """Collective: restore the engine state from `folder`, saved by `saved_ranks` ranks at ZeRO
+        `saved_stage`. Every file is read with weights_only=True. The frozen parameters are not in
+        the checkpoint: the rebuilt ones stay (the caller checks their checksum)."""
+        from vlm_train.parallel.engine_checkpoint import guard_loads, load_resharded
+
+        guard_loads(self._engine)
+        if (saved_ranks, saved_stage) == (dist.get_world_size(), self.zero_stage):
+            _, client = self._engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
+        else:
+            client = load_resharded(self._engine, folder, saved_ranks, saved_stage)
+        if client is None:
+            raise ConfigError(f"{folder} could not be loaded by DeepSpeed: is it a vlm_train checkpoint?")

@@ -11,9 +11,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlm_train.config import Config, LLMConfig
 from vlm_train.errors import ConfigError, LayoutError
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,7 @@ class ModelParallelUnit:
         self._dp_ranks = torch.distributed.get_process_group_ranks(self._dp_group)
         self._tp_src = parallel_state.get_tensor_model_parallel_src_rank()
 
-    def get_model_parallel_group(self):
+    def get_model_parallel_group(self) -> ProcessGroup:
         return self._tp_group
 
     def get_model_parallel_rank(self) -> int:
@@ -174,7 +178,7 @@ class ModelParallelUnit:
     def get_tensor_model_parallel_src_rank(self) -> int:
         return self._tp_src
 
-    def get_data_parallel_group(self):
+    def get_data_parallel_group(self) -> ProcessGroup:
         return self._dp_group
 
     def get_data_parallel_rank(self) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import types
+from typing import Any
 
 import torch
 
@@ -109,12 +110,15 @@ def adapt_megatron_for_cpu(seed: int = 0, tp_rank: int = 0) -> bool:
         return False
     if not _applied:
         torch_on_cpu = _TorchOnCpu()
+        # ModuleType declares none of the attributes patched below: megatron's modules are Any here
         for name in _SCRATCH_ON_CURRENT_DEVICE:
-            importlib.import_module(name).torch = torch_on_cpu
+            module: Any = importlib.import_module(name)
+            module.torch = torch_on_cpu
         for name in ("megatron.core.transformer.utils", "megatron.core.fusions.fused_softmax"):
-            importlib.import_module(name).get_default_causal_mask = _causal_mask_on_cpu
+            module = importlib.import_module(name)
+            module.get_default_causal_mask = _causal_mask_on_cpu
         _applied = True
-    random = importlib.import_module("megatron.core.tensor_parallel.random")
+    random: Any = importlib.import_module("megatron.core.tensor_parallel.random")
     tracker = CpuRNGStatesTracker()
     tracker.add(_MODEL_PARALLEL_RNG, seed + 2718 + tp_rank)  # megatron's offset for the TP stream
     random._CUDA_RNG_STATE_TRACKER = tracker

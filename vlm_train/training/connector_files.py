@@ -10,7 +10,7 @@ Both are rewritten by every checkpoint save (the end of a run included), after t
 published, so they hold the weights of the newest complete checkpoint. `connector.path` takes
 either file, or the run dir itself (vlm_train/models/connectors/__init__.py).
 
-The values are the trained fp32 weights: DeepSpeed's fp32 master copy when it keeps one (bf16
+The values are the trained fp32 weights: the engine's fp32 master copy when it keeps one (bf16
 training, ZeRO 1-3), else the module's parameters, gathered first where ZeRO-3 partitions them.
 LLaVA saves the bf16 module copy instead; loading either into a bf16 run gives the same weights.
 """
@@ -24,15 +24,18 @@ import torch
 import torch.distributed as dist
 
 from vlm_train.config import Config
+from vlm_train.parallel.engine import TrainEngine
+from vlm_train.parallel.engine_checkpoint import full_fp32
 
 CONNECTOR_FILE = "connector.safetensors"
 LLAVA_PROJECTOR_FILE = "mm_projector.bin"
 LLAVA_PREFIX = "model.mm_projector."  # LLaVA's name of the projector inside LlavaLlamaForCausalLM
 
 
-def write_connector_files(engine, run_dir: Path, step: int, cfg: Config) -> None:
+def write_connector_files(engine: TrainEngine, run_dir: Path, step: int, cfg: Config) -> None:
     """Collective: every rank helps gather the connector; rank 0 writes the files atomically."""
     connector = engine.module.connector
+    assert isinstance(connector, torch.nn.Module)
     if cfg.parallel.tensor_parallel > 1 and connector.placement == "cross_attention":
         return  # its blocks are split over TP ranks like the decoder: `vlm-convert consolidate` joins them
     state = connector_state(connector)
@@ -52,27 +55,11 @@ def connector_state(connector: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = {}
     for name, value in connector.state_dict(keep_vars=True).items():  # the keys load_state_dict expects
         if isinstance(value, torch.nn.Parameter):
-            state[name] = _full_fp32(value)
+            state[name] = full_fp32(value)
         else:  # a persistent buffer: floating ones in fp32 like the weights, others as they are
             buffer = value.detach().cpu().clone()
             state[name] = buffer.float() if buffer.is_floating_point() else buffer
     return {name: tensor.contiguous() for name, tensor in state.items()}
-
-
-def _full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
-    # The optimizer's fp32 master copy, assembled across ranks (collective under ZeRO 1-3).
-    if param.requires_grad and (hasattr(param, "_hp_mapping") or hasattr(param, "_z3_optimizer")):
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        master = safe_get_full_fp32_param(param)
-        if master is not None:
-            return master.detach().float().cpu().clone()
-    if hasattr(param, "ds_id"):  # ZeRO-3 partition without a master copy (a frozen connector)
-        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-
-        with GatheredParameters([param]):
-            return param.data.detach().float().cpu().clone()
-    return param.detach().float().cpu().clone()
 
 
 def _atomic(path: Path, write) -> None:

@@ -97,7 +97,7 @@ def evaluate(
     """eval_loss (teacher-forced, token-weighted) and eval_accuracy (exact match), with per-kind accuracy."""
     model.eval()
     share = records[rank::world][: len(records) // world]  # equal shares keep ranks in step
-    sums = defaultdict(float)
+    sums: defaultdict[str, float] = defaultdict(float)
     for start in range(0, len(share), batch_size):
         chunk = [s for s in map(encoder, share[start : start + batch_size]) if s is not None]
         _add_loss(model, chunk, encoder, sums, device)
@@ -162,7 +162,7 @@ def _add_accuracy(model, questions: list[Question], encoder, max_new_tokens, sum
 def _all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
     if not dist.is_initialized():
         return dict(sums)
-    keys = [None] * dist.get_world_size()
+    keys: list[list[str]] = [[] for _ in range(dist.get_world_size())]
     dist.all_gather_object(keys, sorted(sums))
     names = sorted({k for rank_keys in keys for k in rank_keys})
     values = torch.tensor([sums.get(k, 0.0) for k in names], dtype=torch.float64, device=device)

@@ -23,11 +23,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from vlm_train.models.decoder import Decoder
+from vlm_train.models.vision import VisionTower
 from vlm_train.models.vlm import VisionLanguageModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Dense (no sparsity) peak TFLOPS per GPU: (bf16 tensor cores, fp32 without TF32). Matched by
 # substring of torch.cuda.get_device_name, most specific first. Sources: NVIDIA data sheets.
@@ -49,7 +55,7 @@ _probed_peaks: dict[tuple[str, str], float] = {}
 @dataclass(frozen=True)
 class TrainingFlops:
     """The shape facts FLOPs depend on, read once from the whole model; calling it with a batch
-    gives that micro-batch's training FLOPs. Build it before DeepSpeed wraps the model (ZeRO-3
+    gives that micro-batch's training FLOPs. Build it before the engine wraps the model (ZeRO-3
     leaves partitioned parameters empty, and the connector is measured by running it)."""
 
     tower_weights: int
@@ -128,20 +134,20 @@ def mfu(global_flops: float, step_seconds: float, peak_per_device: float, world:
     return global_flops / step_seconds / (peak_per_device * world)
 
 
-def _tower_seq(tower: nn.Module) -> int:
+def _tower_seq(tower: VisionTower) -> int:
     config = tower.hf_model.config
     patches = (config.image_size // config.patch_size) ** 2
     return patches + int(tower.family in ("clip", "blip2"))  # CLS runs through the layers even when dropped
 
 
-def _tower_weights(tower: nn.Module) -> int:
+def _tower_weights(tower: VisionTower) -> int:
     unused = {id(p) for p in tower.unused_parameters()}
     lookups = {id(p) for m in tower.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     lookups |= {id(p) for name, p in tower.named_parameters() if name.endswith("class_embedding")}
     return sum(_numel(p) for p in tower.parameters() if id(p) not in unused | lookups)
 
 
-def _dense_decoder(llm: nn.Module) -> nn.Module:
+def _dense_decoder(llm: Decoder) -> PreTrainedModel:
     """The HF decoder, or for the tensor-parallel one (whose tensors are sharded) its dense HF
     equivalent on the meta device: FLOPs are those of the whole model."""
     hf_model = getattr(llm, "hf_model", None)
@@ -188,7 +194,7 @@ def _sequence_connector_flops_per_image(model: VisionLanguageModel) -> float:
     return float(counter.get_total_flops())
 
 
-def _used_tower_layers(tower: nn.Module) -> int:
+def _used_tower_layers(tower: VisionTower) -> int:
     body = getattr(tower.hf_model, "vision_model", tower.hf_model)
     layers = len(body.encoder.layers)
     if tower.family in ("blip2", "idefics2"):

@@ -1,4 +1,4 @@
-"""The step loop: micro-batches -> token-weighted loss -> DeepSpeed backward/step -> metrics.
+"""The step loop: micro-batches -> token-weighted loss -> the engine's backward/step -> metrics.
 
 The loss of a step is the summed cross-entropy of every answer token of the global batch (all
 micro-batches, all data-parallel ranks) divided by their count, so a rank or micro-batch with
@@ -12,6 +12,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -20,18 +21,30 @@ from vlm_train.config import Config
 from vlm_train.data.pipeline import SKIP_REASONS, TrainBatches
 from vlm_train.errors import DataError, TrainingDiverged
 from vlm_train.models.vlm import IGNORE_INDEX
-from vlm_train.parallel.engine import resolve_precision
+from vlm_train.parallel.engine import TrainEngine, resolve_precision
 from vlm_train.parallel.layout import Layout
+from vlm_train.parallel.signals import Preempted, StopFlag, requeue_slurm_job
 from vlm_train.training import checkpoint
 from vlm_train.training.flops import TrainingFlops, mfu, peak_flops
 from vlm_train.training.metrics import MetricsLogger, memory_gb
-from vlm_train.training.signals import Preempted, StopFlag, requeue_slurm_job
+from vlm_train.training.rng import rng_state, set_rng_state
+
+
+class GlobalCounts(NamedTuple):
+    """What one step's micro-batches hold, summed over all ranks (one all-reduce)."""
+
+    answer_tokens: float  # the loss divisor: label tokens that are not IGNORE_INDEX
+    samples: float
+    tokens: float  # attention-mask tokens (packed: sample numbers)
+    stop_requests: float  # ranks that caught a stop signal
+    model_flops: float
+    skipped_by_reason: list[float]  # bad samples replaced by placeholders, per SKIP_REASONS
 
 
 class Trainer:
     def __init__(
         self,
-        engine,
+        engine: TrainEngine,
         batches: TrainBatches,
         cfg: Config,
         layout: Layout,
@@ -53,8 +66,6 @@ class Trainer:
         self.stop_everywhere = False
         self.skipped_by_reason = torch.zeros(len(SKIP_REASONS), dtype=torch.float64)  # bad samples, all ranks
         self.bad_steps = 0  # steps skipped for a non-finite loss
-        self.step_is_bad, self.ds_skipped_before = False, 0
-        self.optimizer = engine.basic_optimizer  # SkippableAdamW (parallel/engine.py)
         self.timer = PhaseTimer(device)
         self.logged_steps = LoggedSteps(cfg.train.log_every, cfg.train.max_steps)
         self.nan_steps = {int(s) for s in os.environ.get("VLM_TRAIN_NAN_STEPS", "").split(",") if s.strip()}
@@ -91,13 +102,13 @@ class Trainer:
         timer.start(sync=self.step + 1 in self.logged_steps)
         with timer.phase("data_wait"):
             micro_batches = [next(self.batches) for _ in range(self.cfg.train.grad_accum)]
-        answer_tokens, samples, tokens, stopping, self.step_flops, *skipped = self.global_counts(micro_batches)
-        self.stop_everywhere = stopping > 0
-        # DeepSpeed divides by grad_accum and averages gradients over dp ranks; undo both so the
+        counts = self.global_counts(micro_batches)
+        self.step_flops = counts.model_flops
+        self.stop_everywhere = counts.stop_requests > 0
+        # The engine divides by grad_accum and averages gradients over dp ranks; undo both so the
         # gradient is that of (sum of token losses) / (answer tokens in the global batch).
-        scale = self.cfg.train.grad_accum * self.layout.dp / max(answer_tokens, 1.0)
+        scale = self.cfg.train.grad_accum * self.layout.dp / max(counts.answer_tokens, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        global_loss = float("nan")
         for index, mb in enumerate(micro_batches):
             with timer.phase("forward"):
                 out = self.engine(*self.model_inputs(mb))
@@ -105,38 +116,22 @@ class Trainer:
             with timer.phase("backward"):
                 self.engine.backward(mb_loss_sum * scale)
             loss_sum += mb_loss_sum.detach().double()
-            if index == len(micro_batches) - 1:
-                global_loss = float(self.all_reduce(loss_sum)) / max(answer_tokens, 1.0)
-                self.prepare_last_step(global_loss)
-            with timer.phase("optimizer"):
-                self.engine.step()
-        self.finish_step(global_loss)
-        self.count_skipped_samples(skipped, samples)
-        return global_loss, int(samples), int(tokens)
+            if index < len(micro_batches) - 1:
+                with timer.phase("optimizer"):
+                    self.engine.micro_step()
+        global_loss = float(self.all_reduce(loss_sum)) / max(counts.answer_tokens, 1.0)
+        with timer.phase("optimizer"):
+            # A non-finite loss on any rank cancels the update everywhere (the engine knows how).
+            result = self.engine.step(skip=not math.isfinite(global_loss), grad_norm=self.step + 1 in self.logged_steps)
+        self.grad_norm = result.grad_norm
+        if not result.updated:
+            self.count_bad_step(global_loss)
+        self.count_skipped_samples(counts.skipped_by_reason, counts.samples)
+        return global_loss, int(counts.samples), int(counts.tokens)
 
-    def prepare_last_step(self, global_loss: float) -> None:
-        """Before the optimizer runs: the grad norm (ZeRO-0) and whether to cancel the update."""
-        self.step_is_bad = not math.isfinite(global_loss)
-        self.optimizer.skip_next = self.step_is_bad
-        self.ds_skipped_before = self.engine.skipped_steps
-        if self.layout.zero_stage == 0 and not self.step_is_bad and self.step + 1 in self.logged_steps:
-            self.grad_norm = self.unsharded_grad_norm()  # only logged: a pass over every gradient
-
-    def finish_step(self, global_loss: float) -> None:
+    def count_bad_step(self, global_loss: float) -> None:
         """Count a skipped step; stop when there were too many (the last checkpoint stays good)."""
-        self.optimizer.skip_next = False
-        if self.engine.skipped_steps > self.ds_skipped_before:
-            # DeepSpeed cancelled the update itself (ZeRO 1-3 take a non-finite gradient norm for an
-            # overflow; ZeRO-0 has only SkippableAdamW) and then leaves its LR schedule behind; keep
-            # the schedule in step with the trainer.
-            self.step_is_bad = True
-            self.engine.lr_scheduler.step()
-        if self.layout.zero_stage > 0 and not self.step_is_bad:
-            self.grad_norm = self.engine.get_global_grad_norm()
-        if not self.step_is_bad:
-            return
         self.bad_steps += 1
-        self.grad_norm = None
         if self.layout.rank == 0:
             print(f"step {self.step + 1}: loss {global_loss} is not finite, step skipped", flush=True)
         if self.bad_steps > self.cfg.train.max_bad_steps:
@@ -152,7 +147,7 @@ class Trainer:
             return loss_sum * float("nan")
         return loss_sum
 
-    def global_counts(self, micro_batches: list[dict]) -> list[float]:
+    def global_counts(self, micro_batches: list[dict]) -> GlobalCounts:
         """Answer tokens, samples, tokens, stop requests, model FLOPs and skipped samples per reason,
         summed over all ranks."""
         local = torch.tensor(
@@ -167,7 +162,8 @@ class Trainer:
             dtype=torch.float64,
             device=self.device,
         )
-        return self.all_reduce(local).tolist()
+        answer_tokens, samples, tokens, stop_requests, model_flops, *skipped = self.all_reduce(local).tolist()
+        return GlobalCounts(answer_tokens, samples, tokens, stop_requests, model_flops, skipped)
 
     def count_skipped_samples(self, skipped: list[float], samples: float) -> None:
         """Bad samples were replaced by placeholders; too many of them end the run (data.max_skip_fraction),
@@ -192,32 +188,15 @@ class Trainer:
         dist.all_reduce(tensor)
         return tensor / self.layout.tp if self.layout.tp > 1 else tensor
 
-    def unsharded_grad_norm(self) -> float:
-        """Without ZeRO, DeepSpeed reports no norm. The reduced gradients are whole on every rank,
-        except the tensor-parallel shards of the decoder: their squares are summed over the TP group,
-        everything replicated across it (tower, connector, norms) is counted once."""
-        sharded = torch.zeros((), dtype=torch.float64, device=self.device)
-        replicated = torch.zeros((), dtype=torch.float64, device=self.device)
-        for param in self.engine.module.parameters():
-            if param.grad is not None:
-                square = torch.linalg.vector_norm(param.grad.double()) ** 2
-                if getattr(param, "tensor_model_parallel", False):
-                    sharded += square
-                else:
-                    replicated += square
-        if self.layout.tp > 1:
-            dist.all_reduce(sharded, group=self.engine.mpu.get_model_parallel_group())
-        return float((sharded + replicated).sqrt())
-
     def model_inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
         names = ("pixel_values", "input_ids", "attention_mask", "labels")
         return tuple(batch[name].to(self.device, non_blocking=True) for name in names)
 
     def log_step(self, loss: float, samples: int, tokens: int, elapsed: float) -> None:
-        record = {
+        record: dict[str, float | None] = {
             "step": self.step,
             "loss": loss,
-            "lr": self.engine.get_lr()[0],
+            "lr": self.engine.lr,
             "samples_per_s": samples / elapsed,
             "tokens_per_s": tokens / elapsed,
             "mem_gb": round(memory_gb(self.device), 3),
@@ -246,7 +225,7 @@ class Trainer:
             "bad_steps": self.bad_steps,
             "skipped_by_reason": dict(zip(SKIP_REASONS, self.skipped_by_reason.tolist())),
             "data": self.batches.state_dict(),
-            "rng": checkpoint.rng_state(),
+            "rng": rng_state(),
         }
 
     def stop_for_preemption(self) -> None:
@@ -269,7 +248,7 @@ class Trainer:
         saved = state.get("skipped_by_reason", {})
         self.skipped_by_reason = torch.tensor([saved.get(r, 0.0) for r in SKIP_REASONS], dtype=torch.float64)
         self.batches.load_state_dict(state["data"])
-        checkpoint.set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         if self.layout.rank == 0:
             print(f"resumed from {folder} at step {self.step}", flush=True)
 

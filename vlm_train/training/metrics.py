@@ -14,11 +14,12 @@ import secrets
 import string
 import sys
 from pathlib import Path
+from typing import Literal, cast
 
 import torch
 
 from vlm_train.config import Config
-from vlm_train.training.checkpoint import redact_secrets
+from vlm_train.training.config_dump import redact_secrets
 
 WANDB_ID_FILE = "wandb_id"  # in the run dir: the wandb run every start of this run logs to
 
@@ -106,7 +107,7 @@ def _start_wandb(cfg: Config, run_dir: Path):
     return wandb.init(
         project=cfg.wandb.project,
         entity=cfg.wandb.entity,
-        mode=cfg.wandb.mode,
+        mode=cast(Literal["online", "offline", "disabled"], cfg.wandb.mode),  # config validation checks it
         dir=str(run_dir),
         name=run_dir.name,
         id=wandb_run_id(run_dir),
@@ -134,7 +135,9 @@ def wandb_run_id(run_dir: Path) -> str:
 def _config_dict(cfg: Config) -> dict:
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
+    container = OmegaConf.to_container(OmegaConf.structured(cfg))
+    assert isinstance(container, dict)
+    return container
 
 
 def _number(value: float | None) -> str:

@@ -1,0 +1,111 @@
+"""`TrainEngine` (vlm_train/parallel/engine.py), the trainer's one door to DeepSpeed, on real
+single-rank engines in this process: a skipped step leaves weights and optimizer state as they
+were while the LR schedule advances as after a real update, whichever side cancels the update
+(the optimizer, asked by the trainer, or DeepSpeed itself on a non-finite gradient norm)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers import free_port
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A world of one gloo rank (as `vlm-train` without torchrun), torn down after the module."""
+    from vlm_train.config import compose
+    from vlm_train.parallel.distributed import init_distributed, launch_env, shutdown
+
+    saved = dict(os.environ)
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    try:
+        init_distributed(compose(["experiment=toy"]).parallel, launch_env())
+        yield
+    finally:
+        shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def build(stage: int):
+    """A tiny model behind a real engine (toy config: fp32 on CPU, warmup, clipping), 2 micro-batches a step."""
+    from vlm_train.config import compose
+    from vlm_train.parallel.engine import TrainEngine, build_engine
+    from vlm_train.parallel.layout import Layout
+
+    cfg = compose(["experiment=toy", "train.grad_accum=2", "train.micro_batch_size=2", f"parallel.zero_stage={stage}"])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    raw = build_engine(model, cfg, Layout(1, 0, tp=1, zero_stage=stage), torch.device("cpu"))
+    return raw, TrainEngine(raw)
+
+
+def one_step(engine, loss_factor: float = 1.0, skip: bool = False):
+    """Two micro-batches, then the step; `loss_factor` nan makes every gradient non-finite."""
+    for micro in range(2):
+        x = torch.randn(2, 8, generator=torch.Generator().manual_seed(micro))
+        engine.backward(engine(x).pow(2).mean() * loss_factor)
+        if micro == 0:
+            engine.micro_step()
+    return engine.step(skip=skip, grad_norm=True)
+
+
+def weights(engine) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in engine.module.parameters()]
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_skipped_step_keeps_the_weights_and_advances_the_schedule(one_rank, stage):
+    reference_raw, reference = build(stage)
+    raw, engine = build(stage)
+    one_step(reference), one_step(engine)  # the schedule's first step leaves the LR at 0
+    lr_before = engine.lr
+    done = one_step(reference)
+    assert done.updated and done.grad_norm is not None and done.grad_norm > 0
+    assert reference.lr != lr_before  # in warmup: the schedule moves every step
+
+    before = weights(engine)
+    skipped = one_step(engine, loss_factor=float("nan"), skip=True)  # what the trainer asks on a NaN loss
+    assert not skipped.updated and skipped.grad_norm is None
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(engine)))
+    assert engine.lr == reference.lr  # the schedule follows the trainer's step count
+
+    again = one_step(engine)  # the next step trains normally from the kept weights
+    assert again.updated and math.isfinite(again.grad_norm or math.nan)
+    assert not all(torch.equal(a, b) for a, b in zip(before, weights(engine)))
+    for built in (reference_raw, raw):
+        built.destroy()
+
+
+def test_zero_cancels_a_non_finite_step_itself_and_the_schedule_still_advances(one_rank):
+    """ZeRO 1-3 see the non-finite gradient norm and cancel the update before the optimizer runs
+    (DeepSpeed then leaves its LR schedule behind: the adapter steps it)."""
+    reference_raw, reference = build(1)
+    raw, engine = build(1)
+    one_step(reference), one_step(engine), one_step(reference)
+    before = weights(engine)
+    result = one_step(engine, loss_factor=float("nan"), skip=False)
+    assert not result.updated
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(engine)))
+    assert engine.lr == reference.lr
+    for built in (reference_raw, raw):
+        built.destroy()
+
+
+def test_the_step_is_taken_only_after_the_last_micro_batch(one_rank):
+    raw, engine = build(0)
+    x = torch.randn(2, 8)
+    engine.backward(engine(x).pow(2).mean())
+    with pytest.raises(AssertionError, match="micro_step"):
+        engine.step()
+    engine.micro_step()
+    engine.backward(engine(x).pow(2).mean())
+    with pytest.raises(AssertionError, match="call step"):
+        engine.micro_step()
+    assert engine.step().updated
+    raw.destroy()

@@ -1,0 +1,62 @@
+"""Atomic publishing of checkpoint folders: write aside, rename into place, then move `latest`.
+
+A save writes into `step_<N>.partial/`; `publish` renames it to `step_<N>` and then replaces
+`latest` (both atomic renames, each made durable with an fsync of the directory), so a crash or
+SIGKILL at any moment of a save leaves `latest` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+LATEST = "latest"  # the file naming the newest complete step folder
+PARTIAL = ".partial"  # suffix of a folder still being written
+
+
+def publish(root: Path, partial: Path, tag: str) -> None:
+    """Rename a complete `partial` folder to root/tag, then point `latest` at it."""
+    final = root / tag
+    if final.exists():  # the same step saved again after a resume
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    fsync_dir(root)
+    write_atomic(root / LATEST, lambda f: f.write(tag.encode()))
+    fsync_dir(root)
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` step folders (never the one `latest` names) and stale partials."""
+    latest = (root / LATEST).read_text().strip()
+    for stale in root.glob(f"step_*{PARTIAL}"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep <= 0:
+        return
+    steps = sorted(
+        (p for p in root.glob("step_*") if p.name.split("_")[-1].isdigit()), key=lambda p: int(p.name.split("_")[-1])
+    )
+    for folder in steps[:-keep]:
+        if folder.name != latest:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write through `<path>.tmp`, fsync, rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_dir(folder: Path) -> None:
+    # A rename is durable only once its directory entry is on disk.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
