@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ from vlm_train.models import CausalLM, VisionLanguageModel, VisionTower
 from vlm_train.models.connectors.mlp import MLPConnector
 from vlm_train.models.connectors.perceiver import PerceiverConnector
 from vlm_train.models.connectors.qformer import QFormerConnector
+
+if TYPE_CHECKING:
+    from transformers import LlavaProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
 
 def from_hf(path: str | Path) -> VisionLanguageModel:
@@ -40,7 +44,7 @@ def from_hf(path: str | Path) -> VisionLanguageModel:
 def to_hf(
     model: VisionLanguageModel,
     path: str | Path,
-    tokenizer=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     template: str = "vicuna_v1",
     image_aspect_ratio: str = "crop",
 ) -> None:
@@ -69,7 +73,7 @@ def to_hf(
         tokenizer.save_pretrained(path)
 
 
-def _set_generation_tokens(hf_model: nn.Module, tokenizer) -> None:
+def _set_generation_tokens(hf_model: PreTrainedModel, tokenizer) -> None:
     """`generate` stops where vlm_train's evaluation stops: at the tokenizer's end-of-sequence."""
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(hf_model.generation_config, name, getattr(tokenizer, name))
@@ -87,6 +91,13 @@ def _causal_lm(text_config, body: nn.Module, lm_head: nn.Module) -> CausalLM:
 
 def _family_of(vision_config) -> str:
     return {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}[vision_config.model_type]
+
+
+def _hf_decoder(model: VisionLanguageModel) -> PreTrainedModel:
+    """The transformers causal LM of `model`'s decoder: an export hands over HF modules."""
+    if not isinstance(model.llm, CausalLM):
+        raise ConfigError(f"export the Hugging Face decoder (llm.backend=hf), not a {type(model.llm).__name__}")
+    return model.llm.hf_model
 
 
 # --- LLaVA <-> mlp -----------------------------------------------------------------------------
@@ -112,15 +123,16 @@ def _from_llava(path) -> VisionLanguageModel:
     return VisionLanguageModel(tower, connector, llm, config.image_token_id)
 
 
-def _to_llava(model: VisionLanguageModel) -> nn.Module:
+def _to_llava(model: VisionLanguageModel) -> PreTrainedModel:
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    connector = model.connector
+    connector, decoder = model.connector, _hf_decoder(model)
+    assert isinstance(connector, MLPConnector), "to_hf picks the exporter by the connector's type"
     if len(connector) != 3 or not isinstance(connector[1], nn.GELU):
         raise ConfigError("LLaVA's projector is Linear-GELU-Linear: export an mlp connector of depth 2")
     config = LlavaConfig(
         vision_config=model.vision.hf_model.config.to_dict(),
-        text_config=model.llm.hf_model.config.to_dict(),
+        text_config=decoder.config.to_dict(),
         image_token_id=model.image_token_id,
         vision_feature_layer=model.vision.select_layer,
         vision_feature_select_strategy="default" if model.vision.drop_cls else "full",
@@ -131,7 +143,7 @@ def _to_llava(model: VisionLanguageModel) -> nn.Module:
         hf = LlavaForConditionalGeneration(config)
     hf.model.vision_tower = model.vision.hf_model
     hf.model.multi_modal_projector.linear_1, hf.model.multi_modal_projector.linear_2 = connector[0], connector[2]
-    hf.model.language_model, hf.lm_head = model.llm.hf_model.model, model.llm.hf_model.lm_head
+    hf.model.language_model, hf.lm_head = decoder.model, decoder.lm_head
     return hf
 
 
@@ -151,16 +163,17 @@ def _from_blip2(path) -> VisionLanguageModel:
     return VisionLanguageModel(tower, connector, CausalLM(hf.language_model), config.image_token_index)
 
 
-def _to_blip2(model: VisionLanguageModel) -> nn.Module:
+def _to_blip2(model: VisionLanguageModel) -> PreTrainedModel:
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
     if model.vision.family != "blip2":
         raise ConfigError("BLIP-2 checkpoints carry a BLIP-2 vision model: export a model imported from BLIP-2")
-    connector = model.connector
+    connector, decoder = model.connector, _hf_decoder(model)
+    assert isinstance(connector, QFormerConnector), "to_hf picks the exporter by the connector's type"
     config = Blip2Config(
         vision_config=model.vision.hf_model.config.to_dict(),
         qformer_config=connector.qformer.config.to_dict(),
-        text_config=model.llm.hf_model.config.to_dict(),
+        text_config=decoder.config.to_dict(),
         num_query_tokens=connector.num_tokens,
         image_token_index=model.image_token_id,
     )
@@ -168,7 +181,7 @@ def _to_blip2(model: VisionLanguageModel) -> nn.Module:
         hf = Blip2ForConditionalGeneration(config)
     hf.vision_model, hf.qformer = model.vision.hf_model, connector.qformer
     hf.query_tokens, hf.language_projection = connector.query_tokens, connector.language_projection
-    hf.language_model = model.llm.hf_model
+    hf.language_model = decoder
     return hf
 
 
@@ -189,23 +202,28 @@ def _from_idefics2(path) -> VisionLanguageModel:
     return VisionLanguageModel(tower, connector, llm, config.image_token_id)
 
 
-def _to_idefics2(model: VisionLanguageModel) -> nn.Module:
+def _to_idefics2(model: VisionLanguageModel) -> PreTrainedModel:
     from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2PerceiverResampler
 
     if model.vision.family != "idefics2":
         raise ConfigError("Idefics2 checkpoints carry an Idefics2 vision model: export a model imported from Idefics2")
+    connector, decoder = model.connector, _hf_decoder(model)
+    assert isinstance(connector, PerceiverConnector), "to_hf picks the exporter by the connector's type"
+    resampler = connector.perceiver_resampler
+    assert isinstance(resampler, Idefics2PerceiverResampler), "a perceiver connector holds Idefics2's resampler"
     config = Idefics2Config(
         vision_config=model.vision.hf_model.config.to_dict(),
-        perceiver_config=model.connector.perceiver_resampler.config.to_dict(),
-        text_config=model.llm.hf_model.config.to_dict(),
+        perceiver_config=resampler.config.to_dict(),
+        text_config=decoder.config.to_dict(),
         image_token_id=model.image_token_id,
     )
     with torch.device("meta"):
         hf = Idefics2ForConditionalGeneration(config)
     hf.model.vision_model = model.vision.hf_model
-    hf.model.connector.modality_projection = model.connector.modality_projection
-    hf.model.connector.perceiver_resampler = model.connector.perceiver_resampler
-    hf.model.text_model, hf.lm_head = model.llm.hf_model.model, model.llm.hf_model.lm_head
+    hf.model.connector.modality_projection = connector.modality_projection
+    hf.model.connector.perceiver_resampler = resampler
+    hf.model.text_model, hf.lm_head = decoder.model, decoder.lm_head
     return hf
 
 
@@ -272,7 +290,7 @@ _TEMPLATES = {
 }
 
 
-def chat_template(template: str, tokenizer) -> str:
+def chat_template(template: str, tokenizer: PreTrainedTokenizerBase) -> str:
     """The Jinja chat template that renders vlm_train's `data.template` for transformers: the same
     text, tokenized by `tokenizer` into the same ids as training (`hf`: the tokenizer's own)."""
     from vlm_train.data.templates import VICUNA_SYSTEM, prefix_space_after_special
@@ -289,7 +307,9 @@ def chat_template(template: str, tokenizer) -> str:
     return constants + _TEMPLATES[template]
 
 
-def llava_processor(model: VisionLanguageModel, tokenizer, template: str, image_aspect_ratio: str):
+def llava_processor(
+    model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase, template: str, image_aspect_ratio: str
+) -> LlavaProcessor:
     """A LlavaProcessor that prepares what vlm_train's data pipeline prepared in training."""
     from transformers import LlavaImageProcessorPil, LlavaProcessor
 

@@ -1,8 +1,10 @@
-"""Hugging Face Llama <-> megatron-core GPTModel weights, in memory, at any TP size.
+"""Hugging Face Llama <-> megatron-core GPTModel weight layouts, in memory, at any TP size.
 
 A HF decoder's state dict is cut into the shard one TP rank holds (`hf_to_megatron`), and the
 shards of all TP ranks are joined back into a HF state dict (`megatron_to_hf`): no offline
-conversion step per TP size. Layouts (megatron-core 0.16, local layer spec):
+conversion step per TP size. Which weight is split on which dimension is the TP plan
+(interop/tp_plan.py); this module owns the names and the fused layouts (megatron-core 0.16, local
+layer spec):
 
     linear_qkv   rows grouped per KV group g: [q heads of g | k of g | v of g], groups split over TP
     linear_proj  row-parallel: input columns split over TP
@@ -10,20 +12,25 @@ conversion step per TP size. Layouts (megatron-core 0.16, local layer spec):
     linear_fc2   row-parallel: input columns split over TP
     embeddings and the output layer: vocabulary rows split over TP, padded to a multiple of TP
 
-Parameters are plain tensors here; nothing in this module needs a process group.
-`load_tp_checkpoint` reads a TP run's checkpoint (any ZeRO stage) into the HF-decoder model.
+Parameters are plain tensors here; nothing in this module needs a process group. Reading a TP
+run's checkpoint is interop/tp_checkpoint.py.
 """
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
-from vlm_train.errors import ConfigError
+# The cross-attention plan is re-exported for parallel/tensor_parallel.py, which imports it from here.
+from vlm_train.interop.tp_plan import padded_vocab, shard, unshard
+
+__all__ = ["DecoderShape", "hf_to_megatron", "megatron_to_hf"]
+
+EMBED, OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
+QKV, PROJ = "self_attention.linear_qkv.weight", "self_attention.linear_proj.weight"
+FC1, FC2 = "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"
 
 
 @dataclass(frozen=True)
@@ -39,10 +46,12 @@ class DecoderShape:
     tied: bool
 
     def padded_vocab(self, tp: int) -> int:
-        return -(-self.vocab_size // tp) * tp
+        """Rows of the vocabulary tables on all TP ranks together."""
+        return padded_vocab(self.vocab_size, tp)
 
     @classmethod
-    def from_hf_config(cls, config, vocab_size: int | None = None) -> DecoderShape:
+    def from_hf_config(cls, config: Any, vocab_size: int | None = None) -> DecoderShape:
+        """The shape of a HF Llama-family config (`vocab_size` overrides the config's)."""
         heads = config.num_attention_heads
         return cls(
             num_layers=config.num_hidden_layers,
@@ -67,7 +76,7 @@ def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], *weight.shape[1:])])
 
 
-def _qkv_full(hf: dict, i: int, shape: DecoderShape) -> torch.Tensor:
+def _qkv_full(hf: dict[str, torch.Tensor], i: int, shape: DecoderShape) -> torch.Tensor:
     """HF q/k/v -> megatron's fused QKV rows, grouped per KV group."""
     groups, dh, hidden = shape.num_kv_heads, shape.head_dim, shape.hidden_size
     q = hf[_hf(i, "self_attn.q_proj.weight")].view(groups, -1, dh, hidden)
@@ -79,145 +88,46 @@ def _qkv_full(hf: dict, i: int, shape: DecoderShape) -> torch.Tensor:
 def hf_to_megatron(hf: dict[str, torch.Tensor], shape: DecoderShape, tp: int, tp_rank: int) -> dict[str, torch.Tensor]:
     """The GPTModel state dict of TP rank `tp_rank` (of `tp`) from a HF Llama state dict."""
 
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t.chunk(tp, dim=0)[tp_rank].clone()
-
-    def cols(t: torch.Tensor) -> torch.Tensor:
-        return t.chunk(tp, dim=1)[tp_rank].clone()
+    def cut(weight: torch.Tensor, name: str) -> torch.Tensor:
+        return shard(weight, name, tp, tp_rank)
 
     vocab = shape.padded_vocab(tp)
-    out = {"embedding.word_embeddings.weight": rows(_pad_rows(hf["model.embed_tokens.weight"], vocab))}
+    out = {EMBED: cut(_pad_rows(hf["model.embed_tokens.weight"], vocab), EMBED)}
     for i in range(shape.num_layers):
         gate, up = hf[_hf(i, "mlp.gate_proj.weight")], hf[_hf(i, "mlp.up_proj.weight")]
         out[_mg(i, "input_layernorm.weight")] = hf[_hf(i, "input_layernorm.weight")].clone()
-        out[_mg(i, "self_attention.linear_qkv.weight")] = rows(_qkv_full(hf, i, shape))
-        out[_mg(i, "self_attention.linear_proj.weight")] = cols(hf[_hf(i, "self_attn.o_proj.weight")])
+        out[_mg(i, QKV)] = cut(_qkv_full(hf, i, shape), QKV)
+        out[_mg(i, PROJ)] = cut(hf[_hf(i, "self_attn.o_proj.weight")], PROJ)
         out[_mg(i, "pre_mlp_layernorm.weight")] = hf[_hf(i, "post_attention_layernorm.weight")].clone()
-        out[_mg(i, "mlp.linear_fc1.weight")] = torch.cat([rows(gate), rows(up)])
-        out[_mg(i, "mlp.linear_fc2.weight")] = cols(hf[_hf(i, "mlp.down_proj.weight")])
+        out[_mg(i, FC1)] = torch.cat([cut(gate, FC1), cut(up, FC1)])
+        out[_mg(i, FC2)] = cut(hf[_hf(i, "mlp.down_proj.weight")], FC2)
     out["decoder.final_layernorm.weight"] = hf["model.norm.weight"].clone()
     if not shape.tied:
-        out["output_layer.weight"] = rows(_pad_rows(hf["lm_head.weight"], vocab))
+        out[OUTPUT] = cut(_pad_rows(hf["lm_head.weight"], vocab), OUTPUT)
     return out
 
 
 def megatron_to_hf(shards: list[dict[str, torch.Tensor]], shape: DecoderShape) -> dict[str, torch.Tensor]:
     """A HF Llama state dict from the GPTModel state dicts of every TP rank, in rank order."""
 
-    def rows(key: str) -> torch.Tensor:
-        return torch.cat([s[key] for s in shards], dim=0)
-
-    def cols(key: str) -> torch.Tensor:
-        return torch.cat([s[key] for s in shards], dim=1)
+    def joined(key: str, name: str) -> torch.Tensor:
+        return unshard([s[key] for s in shards], name)
 
     groups, dh, hidden = shape.num_kv_heads, shape.head_dim, shape.hidden_size
     q_per_group = shape.num_heads // groups
-    embed = rows("embedding.word_embeddings.weight")[: shape.vocab_size]
+    embed = joined(EMBED, EMBED)[: shape.vocab_size]
     hf = {"model.embed_tokens.weight": embed, "model.norm.weight": shards[0]["decoder.final_layernorm.weight"]}
     for i in range(shape.num_layers):
-        qkv = rows(_mg(i, "self_attention.linear_qkv.weight")).view(groups, q_per_group + 2, dh, hidden)
-        fc1 = [s[_mg(i, "mlp.linear_fc1.weight")].chunk(2) for s in shards]
+        qkv = joined(_mg(i, QKV), QKV).view(groups, q_per_group + 2, dh, hidden)
+        fc1 = [s[_mg(i, FC1)].chunk(2) for s in shards]
         hf[_hf(i, "self_attn.q_proj.weight")] = qkv[:, :q_per_group].reshape(-1, hidden)
         hf[_hf(i, "self_attn.k_proj.weight")] = qkv[:, q_per_group].reshape(-1, hidden)
         hf[_hf(i, "self_attn.v_proj.weight")] = qkv[:, q_per_group + 1].reshape(-1, hidden)
-        hf[_hf(i, "self_attn.o_proj.weight")] = cols(_mg(i, "self_attention.linear_proj.weight"))
-        hf[_hf(i, "mlp.gate_proj.weight")] = torch.cat([gate for gate, _ in fc1])
-        hf[_hf(i, "mlp.up_proj.weight")] = torch.cat([up for _, up in fc1])
-        hf[_hf(i, "mlp.down_proj.weight")] = cols(_mg(i, "mlp.linear_fc2.weight"))
+        hf[_hf(i, "self_attn.o_proj.weight")] = joined(_mg(i, PROJ), PROJ)
+        hf[_hf(i, "mlp.gate_proj.weight")] = unshard([gate for gate, _ in fc1], FC1)
+        hf[_hf(i, "mlp.up_proj.weight")] = unshard([up for _, up in fc1], FC1)
+        hf[_hf(i, "mlp.down_proj.weight")] = joined(_mg(i, FC2), FC2)
         hf[_hf(i, "input_layernorm.weight")] = shards[0][_mg(i, "input_layernorm.weight")]
         hf[_hf(i, "post_attention_layernorm.weight")] = shards[0][_mg(i, "pre_mlp_layernorm.weight")]
-    hf["lm_head.weight"] = embed if shape.tied else rows("output_layer.weight")[: shape.vocab_size]
+    hf["lm_head.weight"] = embed if shape.tied else joined(OUTPUT, OUTPUT)[: shape.vocab_size]
     return {k: v.contiguous().clone() for k, v in hf.items()}
-
-
-def tp_rank_files(folder: Path, tp_rank: int, into: Path) -> Path:
-    """A view of checkpoint `folder` holding only TP rank `tp_rank`'s files, named as a TP=1
-    checkpoint's (links, nothing copied): DeepSpeed's ZeRO consolidation then reads one TP rank."""
-    view = into / folder.name
-    view.mkdir(parents=True)
-    for path in folder.iterdir():
-        if "mp_rank_" not in path.name:
-            (view / path.name).symlink_to(path.resolve())
-        elif f"mp_rank_{tp_rank:02d}" in path.name:
-            (view / path.name.replace(f"mp_rank_{tp_rank:02d}", "mp_rank_00")).symlink_to(path.resolve())
-    return view
-
-
-def _tp_rank_weights(view: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    from vlm_train.training.checkpoint import consolidated_state_dict, safe_torch_load
-
-    if zero_stage > 0:
-        return consolidated_state_dict(view, zero_stage)
-    # megatron's layers add `_extra_state` entries (None) that the generic reader would not take
-    module = safe_torch_load(view / "mp_rank_00_model_states.pt")["module"]
-    return {name: value.float() for name, value in module.items() if isinstance(value, torch.Tensor)}
-
-
-def load_tp_checkpoint(model: nn.Module, folder: Path, zero_stage: int, tp: int) -> None:
-    """Load a TP run's checkpoint into `model`, the same VLM built with the HF decoder.
-
-    Each TP rank's weights are consolidated over ZeRO, the decoder shards are joined into HF
-    names, tower and connector come from TP rank 0 (whole on every TP rank) except the
-    cross-attention blocks' split linears, which are joined too. Parameters the
-    run kept frozen (not in checkpoints) keep the values `model` was rebuilt with.
-    """
-    with tempfile.TemporaryDirectory() as scratch:
-        states = [_tp_rank_weights(tp_rank_files(folder, r, Path(scratch) / str(r)), zero_stage) for r in range(tp)]
-    shape = DecoderShape.from_hf_config(model.llm.hf_model.config, model.llm.vocab_size)
-    rebuilt = model.llm.hf_model.state_dict()
-    shards = []
-    for rank, state in enumerate(states):
-        shard = hf_to_megatron(rebuilt, shape, tp, rank)  # frozen decoder weights: as rebuilt
-        shard.update({k.removeprefix("llm.gpt."): v for k, v in state.items() if k.startswith("llm.gpt.")})
-        shards.append(shard)
-    whole = join_cross_attention_shards([{k: v for k, v in s.items() if not k.startswith("llm.")} for s in states])
-    whole.update({f"llm.hf_model.{k}": v for k, v in megatron_to_hf(shards, shape).items()})
-    if shape.tied:
-        whole.pop("llm.hf_model.lm_head.weight")
-    missing, unexpected = model.load_state_dict(whole, strict=False)
-    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
-    if unexpected or set(missing) - frozen - {"llm.hf_model.lm_head.weight"}:
-        raise ConfigError(
-            f"{folder} does not fit the model: missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]}"
-        )
-
-
-# --- cross-attention connector blocks (parallel/tensor_parallel.py splits them at TP > 1) ---
-
-# Flamingo block linears: output-split (column) or input-split (row) over the TP ranks.
-COLUMN_PARALLEL = ("to_q", "to_kv", "ff.0")
-ROW_PARALLEL = ("to_out", "ff.2")
-
-
-def kv_rows(weight: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
-    """to_kv's rows are [k | v]: each TP rank takes its heads' slice of both."""
-    k, v = weight.chunk(2)
-    return torch.cat([k.chunk(tp)[tp_rank], v.chunk(tp)[tp_rank]])
-
-
-def join_cross_attention_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Whole block weights (nn.Linear names) from every TP rank's connector state dict."""
-    whole = {}
-    for key, value in shards[0].items():
-        name, suffix = _tp_linear_key(key)
-        if name is None:
-            whole[key] = value
-            continue
-        parts = [s[key] for s in shards]
-        target = key.replace(".parallel.", ".")
-        if name in ROW_PARALLEL:
-            whole[target] = torch.cat(parts, dim=1) if suffix == "weight" else value
-        elif name == "to_kv":
-            whole[target] = torch.cat([p.chunk(2)[0] for p in parts] + [p.chunk(2)[1] for p in parts])
-        else:
-            whole[target] = torch.cat(parts)
-    return whole
-
-
-def _tp_linear_key(key: str) -> tuple[str | None, str]:
-    """('to_kv', 'weight') for 'connector.blocks.0.to_kv.parallel.weight'; (None, '') otherwise."""
-    head, sep, suffix = key.rpartition(".parallel.")
-    if not sep:
-        return None, ""
-    name = next((n for n in COLUMN_PARALLEL + ROW_PARALLEL if head.endswith("." + n)), None)
-    return name, suffix
