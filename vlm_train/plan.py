@@ -27,11 +27,15 @@ import copy
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from vlm_train.config import Config
 from vlm_train.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vlm_train.models.vlm import VisionLanguageModel
 
 GB = 1e9
 GPU_SIZES_GB = (80, 141)  # H100 / A100-80GB, and H200
@@ -71,7 +75,7 @@ class ModelStates:
         return self.weights + self.grads + self.optimizer
 
 
-def build_meta_model(cfg: Config):
+def build_meta_model(cfg: Config) -> VisionLanguageModel:
     """The run's VisionLanguageModel with meta tensors: real shapes and freezing, no memory.
 
     The decoder is the HF one whatever `llm.backend` says: TP sharding is applied by arithmetic.
@@ -108,7 +112,7 @@ def _configs_instead_of_weights():
         PreTrainedModel.from_pretrained, _BaseAutoModelClass.from_pretrained = originals
 
 
-def parameter_counts(model) -> dict[str, ComponentParams]:
+def parameter_counts(model: VisionLanguageModel) -> dict[str, ComponentParams]:
     """Trainable and frozen parameters of the tower, the connector and the decoder."""
     counts = {}
     connector_ids = {id(p) for p in model.connector.parameters()}
@@ -120,7 +124,7 @@ def parameter_counts(model) -> dict[str, ComponentParams]:
 
 
 def model_state_bytes(
-    model, precision: str, zero_stage: int, dp: int, tp: int = 1, grad_reduce_dtype: str = "bf16"
+    model: VisionLanguageModel, precision: str, zero_stage: int, dp: int, tp: int = 1, grad_reduce_dtype: str = "bf16"
 ) -> ModelStates:
     """Bytes of weights, gradients and optimizer states one rank holds (see the module docstring).
 
@@ -143,7 +147,9 @@ def model_state_bytes(
     return ModelStates(weights, grads, optimizer)
 
 
-def activation_bytes(model, cfg: Config, precision: str, tp: int = 1, checkpointing: bool | None = None) -> float:
+def activation_bytes(
+    model: VisionLanguageModel, cfg: Config, precision: str, tp: int = 1, checkpointing: bool | None = None
+) -> float:
     """Peak bytes one micro-batch's forward and backward hold beyond the model states, per rank.
 
     Counted tensor by tensor from what autograd saves in a Hugging Face Llama-style layer (RMSNorm
@@ -220,7 +226,7 @@ def resolve_precision(cfg: Config, device: torch.device | None = None) -> str:
     return "bf16" if on_gpu else "fp32"
 
 
-def flops_per_sample(model, cfg: Config) -> float:
+def flops_per_sample(model: VisionLanguageModel, cfg: Config) -> float:
     """Training FLOPs of one sample of `data.max_length` tokens and one image (flops.py)."""
     from vlm_train.training.flops import training_flops
 
@@ -342,7 +348,7 @@ def _fits(need: float) -> str:
     return next((f"{size}GB" for size in GPU_SIZES_GB if need <= size * GB), "none")
 
 
-def compose_for_plan(overrides: list[str]):
+def compose_for_plan(overrides: list[str]) -> Config:
     """The config `vlm-train` would build, minus what a plan never reads: `data.urls` and
     `connector.path` may be left out (a stage-2 plan before stage 1 has run, before data exists)."""
     from vlm_train.config import compose
