@@ -3,13 +3,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Collection, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,3 +87,251 @@ def keep_only_checkpoint(whole: Path, resumed: Path, step: int) -> None:
     shutil.copytree(whole / "checkpoints" / f"step_{step}", resumed / "checkpoints" / f"step_{step}")
     (resumed / "checkpoints" / "latest").write_text(f"step_{step}")
     shutil.copy(whole / "config.yaml", resumed / "config.yaml")
+
+
+# --- data: the toy tokenizer and transform, and WebDataset shards written by the tests ---------
+
+QUESTION = "what color is the circle ?"
+
+
+def __getattr__(name: str):
+    """`TOKENIZER` (the toy tokenizer) and `TRANSFORM` (48 px, mean/std 0.5), built on first use:
+    building them imports transformers, which launched test workers that only need `run_worker`
+    should not pay for."""
+    if name in ("TOKENIZER", "TRANSFORM"):
+        return _data_constants()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _data_constants() -> dict:
+    from vlm_train.data.preprocess import ImageTransform
+    from vlm_train.data.tokenizer import build_toy_tokenizer
+
+    return {"TOKENIZER": build_toy_tokenizer(), "TRANSFORM": ImageTransform(48, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
+def conversation(question: str, answer: str) -> bytes:
+    """A sample's json field: one human turn and one gpt turn."""
+    return json.dumps(
+        {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    ).encode()
+
+
+def image_sample(rng: random.Random, key: str) -> dict:
+    """A synthetic scene sample (png + json) drawn from `rng`."""
+    from vlm_train.data.synthetic import make_sample
+
+    png, record = make_sample(rng)
+    return {"__key__": key, "png": png, "json": json.dumps(record).encode()}
+
+
+def text_sample(key: str, answer: str = "red", question: str = QUESTION) -> dict:
+    """A text-only sample: no image, no <image> marker."""
+    return {"__key__": key, "json": conversation(question, answer)}
+
+
+def write_tar(path: Path, samples: Iterable[dict]) -> None:
+    """One WebDataset shard holding `samples` in order."""
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write(sample)
+
+
+def write_shards(folder: Path, sizes: list[int], seed: int = 0, corrupt: Collection[int] = frozenset()) -> str:
+    """Shards of synthetic samples with the given sizes (no manifest: sizes come from the tars);
+    samples whose running index is in `corrupt` get a truncated image. Returns the brace pattern."""
+    rng, index = random.Random(seed), 0
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard, size in enumerate(sizes):
+        samples = []
+        for _ in range(size):
+            sample = image_sample(rng, f"s{index:05d}")
+            if index in corrupt:
+                sample["png"] = sample["png"][: len(sample["png"]) // 3]  # a truncated image
+            samples.append(sample)
+            index += 1
+        write_tar(folder / f"part-{shard:03d}.tar", samples)
+    return str(folder / f"part-{{000..{len(sizes) - 1:03d}}}.tar")
+
+
+def batches_for(pattern: str, dp_rank: int, dp_size: int, workers: int, batch_size: int, seed: int = 0):
+    """The toy experiment's training batches over `pattern` for one rank (shuffle block 16)."""
+    from vlm_train import compose
+    from vlm_train.data.pipeline import build_train_batches
+
+    cfg = compose(
+        ["experiment=toy", f"data.urls={pattern}", f"data.num_workers={workers}", "data.shuffle_block=16"]
+    ).data
+    return build_train_batches(
+        cfg,
+        _data_constants()["TOKENIZER"],
+        _data_constants()["TRANSFORM"],
+        9,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        batch_size=batch_size,
+        seed=seed,
+    )
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def toy_model(*extra: str, tokenizer=None):
+    """The toy experiment's model (seeded: the same weights every call), with `extra` overrides."""
+    import torch
+
+    from vlm_train import build_model, compose
+
+    torch.manual_seed(0)
+    return build_model(compose(["experiment=toy", *extra]), tokenizer)
+
+
+COLOUR_ANSWERS = ("red", "green", "blue")  # one colour fills each image: the answer is in the pixels only
+
+
+def colour_images(count: int, seed: int) -> list[tuple[torch.Tensor, str]]:
+    """`count` uint8 [3, 48, 48] images, each one noisy colour, the colours in turn (balanced), with
+    that colour's name."""
+    import torch
+
+    from vlm_train.data.synthetic import COLORS
+
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for i in range(count):
+        colour = COLOUR_ANSWERS[i % len(COLOUR_ANSWERS)]
+        noise = torch.randint(-20, 21, (3, 48, 48), generator=generator)
+        images.append(((torch.tensor(COLORS[colour]).view(3, 1, 1) + noise).clamp(0, 255).to(torch.uint8), colour))
+    return images
+
+
+def make_batch(model, tokenizer, with_image=(True, True)):
+    """Two samples; the image-token slots are expanded the way the data pipeline does it."""
+    import torch
+
+    from vlm_train.data.templates import encode
+    from vlm_train.models.vlm import IGNORE_INDEX
+
+    questions = ["what color is the circle ?", "where is the red square ?"]
+    ids, labels, pixels = [], [], []
+    for question, has_image in zip(questions, with_image):
+        text = f"<image>\n{question}" if has_image else question
+        enc = encode(
+            [{"from": "human", "value": text}, {"from": "gpt", "value": "red"}],
+            tokenizer,
+            "chat",
+            model.num_image_tokens,
+        )
+        ids.append(enc.input_ids)
+        labels.append(enc.labels)
+        if has_image:
+            pixels.append(torch.randn(1, 3, model.vision.image_size, model.vision.image_size))
+    length = max(map(len, ids))
+    pad = lambda rows, value: torch.tensor([r + [value] * (length - len(r)) for r in rows])  # noqa: E731
+    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in ids])
+    pixel_values = torch.cat(pixels) if pixels else torch.empty(0, 3, model.vision.image_size, model.vision.image_size)
+    return pixel_values, pad(ids, tokenizer.pad_token_id), mask, pad(labels, IGNORE_INDEX)
+
+
+# --- checkpoint folders holding only config.json: real shapes at meta size, no weights ------------
+
+LLAMA2_TOKENIZER = REPO / "tests" / "assets" / "tokenizers" / "llama2"
+
+# meta-llama/Llama-2-7b-hf's config.json (vicuna-7b-v1.5 ships the same shapes)
+LLAMA2_7B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 11008,
+    "max_position_embeddings": 4096,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 32,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "vocab_size": 32000,
+}
+# openai/clip-vit-large-patch14-336's config.json: the whole CLIP model, as users download it
+CLIP_L_336_CONFIG = {
+    "architectures": ["CLIPModel"],
+    "model_type": "clip",
+    "projection_dim": 768,
+    "logit_scale_init_value": 2.6592,
+    "text_config": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "max_position_embeddings": 77,
+        "projection_dim": 768,
+        "vocab_size": 49408,
+    },
+    "vision_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 24,
+        "image_size": 336,
+        "patch_size": 14,
+        "projection_dim": 768,
+        "hidden_act": "quick_gelu",
+    },
+}
+# google/siglip-so400m-patch14-384's config.json: the whole SigLIP model, as users download it
+SIGLIP_SO400M_384_CONFIG = {
+    "architectures": ["SiglipModel"],
+    "model_type": "siglip",
+    "text_config": {
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "model_type": "siglip_text_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 27,
+        "max_position_embeddings": 64,
+        "vocab_size": 32000,
+    },
+    "vision_config": {
+        "hidden_size": 1152,
+        "image_size": 384,
+        "intermediate_size": 4304,
+        "model_type": "siglip_vision_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 27,
+        "patch_size": 14,
+    },
+}
+# What a preset's vision.path / llm.path folder holds, by the preset's option name under configs/:
+# its checkpoint's config.json and, for a decoder, the tokenizer files beside it.
+CHECKPOINT_CONFIGS: dict[str, dict[str, dict]] = {
+    "vision": {"clip-vit-l-336px": CLIP_L_336_CONFIG, "siglip-so400m-384px": SIGLIP_SO400M_384_CONFIG},
+    "llm": {"vicuna-7b": LLAMA2_7B_CONFIG},
+}
+
+
+def write_config_only_folder(folder: Path, config: dict, tokenizer: Path | None = None) -> Path:
+    """A checkpoint folder without weights: config.json (+ the tokenizer's files), enough for a
+    meta-size build (vlm_train.plan.build_meta_model) of the model it describes."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    for file in tokenizer.iterdir() if tokenizer else ():
+        shutil.copy(file, folder / file.name)
+    return folder
+
+
+def write_config_only_folders(root: Path) -> tuple[Path, Path]:
+    """Llama-2-7B and CLIP ViT-L/14-336 as folders holding config.json (+ tokenizer): no weights."""
+    llm = write_config_only_folder(root / "llama-2-7b", LLAMA2_7B_CONFIG, LLAMA2_TOKENIZER)
+    vision = write_config_only_folder(root / "clip-vit-large-patch14-336", CLIP_L_336_CONFIG)
+    return llm, vision

@@ -114,7 +114,7 @@ def test_fifty_bf16_steps_stay_within_tolerance_of_fp32(bf16_runs):
     fp32, step by step; the bf16 run's checkpoint still consolidates to fp32 weights (export)."""
     import torch
 
-    from vlm_train.training.checkpoint import consolidated_state_dict
+    from vlm_train.parallel.engine_checkpoint import consolidated_state_dict
 
     fp32, bf16 = step_losses(bf16_runs / "fp32"), step_losses(bf16_runs / "bf16")
     assert sorted(fp32) == sorted(bf16) == list(range(1, STEPS + 1))

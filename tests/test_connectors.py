@@ -3,39 +3,23 @@ modality norms leave the plain LLM exactly as it was where no image is involved.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_models import make_batch
+from tests.helpers import COLOUR_ANSWERS, TOKENIZER, colour_images, make_batch
 from vlm_train import build_model, compose
-from vlm_train.data.tokenizer import build_toy_tokenizer
 from vlm_train.models.connectors import CONNECTORS, count_trainable
 from vlm_train.models.vlm import IGNORE_INDEX
-
-TOKENIZER = build_toy_tokenizer()
 
 
 def toy_model(connector: str, *extra: str):
     torch.manual_seed(0)
     return build_model(compose(["experiment=toy", f"connector={connector}", *extra]), TOKENIZER)
-
-
-ANSWERS = ("red", "green", "blue")  # one colour fills each image: the answer is in the pixels only
-
-
-def colour_images(count: int, seed: int) -> list[tuple[torch.Tensor, str]]:
-    """`count` uint8 images, each one noisy colour, the colours in turn (balanced), with that colour's name."""
-    from vlm_train.data.synthetic import COLORS
-
-    generator = torch.Generator().manual_seed(seed)
-    images = []
-    for i in range(count):
-        colour = ANSWERS[i % len(ANSWERS)]
-        noise = torch.randint(-20, 21, (3, 48, 48), generator=generator)
-        images.append(((torch.tensor(COLORS[colour]).view(3, 1, 1) + noise).clamp(0, 255).to(torch.uint8), colour))
-    return images
 
 
 def colour_batch(model, images: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, ...]:
@@ -72,7 +56,7 @@ def test_connector_trains_with_and_without_images(connector):
         seen = model(pixels, input_ids, mask, labels).loss.item()
         swapped = model(pixels.roll(1, 0), input_ids, mask, labels).loss.item()  # every image now another colour
         accuracy = (model(pixels, input_ids, mask).logits[:, -2].argmax(-1) == labels[:, -1]).float().mean().item()
-    assert seen < math.log(len(ANSWERS)) - 0.2 and swapped > seen + 0.5, (seen, swapped)
+    assert seen < math.log(len(COLOUR_ANSWERS)) - 0.2 and swapped > seen + 0.5, (seen, swapped)
     assert accuracy >= 2 / 3, accuracy  # a blind model answers one colour for all: 1/3
     text_only = model(*make_batch(model, TOKENIZER, with_image=(False, False)))
     text_only.loss.backward()  # the vision path stays in the graph (ZeRO-3 needs it), contributing 0
@@ -156,37 +140,28 @@ def test_ln_adapter_is_tiny():
 def half_text_only_shards(tmp_path_factory) -> str:
     """Two shards of 32: one of image samples, one of text-only samples. With 2 ranks each rank
     gets one whole shard, so at every step one rank's micro-batch has no image at all."""
-    import json
     import random
 
-    import webdataset as wds
-
-    from vlm_train.data.synthetic import make_sample
+    from tests.helpers import image_sample, text_sample, write_tar
 
     folder, rng = tmp_path_factory.mktemp("mixed"), random.Random(0)
-    with wds.TarWriter(str(folder / "part-0.tar")) as sink:
-        for i in range(32):
-            png, record = make_sample(rng)
-            sink.write({"__key__": f"img{i:03d}", "png": png, "json": json.dumps(record).encode()})
-    with wds.TarWriter(str(folder / "part-1.tar")) as sink:
-        for i in range(32):
-            turns = [{"from": "human", "value": "what color is the circle ?"}, {"from": "gpt", "value": "red"}]
-            sink.write({"__key__": f"txt{i:03d}", "json": json.dumps({"conversations": turns}).encode()})
+    write_tar(folder / "part-0.tar", [image_sample(rng, f"img{i:03d}") for i in range(32)])
+    write_tar(folder / "part-1.tar", [text_sample(f"txt{i:03d}") for i in range(32)])
     return str(folder / "part-{0..1}.tar")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("connector", [*sorted(CONNECTORS), "ln_adapter connector.modality_norms=true"])
-def test_connector_trains_under_zero3_when_a_rank_has_no_image(connector, half_text_only_shards, tmp_path):
-    from tests.helpers import run_cli, step_losses
+ZERO3_CASES = [*sorted(CONNECTORS), "ln_adapter connector.modality_norms=true"]
+CASE_TIMEOUT_S = 240  # one case (a ZeRO-3 hang included) may take this long before its launch is ended
 
-    name, *options = connector.split()
-    overrides = [
+
+def zero3_overrides(case: str, urls: str, run_dir: str) -> list[str]:
+    name, *options = case.split()
+    return [
         "experiment=toy",
         f"connector={name}",
         *options,
-        f"data.urls={half_text_only_shards}",
-        f"run.dir={tmp_path}",
+        f"data.urls={urls}",
+        f"run.dir={run_dir}",
         "parallel.zero_stage=3",
         "vision.freeze=false",
         "data.num_workers=1",
@@ -197,8 +172,118 @@ def test_connector_trains_under_zero3_when_a_rank_has_no_image(connector, half_t
         "train.log_every=1",
         "train.eval=false",
     ]
-    result = run_cli(overrides, nproc=2, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    losses = step_losses(tmp_path)
-    assert sorted(losses) == list(range(1, 9))
-    assert (losses[7] + losses[8]) / 2 < (losses[1] + losses[2]) / 2
+
+
+def launch_zero3_cases(plan: list[dict], plan_file: Path) -> tuple[int, str]:
+    """This file under a 2-rank torchrun, training the plan's cases in turn; its exit code and output.
+    A case that has not finished CASE_TIMEOUT_S after it started (a hung collective) ends the launch."""
+    import subprocess
+    import tempfile
+    import time
+
+    from tests.helpers import REPO, torchrun
+
+    plan_file.write_text(json.dumps(plan))
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+    command = torchrun(2, str(Path(__file__)), str(plan_file))
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + CASE_TIMEOUT_S
+        while process.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+            started = [Path(case["dir"] + ".started") for case in plan]
+            latest = max((m.stat().st_mtime for m in started if m.exists()), default=0.0)
+            deadline = max(deadline, latest + CASE_TIMEOUT_S)
+        if process.poll() is None:
+            kill_tree(process.pid)
+            log.write(f"\nkilled: a case ran past {CASE_TIMEOUT_S} s\n")
+        process.wait()
+        log.seek(0)
+        return process.returncode, log.read()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts each rank in a session of its own)."""
+    import contextlib
+
+    import psutil
+
+    parent = psutil.Process(pid)
+    for process in [*parent.children(recursive=True), parent]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def zero3_runs(half_text_only_shards, tmp_path_factory) -> dict[str, tuple[Path, str | None]]:
+    """Every ZeRO-3 case trained in turn by one launch (one start-up instead of six): case -> (run
+    dir, None or the error). A failing case ends its launch and is charged with that launch's output;
+    the cases after it run in a fresh launch, so each case passes or fails on its own."""
+    root = tmp_path_factory.mktemp("zero3")
+    runs = {case: root / f"case{i}" for i, case in enumerate(ZERO3_CASES)}
+    errors: dict[str, str | None] = {}
+    while pending := [case for case in ZERO3_CASES if case not in errors]:
+        plan = [
+            {"dir": str(runs[c]), "overrides": zero3_overrides(c, half_text_only_shards, str(runs[c]))} for c in pending
+        ]
+        code, output = launch_zero3_cases(plan, root / f"plan{len(errors)}.json")
+        finished = [c for c in pending if runs[c].with_suffix(".finished").exists()]
+        errors.update({case: None for case in finished})
+        if code != 0 or len(finished) < len(pending):
+            # the case running when the launch failed; if none was, every case of the launch
+            running = [c for c in pending if c not in finished and runs[c].with_suffix(".started").exists()]
+            errors.update({case: f"exit code {code}\n{failure_excerpt(output)}" for case in running or pending})
+    return {case: (runs[case], errors[case]) for case in ZERO3_CASES}
+
+
+def failure_excerpt(output: str) -> str:
+    """A failed launch's first traceback (the root cause: its peers' errors follow it) and its last lines."""
+    first = output.find("Traceback (most recent call last)")
+    return (output[first : first + 3000] + "\n...\n" if first >= 0 else "") + output[-1500:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("connector", ZERO3_CASES)
+def test_connector_trains_under_zero3_when_a_rank_has_no_image(connector, zero3_runs):
+    """2 ranks, ZeRO-3, 8 steps; rank 1 never sees an image (half_text_only_shards). Every case
+    trains in the one launch of `zero3_runs`; this checks its own."""
+    from tests.helpers import step_losses
+
+    run_dir, error = zero3_runs[connector]
+    assert error is None, f"{connector}: {error}"
+    losses = step_losses(run_dir)
+    assert sorted(losses) == list(range(1, 9)), (connector, losses)
+    assert (losses[7] + losses[8]) / 2 < (losses[1] + losses[2]) / 2, (connector, losses)
+
+
+# --- the launched side ------------------------------------------------------------------------
+
+
+def zero3_worker(plan: list[dict]) -> None:
+    """Each rank trains the plan's cases in turn (the real training function, one process group);
+    rank 0 marks each case started and, once both ranks are through it, finished."""
+    import torch.distributed as dist
+
+    from vlm_train.parallel.distributed import init_distributed, launch_env, shutdown
+    from vlm_train.parallel.layout import Layout
+    from vlm_train.train import _quiet_libraries, _train
+
+    env = launch_env()
+    _quiet_libraries(env.rank)
+    device = init_distributed(compose(plan[0]["overrides"]).parallel, env)
+    for case in plan:
+        if env.rank == 0:
+            Path(case["dir"] + ".started").touch()
+        cfg = compose(case["overrides"])
+        _train(cfg, Layout.from_config(cfg, world=env.world, rank=env.rank), device)
+        dist.barrier()
+        if env.rank == 0:
+            Path(case["dir"] + ".finished").touch()
+    shutdown()
+
+
+if __name__ == "__main__":
+    from tests.helpers import run_worker
+
+    run_worker(zero3_worker)

@@ -3,53 +3,21 @@ resume, labels on answers only, bad samples skipped, missing shards reported."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
-import webdataset as wds
 
-from vlm_train import compose
-from vlm_train.data.pipeline import build_train_batches, expand_urls, shard_sizes
-from vlm_train.data.preprocess import ImageTransform
-from vlm_train.data.synthetic import make_sample
+from tests.helpers import TOKENIZER, TRANSFORM, batches_for, write_shards
+from vlm_train.data.pipeline import expand_urls, shard_sizes
 from vlm_train.data.templates import encode
-from vlm_train.data.tokenizer import IMAGE_TOKEN, build_toy_tokenizer
+from vlm_train.data.tokenizer import IMAGE_TOKEN
 from vlm_train.errors import DataError
 from vlm_train.models.vlm import IGNORE_INDEX
 
-TOKENIZER = build_toy_tokenizer()
-TRANSFORM = ImageTransform(48, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-
-def write_shards(folder: Path, sizes: list[int], seed: int = 0, corrupt: set[int] = frozenset()) -> str:
-    """Shards of synthetic samples with the given sizes (no manifest: sizes come from the tars)."""
-    import random
-
-    rng, index = random.Random(seed), 0
-    folder.mkdir(parents=True, exist_ok=True)
-    for shard, size in enumerate(sizes):
-        with wds.TarWriter(str(folder / f"part-{shard:03d}.tar")) as sink:
-            for _ in range(size):
-                png, record = make_sample(rng)
-                if index in corrupt:
-                    png = png[: len(png) // 3]  # a truncated image
-                sink.write({"__key__": f"s{index:05d}", "png": png, "json": json.dumps(record).encode()})
-                index += 1
-    return str(folder / f"part-{{000..{len(sizes) - 1:03d}}}.tar")
-
-
-def batches_for(pattern: str, rank: int, world: int, workers: int, batch_size: int, seed: int = 0):
-    cfg = compose(
-        ["experiment=toy", f"data.urls={pattern}", f"data.num_workers={workers}", "data.shuffle_block=16"]
-    ).data
-    return build_train_batches(cfg, TOKENIZER, TRANSFORM, 9, rank=rank, world=world, batch_size=batch_size, seed=seed)
-
 
 def one_epoch_keys(batches) -> list[list[str]]:
-    per_epoch = batches.stream.batches_per_epoch
+    per_epoch = batches.batches_per_epoch
     return [next(batches)["keys"] for _ in range(per_epoch)]
 
 
@@ -57,7 +25,7 @@ def test_two_ranks_two_workers_see_every_sample_once_per_epoch(tmp_path):
     pattern = write_shards(tmp_path, [40, 24, 32, 16, 48])  # 160 samples, uneven shards
     seen_per_epoch = [Counter(), Counter()]
     for rank in (0, 1):
-        batches = batches_for(pattern, rank, world=2, workers=2, batch_size=4)
+        batches = batches_for(pattern, rank, dp_size=2, workers=2, batch_size=4)
         for epoch in (0, 1):
             keys = one_epoch_keys(batches)
             assert len(keys) == 20  # the same number of batches on every rank
@@ -71,7 +39,7 @@ def test_uneven_total_gives_equal_batches_and_no_repeats(tmp_path):
     pattern = write_shards(tmp_path, [7, 30, 3, 11, 20])  # 71 samples, 3 ranks
     counts, seen = [], Counter()
     for rank in range(3):
-        batches = batches_for(pattern, rank, world=3, workers=1, batch_size=5)
+        batches = batches_for(pattern, rank, dp_size=3, workers=1, batch_size=5)
         keys = one_epoch_keys(batches)
         counts.append(len(keys))
         seen.update(k for batch in keys for k in batch)
@@ -81,12 +49,12 @@ def test_uneven_total_gives_equal_batches_and_no_repeats(tmp_path):
 
 def test_mid_epoch_resume_continues_the_same_sequence(tmp_path):
     pattern = write_shards(tmp_path, [32, 32, 32])
-    reference = batches_for(pattern, rank=1, world=2, workers=2, batch_size=4)
+    reference = batches_for(pattern, dp_rank=1, dp_size=2, workers=2, batch_size=4)
     expected = [next(reference)["keys"] for _ in range(18)]  # crosses into the second epoch
     for stop in (3, 7, 12):
-        first = batches_for(pattern, rank=1, world=2, workers=2, batch_size=4)
+        first = batches_for(pattern, dp_rank=1, dp_size=2, workers=2, batch_size=4)
         head = [next(first)["keys"] for _ in range(stop)]
-        resumed = batches_for(pattern, rank=1, world=2, workers=2, batch_size=4)
+        resumed = batches_for(pattern, dp_rank=1, dp_size=2, workers=2, batch_size=4)
         resumed.load_state_dict(first.state_dict())
         tail = [next(resumed)["keys"] for _ in range(18 - stop)]
         assert head + tail == expected, f"resume after {stop} batches diverged"
@@ -97,15 +65,15 @@ def test_mid_epoch_resume_under_a_new_layout_redistributes_exactly(tmp_path, wor
     pattern = write_shards(tmp_path, [40, 24, 32, 16, 48])  # 160 samples; old layout: 2 ranks x 2 workers x 4
     head, state = [], None
     for rank in (0, 1):
-        old = batches_for(pattern, rank, world=2, workers=2, batch_size=4)
+        old = batches_for(pattern, rank, dp_size=2, workers=2, batch_size=4)
         head += [k for _ in range(7) for k in next(old)["keys"]]
         state = old.state_dict()  # every rank saves the same position (epoch 0, batch 7)
     assert (state["epoch"], state["batch"]) == (0, 7)
     tail = []
     for rank in range(world):
-        new = batches_for(pattern, rank, world=world, workers=workers, batch_size=batch_size)
+        new = batches_for(pattern, rank, dp_size=world, workers=workers, batch_size=batch_size)
         new.load_state_dict(state)
-        per_epoch = new.stream.batches_per_epoch
+        per_epoch = new.batches_per_epoch
         tail += [k for _ in range(per_epoch) for k in next(new)["keys"]]
         assert new.epoch == 1  # then the next epoch, split for the new layout
         assert len(next(new)["keys"]) == batch_size
@@ -116,28 +84,28 @@ def test_mid_epoch_resume_under_a_new_layout_redistributes_exactly(tmp_path, wor
 
 def test_a_resumed_redistributed_epoch_continues_and_a_second_change_is_refused(tmp_path):
     pattern = write_shards(tmp_path, [32, 32])
-    old = batches_for(pattern, 0, world=1, workers=2, batch_size=4)
+    old = batches_for(pattern, 0, dp_size=1, workers=2, batch_size=4)
     [next(old) for _ in range(3)]
-    new = batches_for(pattern, 0, world=1, workers=0, batch_size=2)
+    new = batches_for(pattern, 0, dp_size=1, workers=0, batch_size=2)
     new.load_state_dict(old.state_dict())
-    reference = batches_for(pattern, 0, world=1, workers=0, batch_size=2)
+    reference = batches_for(pattern, 0, dp_size=1, workers=0, batch_size=2)
     reference.load_state_dict(old.state_dict())
     expected = [next(reference)["keys"] for _ in range(8)]
     head = [next(new)["keys"] for _ in range(3)]
-    again = batches_for(pattern, 0, world=1, workers=0, batch_size=2)
+    again = batches_for(pattern, 0, dp_size=1, workers=0, batch_size=2)
     again.load_state_dict(new.state_dict())
     assert head + [next(again)["keys"] for _ in range(5)] == expected
-    other = batches_for(pattern, 0, world=1, workers=2, batch_size=2)
+    other = batches_for(pattern, 0, dp_size=1, workers=2, batch_size=2)
     with pytest.raises(DataError, match="data position .* is for 1 data-parallel ranks x 1 workers x micro-batch 2"):
         other.load_state_dict(new.state_dict())
-    fewer = batches_for(write_shards(tmp_path / "fewer", [32]), 0, world=1, workers=0, batch_size=2)
+    fewer = batches_for(write_shards(tmp_path / "fewer", [32]), 0, dp_size=1, workers=0, batch_size=2)
     with pytest.raises(DataError, match="2 workers x micro-batch 4, 1 source.s., 64 samples, this run has"):
         fewer.load_state_dict(old.state_dict())  # other data: refused, never guessed
 
 
 def test_batch_contents(tmp_path):
     pattern = write_shards(tmp_path, [16])
-    batch = next(batches_for(pattern, rank=0, world=1, workers=0, batch_size=4))
+    batch = next(batches_for(pattern, dp_rank=0, dp_size=1, workers=0, batch_size=4))
     assert batch["pixel_values"].shape == (4, 3, 48, 48)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     image_id = TOKENIZER.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -160,8 +128,8 @@ def test_labels_cover_answers_only():
 
 def test_corrupt_images_are_skipped_not_fatal(tmp_path, caplog):
     pattern = write_shards(tmp_path, [20], corrupt={3, 11})
-    batches = batches_for(pattern, rank=0, world=1, workers=0, batch_size=6)
-    epoch = [next(batches) for _ in range(batches.stream.batches_per_epoch)]
+    batches = batches_for(pattern, dp_rank=0, dp_size=1, workers=0, batch_size=6)
+    epoch = [next(batches) for _ in range(batches.batches_per_epoch)]
     keys = [k for batch in epoch for k in batch["keys"]]
     assert "s00003" not in keys and "s00011" not in keys
     assert len(keys) == 18  # full batches: a placeholder with masked labels fills each gap

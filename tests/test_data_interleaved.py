@@ -9,16 +9,14 @@ import random
 import pytest
 import torch
 
-from tests.test_data_skips import write_tar
+from tests.helpers import TOKENIZER, TRANSFORM, write_tar
 from vlm_train import compose
 from vlm_train.build import build_model
 from vlm_train.data.pipeline import build_train_batches
 from vlm_train.data.preprocess import ImageTransform
 from vlm_train.data.synthetic import make_sample
-from vlm_train.data.tokenizer import IMAGE_TOKEN, build_toy_tokenizer
+from vlm_train.data.tokenizer import IMAGE_TOKEN
 from vlm_train.models.vlm import IGNORE_INDEX
-
-TOKENIZER = build_toy_tokenizer()
 
 
 def interleaved_shard(folder) -> str:
@@ -49,7 +47,7 @@ def test_interleaved_samples_train_with_every_image_in_place(tmp_path, connector
     transform = ImageTransform(vision.image_size, vision.image_mean, vision.image_std)
     cfg.data.num_workers = 0
     batches = build_train_batches(
-        cfg.data, TOKENIZER, transform, model.num_image_tokens, rank=0, world=1, batch_size=4, seed=0
+        cfg.data, TOKENIZER, transform, model.num_image_tokens, dp_rank=0, dp_size=1, batch_size=4, seed=0
     )
     batch = next(batches)
     assert int(batch["skipped_by_reason"].sum()) == 0
@@ -69,7 +67,7 @@ def test_numbered_images_come_in_index_order_and_a_single_image_stays_one():
     from vlm_train.data.pipeline import SampleEncoder
 
     cfg = compose(["experiment=toy", "data.urls=unused"]).data
-    encoder = SampleEncoder(cfg, TOKENIZER, ImageTransform(48, (0.5,) * 3, (0.5,) * 3), 9)
+    encoder = SampleEncoder(cfg, TOKENIZER, TRANSFORM, 9)
     raw = {"__key__": "k", "10.png": b"c", "2.jpg": b"b", "0.png": b"a", "json": b"{}"}
     assert encoder.image_members(raw) == [b"a", b"b", b"c"]
     assert encoder.image_members({"__key__": "k", "jpg": b"j", "png": b"p"}) == [b"p"]  # data.image_key order

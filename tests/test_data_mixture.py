@@ -3,19 +3,16 @@ epochs without repeats, and a mid-stream resume continues the same sequence."""
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from pathlib import Path
 
 import pytest
-import webdataset as wds
 
-from tests.test_data import TOKENIZER, TRANSFORM
+from tests.helpers import TOKENIZER, TRANSFORM, image_sample, write_tar
 from vlm_train import compose
 from vlm_train.data.pipeline import build_train_batches
 from vlm_train.data.sources import MIX_BLOCK, MixSchedule
-from vlm_train.data.synthetic import make_sample
 from vlm_train.errors import ConfigError
 
 
@@ -23,10 +20,7 @@ def write_source(folder: Path, prefix: str, sizes: list[int]) -> str:
     rng = random.Random(prefix)
     folder.mkdir(parents=True)
     for shard, size in enumerate(sizes):
-        with wds.TarWriter(str(folder / f"{shard}.tar")) as sink:
-            for index in range(size):
-                png, record = make_sample(rng)
-                sink.write({"__key__": f"{prefix}{shard}-{index:03d}", "png": png, "json": json.dumps(record).encode()})
+        write_tar(folder / f"{shard}.tar", [image_sample(rng, f"{prefix}{shard}-{index:03d}") for index in range(size)])
     return str(folder / f"{{0..{len(sizes) - 1}}}.tar")
 
 
@@ -35,7 +29,7 @@ def mixture_batches(tmp_path: Path, workers: int = 0):
     b = write_source(tmp_path / "b", "b", [40]) if not (tmp_path / "b").exists() else str(tmp_path / "b/{0..0}.tar")
     overrides = ["experiment=toy", f"data.urls={a}", "data.weight=3", f"data.mixture=[{{urls: '{b}', weight: 1}}]"]
     data = compose([*overrides, f"data.num_workers={workers}", "data.shuffle_block=16"]).data
-    return build_train_batches(data, TOKENIZER, TRANSFORM, 9, rank=0, world=1, batch_size=4, seed=0)
+    return build_train_batches(data, TOKENIZER, TRANSFORM, 9, dp_rank=0, dp_size=1, batch_size=4, seed=0)
 
 
 def test_mixture_follows_the_weights_and_cycles_each_source(tmp_path):

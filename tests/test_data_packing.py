@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import run_cli, step_losses, toy_overrides
-from tests.test_data import TOKENIZER, write_shards
+from tests.helpers import TOKENIZER, run_cli, step_losses, toy_overrides, write_shards
 from vlm_train import compose
 from vlm_train.build import build_model
 from vlm_train.data.packing import collate_packed, first_fit
@@ -72,7 +71,7 @@ def test_pipeline_packs_the_same_samples(tmp_path):
     epochs = []
     for packing in ("false", "true"):
         data = compose([*base, f"data.packing={packing}"]).data
-        batches = build_train_batches(data, TOKENIZER, transform, 9, rank=0, world=1, batch_size=8, seed=0)
+        batches = build_train_batches(data, TOKENIZER, transform, 9, dp_rank=0, dp_size=1, batch_size=8, seed=0)
         epochs.append([next(batches) for _ in range(3)])
     for plain, packed in zip(*epochs):
         assert sorted(plain["keys"]) == sorted(packed["keys"])

@@ -4,8 +4,8 @@ seeking near its start does."""
 
 from __future__ import annotations
 
-import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -13,14 +13,21 @@ import time
 from pathlib import Path
 
 import pytest
-import webdataset as wds
 
-from tests.helpers import REPO, read_metrics, run_cli, toy_overrides
-from tests.test_data import TOKENIZER, TRANSFORM
+from tests.helpers import (
+    REPO,
+    TOKENIZER,
+    TRANSFORM,
+    image_sample,
+    read_metrics,
+    run_cli,
+    text_sample,
+    toy_overrides,
+    write_tar,
+)
 from vlm_train import compose
 from vlm_train.data.pipeline import build_train_batches
 from vlm_train.data.reader import tar_samples
-from vlm_train.data.synthetic import make_sample
 
 
 def run_overrides(toy_data: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -99,10 +106,8 @@ def test_killed_and_resumed_run_takes_the_same_samples(toy_data, tmp_path, group
 
 
 def write_long_shard(path: Path, count: int) -> None:
-    png, record = make_sample(__import__("random").Random(0))
-    with wds.TarWriter(str(path)) as sink:
-        for index in range(count):
-            sink.write({"__key__": f"k{index:06d}", "png": png, "json": json.dumps(record).encode()})
+    sample = image_sample(random.Random(0), "")
+    write_tar(path, [{**sample, "__key__": f"k{index:06d}"} for index in range(count)])
 
 
 def resume_seconds(data, states: list[dict], rounds: int = 7) -> list[float]:
@@ -111,7 +116,7 @@ def resume_seconds(data, states: list[dict], rounds: int = 7) -> list[float]:
     best = [float("inf")] * len(states)
     for _ in range(rounds):
         for index, state in enumerate(states):
-            batches = build_train_batches(data, TOKENIZER, TRANSFORM, 9, rank=0, world=1, batch_size=2, seed=0)
+            batches = build_train_batches(data, TOKENIZER, TRANSFORM, 9, dp_rank=0, dp_size=1, batch_size=2, seed=0)
             started = time.perf_counter()
             batches.load_state_dict(state)
             next(batches)
@@ -123,7 +128,7 @@ def test_resume_deep_in_a_slot_costs_no_more_than_near_its_start(tmp_path):
     write_long_shard(tmp_path / "long-0.tar", 4096)  # one shard, one slot: batch 1000 sits at sample 2000
     pattern = str(tmp_path / "long-{0..0}.tar")
     data = compose(["experiment=toy", f"data.urls={pattern}", "data.num_workers=0", "data.shuffle_block=64"]).data
-    batches = build_train_batches(data, TOKENIZER, TRANSFORM, 9, rank=0, world=1, batch_size=2, seed=0)
+    batches = build_train_batches(data, TOKENIZER, TRANSFORM, 9, dp_rank=0, dp_size=1, batch_size=2, seed=0)
     states = {}
     for taken in range(1, 1001):
         next(batches)
@@ -148,16 +153,13 @@ def test_a_hint_seeks_and_a_stale_hint_falls_back_to_the_scan(tmp_path):
 def write_mixed_shard(path: Path, count: int, text_every: int = 3) -> None:
     """Image samples `i*` and, every `text_every`-th one, text-only samples `t*` (no image, no
     <image>), with answers of varied length."""
-    rng = __import__("random").Random(1)
-    with wds.TarWriter(str(path)) as sink:
-        for index in range(count):
-            png, record = make_sample(rng)
-            if index % text_every:
-                sink.write({"__key__": f"i{index:05d}", "png": png, "json": json.dumps(record).encode()})
-                continue
-            answer = " ".join(["red"] * rng.randint(1, 6))
-            turns = [{"from": "human", "value": "what color is the circle ?"}, {"from": "gpt", "value": answer}]
-            sink.write({"__key__": f"t{index:05d}", "json": json.dumps({"conversations": turns}).encode()})
+    rng, samples = random.Random(1), []
+    for index in range(count):
+        sample = image_sample(rng, f"i{index:05d}")  # drawn for text-only slots too: the same rng sequence
+        if not index % text_every:
+            sample = text_sample(f"t{index:05d}", " ".join(["red"] * rng.randint(1, 6)))
+        samples.append(sample)
+    write_tar(path, samples)
 
 
 def grouped_batches(pattern: str, rank: int, world: int, workers: int = 2, grouped: bool = True):
@@ -170,7 +172,7 @@ def grouped_batches(pattern: str, rank: int, world: int, workers: int = 2, group
             f"data.group_by_modality_length={str(grouped).lower()}",
         ]
     ).data
-    return build_train_batches(data, TOKENIZER, TRANSFORM, 9, rank=rank, world=world, batch_size=4, seed=3)
+    return build_train_batches(data, TOKENIZER, TRANSFORM, 9, dp_rank=rank, dp_size=world, batch_size=4, seed=3)
 
 
 def is_mixed(keys: list[str]) -> bool:
@@ -183,7 +185,7 @@ def test_modality_grouping_keeps_every_sample_once_in_batches_of_one_modality(tm
     per_rank = []
     for rank in (0, 1):
         batches = grouped_batches(pattern, rank, world=2)
-        per_rank.append([next(batches)["keys"] for _ in range(batches.stream.batches_per_epoch)])
+        per_rank.append([next(batches)["keys"] for _ in range(batches.batches_per_epoch)])
         batches.close()
     assert [len(epoch) for epoch in per_rank] == [20, 20]  # every rank runs the same number of steps
     seen = [key for epoch in per_rank for keys in epoch for key in keys]

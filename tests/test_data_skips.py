@@ -13,9 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import webdataset as wds
 
-from tests.test_data import TOKENIZER, TRANSFORM
+from tests.helpers import TOKENIZER, TRANSFORM, conversation, image_sample, write_tar
 from vlm_train import compose
 from vlm_train.data.pipeline import SKIP_REASONS, build_train_batches
 from vlm_train.data.synthetic import make_sample
@@ -23,28 +22,11 @@ from vlm_train.data.tokenizer import IMAGE_TOKEN
 from vlm_train.models.vlm import IGNORE_INDEX
 
 
-def good(rng: random.Random, key: str) -> dict:
-    png, record = make_sample(rng)
-    return {"__key__": key, "png": png, "json": json.dumps(record).encode()}
-
-
-def conversation(question: str, answer: str) -> bytes:
-    return json.dumps(
-        {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
-    ).encode()
-
-
-def write_tar(path: Path, samples: list[dict]) -> None:
-    with wds.TarWriter(str(path)) as sink:
-        for sample in samples:
-            sink.write(sample)
-
-
 def bad_corpus(folder: Path) -> tuple[str, dict[str, str]]:
     """Three shards of 12 samples with one bad sample of each kind, a truncated shard whose manifest
     declares all its samples, and an empty shard; returns the pattern and {key: reason}."""
     rng, png = random.Random(0), make_sample(random.Random(1))[0]
-    shards = [[good(rng, f"a{i:02d}") for i in range(12)], [good(rng, f"b{i:02d}") for i in range(12)]]
+    shards = [[image_sample(rng, f"a{i:02d}") for i in range(12)], [image_sample(rng, f"b{i:02d}") for i in range(12)]]
     shards[0][3]["png"] = png[: len(png) // 3]  # truncated image
     del shards[0][5]["json"]  # no text field
     shards[0][7]["json"] = b"{not json"  # malformed text field
@@ -53,7 +35,7 @@ def bad_corpus(folder: Path) -> tuple[str, dict[str, str]]:
     shards[1][6]["json"] = conversation(f"{IMAGE_TOKEN} what", "red " * 60)  # long answer: truncated, kept
     expected = {"a03": "bad_image", "a05": "missing_field", "a07": "missing_field", "b02": "too_long"}
     expected["b04"] = "image_token_mismatch"
-    third = [good(rng, f"c{i:02d}") for i in range(12)]
+    third = [image_sample(rng, f"c{i:02d}") for i in range(12)]
     for index, samples in enumerate([*shards, third]):
         write_tar(folder / f"part-{index}.tar", samples)
     whole = (folder / "part-2.tar").read_bytes()
@@ -70,8 +52,8 @@ def bad_corpus(folder: Path) -> tuple[str, dict[str, str]]:
 def test_every_bad_input_kind_is_skipped_and_counted_by_reason(tmp_path, caplog):
     pattern, expected = bad_corpus(tmp_path)
     cfg = compose(["experiment=toy", f"data.urls={pattern}", "data.num_workers=0", "data.max_length=48"]).data
-    batches = build_train_batches(cfg, TOKENIZER, TRANSFORM, 9, rank=0, world=1, batch_size=6, seed=0)
-    assert batches.stream.batches_per_epoch == 6
+    batches = build_train_batches(cfg, TOKENIZER, TRANSFORM, 9, dp_rank=0, dp_size=1, batch_size=6, seed=0)
+    assert batches.batches_per_epoch == 6
     epoch = [next(batches) for _ in range(6)]
     counts = sum(batch["skipped_by_reason"] for batch in epoch)
     assert dict(zip(SKIP_REASONS, counts.tolist())) == {
@@ -114,7 +96,7 @@ def http_server(folder: Path):
 def test_pipe_and_http_shards_read_like_local_ones(tmp_path):
     rng = random.Random(3)
     for index in range(2):
-        write_tar(tmp_path / f"p-{index}.tar", [good(rng, f"p{index}{i:02d}") for i in range(8)])
+        write_tar(tmp_path / f"p-{index}.tar", [image_sample(rng, f"p{index}{i:02d}") for i in range(8)])
     remote = ["data.samples_per_shard=8"]
     with http_server(tmp_path) as address:
         runs = []
@@ -124,7 +106,7 @@ def test_pipe_and_http_shards_read_like_local_ones(tmp_path):
             [f"data.urls={address}/p-{{0..1}}.tar", *remote],
         ):
             cfg = compose(["experiment=toy", "data.num_workers=0", *overrides]).data
-            batches = build_train_batches(cfg, TOKENIZER, TRANSFORM, 9, rank=0, world=1, batch_size=4, seed=0)
+            batches = build_train_batches(cfg, TOKENIZER, TRANSFORM, 9, dp_rank=0, dp_size=1, batch_size=4, seed=0)
             runs.append([next(batches) for _ in range(6)])  # one epoch and a half: shards reopened mid-way
     for local, *others in zip(*runs):
         for other in others:

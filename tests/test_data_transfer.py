@@ -10,8 +10,7 @@ import sys
 
 import torch
 
-from tests.helpers import REPO
-from tests.test_data import batches_for, write_shards
+from tests.helpers import REPO, batches_for, write_shards
 from vlm_train.data.batches import PREFETCH
 
 
@@ -23,20 +22,20 @@ def in_slot(pixels: torch.Tensor, slots) -> int | None:
 
 def test_worker_pixels_equal_in_process_pixels_through_reused_slots(tmp_path):
     pattern = write_shards(tmp_path, [48])  # one epoch: 12 batches of 4
-    reference = batches_for(pattern, rank=0, world=1, workers=0, batch_size=4)
+    reference = batches_for(pattern, dp_rank=0, dp_size=1, workers=0, batch_size=4)
     expected = [next(reference) for _ in range(24)]
 
-    batches = batches_for(pattern, rank=0, world=1, workers=1, batch_size=4)
+    batches = batches_for(pattern, dp_rank=0, dp_size=1, workers=1, batch_size=4)
     used = []
     for want in expected[:12]:  # the trainer is done with each batch before it takes the next
         got = next(batches)
         assert got["keys"] == want["keys"] and torch.equal(got["pixel_values"], want["pixel_values"])
-        used.append(in_slot(got["pixel_values"], batches.stream.pixel_slots))
+        used.append(in_slot(got["pixel_values"], batches.pixel_slots))
         del got
     assert None not in used and len(set(used)) <= PREFETCH + 1  # 12 batches, at most 5 segments
 
     kept = [next(batches) for _ in range(12)]  # second epoch: every batch held, none released
-    slots = batches.stream.pixel_slots
+    slots = batches.pixel_slots
     for got, want in zip(kept, expected[12:]):
         assert got["keys"] == want["keys"] and torch.equal(got["pixel_values"], want["pixel_values"])
     placed = [in_slot(got["pixel_values"], slots) for got in kept]
@@ -52,8 +51,8 @@ def test_a_program_that_fails_while_workers_run_still_exits(tmp_path):
     # wait for them forever.
     pattern = write_shards(tmp_path, [16])
     script = (
-        "from tests.test_data import batches_for\n"
-        f"batches = batches_for({pattern!r}, rank=0, world=1, workers=1, batch_size=4)\n"
+        "from tests.helpers import batches_for\n"
+        f"batches = batches_for({pattern!r}, dp_rank=0, dp_size=1, workers=1, batch_size=4)\n"
         "next(batches)\n"
         "raise SystemExit('a user error while the loader runs')\n"
     )

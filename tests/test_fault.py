@@ -15,7 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, read_metrics, run_cli, step_losses, torchrun, toy_overrides
+from tests.helpers import (
+    REPO,
+    keep_only_checkpoint,
+    read_metrics,
+    run_cli,
+    step_losses,
+    torchrun,
+    toy_overrides,
+    write_tar,
+)
 from vlm_train.errors import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -195,9 +204,7 @@ def test_pickled_objects_are_refused_and_no_secret_reaches_the_run_dir(uninterru
     object that runs code on unpickling is refused with one line, and the code never runs. The
     reference run had WANDB_API_KEY, HF_TOKEN, *_TOKEN and *_SECRET* set: no file of its run dir
     (config, metrics, wandb's offline run, checkpoints, read as bytes) nor its output holds one."""
-    import shutil
-
-    from vlm_train.training.checkpoint import safe_torch_load
+    from vlm_train.parallel.engine_checkpoint import safe_torch_load
 
     whole, output = uninterrupted
     files = [p for p in whole.rglob("*") if p.is_file()]
@@ -208,9 +215,7 @@ def test_pickled_objects_are_refused_and_no_secret_reaches_the_run_dir(uninterru
             assert secret.encode() not in path.read_bytes(), f"{name} found in {path}"
 
     run_dir = tmp_path / "tampered"
-    shutil.copytree(whole / "checkpoints" / f"step_{STEPS}", run_dir / "checkpoints" / f"step_{STEPS}")
-    (run_dir / "checkpoints" / "latest").write_text(f"step_{STEPS}")
-    shutil.copy(whole / "config.yaml", run_dir / "config.yaml")
+    keep_only_checkpoint(whole, run_dir, STEPS)
     marker = tmp_path / "code_ran"
     states = run_dir / "checkpoints" / f"step_{STEPS}" / "mp_rank_00_model_states.pt"
     torch.save({"module": {}, "payload": Exploit(marker)}, states)
@@ -234,7 +239,8 @@ def test_stage1_checkpoint_holds_only_what_trains_and_exports_whole(toy_data, tm
     from vlm_train.build import build_model
     from vlm_train.config import compose
     from vlm_train.convert import main as convert
-    from vlm_train.training.checkpoint import consolidated_state_dict, frozen_digest
+    from vlm_train.parallel.engine_checkpoint import consolidated_state_dict
+    from vlm_train.training.frozen import frozen_digest
 
     run_dir = tmp_path / "stage1"
     overrides = toy_overrides(toy_data, run_dir, "llm.freeze=true", "train.max_steps=2", "parallel.zero_stage=1")
@@ -264,7 +270,7 @@ def test_stage1_checkpoint_holds_only_what_trains_and_exports_whole(toy_data, tm
 def test_a_secret_interpolated_into_the_config_is_redacted_in_config_yaml(monkeypatch, tmp_path):
     """A user who writes `wandb.entity=${oc.env:HF_TOKEN}` still gets no token in config.yaml."""
     from vlm_train.config import compose, to_yaml
-    from vlm_train.training.checkpoint import redact_secrets
+    from vlm_train.training.config_dump import redact_secrets
 
     monkeypatch.setenv("HF_TOKEN", SECRETS["HF_TOKEN"])
     monkeypatch.setenv("SHORT_KEY", "1")  # too short to be a secret: left alone
@@ -278,7 +284,6 @@ def test_a_secret_interpolated_into_the_config_is_redacted_in_config_yaml(monkey
 
 def one_scene_data(source: Path, target: Path) -> Path:
     """The toy shards' layout (same shard names and counts) with every sample the first scene."""
-    import io
     import shutil
     import tarfile
 
@@ -286,12 +291,7 @@ def one_scene_data(source: Path, target: Path) -> Path:
     with tarfile.open(source / "train-000000.tar") as tar:
         first = {m.name.rsplit(".", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers()[:2]}
     for shard, count in json.loads((source / "manifest.json").read_text())["shards"].items():
-        with tarfile.open(target / shard, "w") as tar:
-            for index in range(count):
-                for ext, payload in first.items():
-                    info = tarfile.TarInfo(f"{shard[:-4]}-{index:06d}.{ext}")
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
+        write_tar(target / shard, [{"__key__": f"{shard[:-4]}-{index:06d}", **first} for index in range(count)])
     shutil.copy(source / "manifest.json", target / "manifest.json")
     return target
 
@@ -305,17 +305,13 @@ def test_resume_with_fewer_ranks_and_another_zero_stage_continues_the_loss(
     uninterrupted run within 1e-4 relative. Every sample is the same scene, because with 1 rank
     the global batch and the data order differ: the mean loss and gradient of identical samples
     do not depend on either, so any difference comes from the weights, moments or step count."""
-    import shutil
-
     data = one_scene_data(toy_data, tmp_path / "one_scene")
     common = ("train.max_steps=6", "train.save_every=2", "train.precision=fp32", "train.warmup_steps=1")
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     job = launch(toy_overrides(data, whole, *common, f"parallel.zero_stage={saved_stage}"))
     assert job.wait(timeout=300) == 0, read_launch_log(whole)[-3000:]
 
-    shutil.copytree(whole / "checkpoints" / "step_4", resumed / "checkpoints" / "step_4")
-    (resumed / "checkpoints" / "latest").write_text("step_4")
-    shutil.copy(whole / "config.yaml", resumed / "config.yaml")
+    keep_only_checkpoint(whole, resumed, 4)
     result = run_cli(toy_overrides(data, resumed, *common, f"parallel.zero_stage={resumed_stage}"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resharded step_4: 2 ranks ZeRO {saved_stage} -> 1 ranks ZeRO {resumed_stage}" in result.stdout

@@ -17,7 +17,7 @@ from vlm_train.config import compose, to_yaml
 from vlm_train.errors import ConfigError
 from vlm_train.parallel.engine import deepspeed_config
 from vlm_train.parallel.layout import Layout
-from vlm_train.training.checkpoint import check_resumable
+from vlm_train.training.resume_check import check_resumable
 from vlm_train.training.schedule import plan_batch, resolve_schedule
 
 # LLaVA-1.5's data: blip_laion_cc_sbu_558k.json and llava_v1_5_mix665k.json, samples per file.

@@ -216,8 +216,7 @@ def test_vlm_convert_exports_a_trained_zero3_run(toy_data, tmp_path):
 
     from transformers import LlavaForConditionalGeneration
 
-    from tests.helpers import run_cli, toy_overrides
-    from tests.test_models import make_batch
+    from tests.helpers import make_batch, run_cli, toy_overrides
     from vlm_train.convert import rebuild_trained_model
     from vlm_train.training.checkpoint import latest_checkpoint
 

@@ -6,33 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import make_batch
 from vlm_train import build_model, compose
-from vlm_train.data.templates import encode
 from vlm_train.data.tokenizer import build_toy_tokenizer
 from vlm_train.models.vlm import IGNORE_INDEX
-
-
-def make_batch(model, tokenizer, with_image=(True, True)):
-    """Two samples; the image-token slots are expanded the way the data pipeline does it."""
-    questions = ["what color is the circle ?", "where is the red square ?"]
-    ids, labels, pixels = [], [], []
-    for question, has_image in zip(questions, with_image):
-        text = f"<image>\n{question}" if has_image else question
-        enc = encode(
-            [{"from": "human", "value": text}, {"from": "gpt", "value": "red"}],
-            tokenizer,
-            "chat",
-            model.num_image_tokens,
-        )
-        ids.append(enc.input_ids)
-        labels.append(enc.labels)
-        if has_image:
-            pixels.append(torch.randn(1, 3, model.vision.image_size, model.vision.image_size))
-    length = max(map(len, ids))
-    pad = lambda rows, value: torch.tensor([r + [value] * (length - len(r)) for r in rows])  # noqa: E731
-    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in ids])
-    pixel_values = torch.cat(pixels) if pixels else torch.empty(0, 3, model.vision.image_size, model.vision.image_size)
-    return pixel_values, pad(ids, tokenizer.pad_token_id), mask, pad(labels, IGNORE_INDEX)
 
 
 @pytest.mark.parametrize("vision", ["clip-tiny", "siglip-tiny"])

@@ -8,17 +8,12 @@ import json
 import pytest
 import torch
 
-from vlm_train.build import build_model
+from tests.helpers import toy_model
 from vlm_train.config import compose
 from vlm_train.errors import ConfigError
 from vlm_train.models.vlm import IGNORE_INDEX
 from vlm_train.plan import build_meta_model
 from vlm_train.training.flops import TrainingFlops, gpu_peak_tflops, measured_matmul_flops, peak_flops, training_flops
-
-
-def toy_model(*extra: str):
-    torch.manual_seed(0)
-    return build_model(compose(["experiment=toy", *extra]))
 
 
 def hand_counted_forward(model, lengths: list[int], images: int) -> tuple[float, float, float]:
@@ -101,18 +96,29 @@ def test_peak_flops_table_override_and_cpu_probe():
     assert measured_matmul_flops(cpu, "fp32") == probed  # cached: probed once per process
 
 
-def test_kernels_probe_reports_the_fallback():
-    from vlm_train.parallel.kernels import probe_kernels
+def test_kernels_probe_reports_apex_exactly_when_it_is_installed():
+    """True here (no apex: the fallback) and in the NGC image the Dockerfile uses (apex installed)."""
+    import importlib.util
 
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from vlm_train.parallel.kernels import probe_kernels
+    from vlm_train.parallel.tensor_parallel import layer_spec
+
+    installed = importlib.util.find_spec("apex") is not None
     kernels = probe_kernels("cpu")
     assert probe_kernels("cpu") is kernels  # probed once
-    assert not kernels.apex  # NVIDIA apex is absent here: the fallback runs
-    assert kernels.optimizer_kwargs() == {}
+    assert kernels.apex == installed
     line = kernels.report("sdpa")
-    assert line.startswith("kernels: attention sdpa") and "norms torch (apex absent)" in line
-    with pytest.raises(ConfigError, match="flash_attention_2 needs the flash-attn package"):
-        kernels.check_attention("flash_attention_2")
+    assert line.startswith("kernels: attention sdpa")
+    assert ("norms apex fused" if installed else "norms torch (apex absent)") in line
+    # the optimizer does not depend on apex: torch's AdamW, fused (one multi-tensor kernel) on CUDA
+    assert kernels.optimizer_kwargs() == {}
     assert probe_kernels("cuda").optimizer_kwargs() == {"fused": True}
+    # megatron's local spec has no apex RMSNorm: Llama's norms are torch's with or without apex
+    assert layer_spec().submodules.input_layernorm is WrappedTorchNorm
+    with pytest.raises(ConfigError, match="flash_attention_2 needs the flash-attn package"):
+        kernels.check_attention("flash_attention_2")  # refused on CPU whatever is installed
 
 
 def test_compile_refused_under_zero3_and_overlap_comm_only_on_gpu():

@@ -4,11 +4,8 @@ folders, and the start-up refusal."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from tests.helpers import REPO, run_cli, toy_overrides
+from tests.helpers import REPO, run_cli, toy_model, toy_overrides, write_config_only_folders
 from vlm_train.build import build_model
 from vlm_train.config import compose
 from vlm_train.errors import ConfigError
@@ -29,62 +26,6 @@ from vlm_train.plan import (
     model_state_bytes,
     parameter_counts,
 )
-
-LLAMA2_TOKENIZER = REPO / "tests" / "assets" / "tokenizers" / "llama2"
-
-# meta-llama/Llama-2-7b-hf's config.json (vicuna-7b-v1.5 ships the same shapes)
-LLAMA2_7B_CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "hidden_act": "silu",
-    "hidden_size": 4096,
-    "initializer_range": 0.02,
-    "intermediate_size": 11008,
-    "max_position_embeddings": 4096,
-    "model_type": "llama",
-    "num_attention_heads": 32,
-    "num_hidden_layers": 32,
-    "num_key_value_heads": 32,
-    "pretraining_tp": 1,
-    "rms_norm_eps": 1e-05,
-    "rope_scaling": None,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-    "torch_dtype": "float16",
-    "vocab_size": 32000,
-}
-# openai/clip-vit-large-patch14-336's config.json: the whole CLIP model, as users download it
-CLIP_L_336_CONFIG = {
-    "architectures": ["CLIPModel"],
-    "model_type": "clip",
-    "projection_dim": 768,
-    "logit_scale_init_value": 2.6592,
-    "text_config": {
-        "hidden_size": 768,
-        "intermediate_size": 3072,
-        "num_attention_heads": 12,
-        "num_hidden_layers": 12,
-        "max_position_embeddings": 77,
-        "projection_dim": 768,
-        "vocab_size": 49408,
-    },
-    "vision_config": {
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_attention_heads": 16,
-        "num_hidden_layers": 24,
-        "image_size": 336,
-        "patch_size": 14,
-        "projection_dim": 768,
-        "hidden_act": "quick_gelu",
-    },
-}
-
-
-def toy_model(*extra: str):
-    torch.manual_seed(0)
-    return build_model(compose(["experiment=toy", *extra]))
 
 
 @pytest.mark.parametrize(
@@ -233,18 +174,6 @@ def test_activation_estimate_within_25_percent_of_a_measured_cpu_step(precision,
     estimate = activation_bytes(model, cfg, precision)
     measured = measured_activation_peak(model, batch, length, torch.bfloat16 if precision == "bf16" else torch.float32)
     assert abs(estimate / measured - 1) <= 0.25, (estimate, measured)
-
-
-def write_config_only_folders(root: Path) -> tuple[Path, Path]:
-    """Llama-2-7B and CLIP ViT-L/14-336 as folders holding config.json (+ tokenizer): no weights."""
-    llm, vision = root / "llama-2-7b", root / "clip-vit-large-patch14-336"
-    llm.mkdir()
-    vision.mkdir()
-    (llm / "config.json").write_text(json.dumps(LLAMA2_7B_CONFIG))
-    for file in LLAMA2_TOKENIZER.iterdir():
-        shutil.copy(file, llm / file.name)
-    (vision / "config.json").write_text(json.dumps(CLIP_L_336_CONFIG))
-    return llm, vision
 
 
 def test_vlm_plan_prints_llava15_7b_stage2_from_config_only_folders(tmp_path, capsys):

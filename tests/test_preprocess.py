@@ -13,7 +13,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from tests.test_data import TOKENIZER
+from tests.helpers import TOKENIZER
 from vlm_train import compose
 from vlm_train.data.pipeline import SampleEncoder
 from vlm_train.data.preprocess import ImageTransform

@@ -238,7 +238,8 @@ def test_connector_files_are_gathered_under_zero3(toy_data, tmp_path):
     connector of the last checkpoint, as `vlm-convert consolidate` reads it from the shards."""
     from safetensors.torch import load_file
 
-    from vlm_train.training.checkpoint import consolidated_state_dict, latest_checkpoint
+    from vlm_train.parallel.engine_checkpoint import consolidated_state_dict
+    from vlm_train.training.checkpoint import latest_checkpoint
 
     run_dir = tmp_path / "run"
     result = run_cli(toy_overrides(toy_data, run_dir, "parallel.zero_stage=3", "train.max_steps=3"), nproc=2)
@@ -326,7 +327,8 @@ def test_readme_llava_recipe_stage1_to_stage2_to_transformers(tmp_path, monkeypa
     from safetensors.torch import load_file
 
     from vlm_train.config import load_yaml
-    from vlm_train.training.checkpoint import consolidated_state_dict, latest_checkpoint
+    from vlm_train.parallel.engine_checkpoint import consolidated_state_dict
+    from vlm_train.training.checkpoint import latest_checkpoint
 
     tiny = tiny_checkpoints(tmp_path / "models")
     write_llava_data(tmp_path / "data", pretrain=56, instruct=67)  # one shard each: the README's ranges

@@ -16,17 +16,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from tests.helpers import REPO, read_metrics, run_cli, toy_overrides
+from tests.helpers import REPO, TOKENIZER, TRANSFORM, read_metrics, run_cli, toy_overrides, write_tar
 from vlm_train import compose
 from vlm_train.data.pipeline import build_train_batches
-from vlm_train.data.preprocess import ImageTransform
 from vlm_train.data.shards import main
 from vlm_train.data.synthetic import caption, make_sample, make_scene, render, write_split
 from vlm_train.data.templates import encode
-from vlm_train.data.tokenizer import build_toy_tokenizer
 
-TOKENIZER = build_toy_tokenizer()
-TRANSFORM = ImageTransform(48, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 TEXT_ONLY = [{"from": "human", "value": "what color is the circle ?"}, {"from": "gpt", "value": "red"}]
 
 
@@ -66,8 +62,8 @@ def read_shards(out: Path) -> list[dict]:
 
 def epoch_batches(pattern: str, batch_size: int, *extra: str) -> list[dict]:
     cfg = compose(["experiment=toy", f"data.urls={pattern}", "data.num_workers=1", *extra]).data
-    batches = build_train_batches(cfg, TOKENIZER, TRANSFORM, 9, rank=0, world=1, batch_size=batch_size, seed=3)
-    return [next(batches) for _ in range(batches.stream.batches_per_epoch)]
+    batches = build_train_batches(cfg, TOKENIZER, TRANSFORM, 9, dp_rank=0, dp_size=1, batch_size=batch_size, seed=3)
+    return [next(batches) for _ in range(batches.batches_per_epoch)]
 
 
 def convert(source: Path, images: Path, out: Path, *extra: str, workers: int = 2) -> int:
@@ -183,11 +179,12 @@ def test_captions_and_an_existing_laion_style_corpus_train_alike(tmp_path, capsy
     laion = tmp_path / "laion"
     laion.mkdir()
     for shard, start in enumerate(range(0, 10, 4)):
-        with wds.TarWriter(str(laion / f"{shard:05d}.tar")) as sink:
-            for i in range(start, min(start + 4, 10)):
-                image, text = (images / pairs[i][0]).read_bytes(), pairs[i][1].encode()
-                meta = json.dumps({"caption": pairs[i][1], "url": f"http://x/{i}"}).encode()
-                sink.write({"__key__": f"{i:09d}", "png": image, "txt": text, "json": meta})
+        samples = []
+        for i in range(start, min(start + 4, 10)):
+            image, text = (images / pairs[i][0]).read_bytes(), pairs[i][1].encode()
+            meta = json.dumps({"caption": pairs[i][1], "url": f"http://x/{i}"}).encode()
+            samples.append({"__key__": f"{i:09d}", "png": image, "txt": text, "json": meta})
+        write_tar(laion / f"{shard:05d}.tar", samples)
     capsys.readouterr()
     assert main(["manifest", str(laion), "--workers", "2"]) == 0
     stdout = capsys.readouterr().out

@@ -317,23 +317,18 @@ def test_a_conversation_that_does_not_alternate_is_a_clear_value_error(turns, te
 def test_a_conversation_that_does_not_alternate_is_a_counted_skip(tmp_path):
     import random
 
-    import webdataset as wds
-
+    from tests.helpers import TOKENIZER, TRANSFORM, image_sample, write_tar
     from vlm_train.data.pipeline import SKIP_REASONS, build_train_batches
-    from vlm_train.data.preprocess import ImageTransform
-    from vlm_train.data.synthetic import make_sample
-    from vlm_train.data.tokenizer import build_toy_tokenizer
 
     rng = random.Random(0)
-    with wds.TarWriter(str(tmp_path / "part-0.tar")) as sink:
-        for index in range(4):
-            png, record = make_sample(rng)
-            if index % 2:
-                record["conversations"] = record["conversations"][::-1]  # gpt first
-            sink.write({"__key__": f"k{index}", "png": png, "json": json.dumps(record).encode()})
+    samples = [image_sample(rng, f"k{index}") for index in range(4)]
+    for sample in samples[1::2]:
+        record = json.loads(sample["json"])
+        record["conversations"] = record["conversations"][::-1]  # gpt first
+        sample["json"] = json.dumps(record).encode()
+    write_tar(tmp_path / "part-0.tar", samples)
     cfg = compose(["experiment=toy", f"data.urls={tmp_path}/part-{{0..0}}.tar", "data.num_workers=0"]).data
-    transform = ImageTransform(48, (0.5,) * 3, (0.5,) * 3)
-    batches = build_train_batches(cfg, build_toy_tokenizer(), transform, 9, rank=0, world=1, batch_size=4, seed=0)
+    batches = build_train_batches(cfg, TOKENIZER, TRANSFORM, 9, dp_rank=0, dp_size=1, batch_size=4, seed=0)
     counts = dict(zip(SKIP_REASONS, next(batches)["skipped_by_reason"].tolist()))
     assert counts["bad_conversation"] == 2 and sum(counts.values()) == 2
     batches.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +37,6 @@ def launch(plan: list[dict], nproc: int, timeout: int = 400) -> subprocess.Compl
     return result
 
 
-COLOURS = ("red", "green", "blue")  # one colour fills each image: the answer is in the pixels only
 COLOUR_TRAIN = (
     "train.max_steps=8",
     "train.micro_batch_size=8",
@@ -46,19 +44,6 @@ COLOUR_TRAIN = (
     "train.warmup_steps=1",
     "train.min_lr_ratio=1.0",
 )
-
-
-def colour_images(count: int, seed: int):
-    """`count` uint8 [3, 48, 48] images, each one noisy colour, the colours in turn (balanced)."""
-    import torch
-
-    from vlm_train.data.synthetic import COLORS
-
-    generator = torch.Generator().manual_seed(seed)
-    for i in range(count):
-        colour = COLOURS[i % len(COLOURS)]
-        noise = torch.randint(-20, 21, (3, 48, 48), generator=generator)
-        yield (torch.tensor(COLORS[colour]).view(3, 1, 1) + noise).clamp(0, 255).to(torch.uint8), colour
 
 
 def colour_turns(colour: str) -> list[dict]:
@@ -69,19 +54,21 @@ def write_colour_shards(folder: Path) -> str:
     """Two shards of 48 colour images asking their colour; returns their brace pattern."""
     import io
 
-    import webdataset as wds
     from PIL import Image
 
+    from tests.helpers import colour_images, write_tar
+
     folder.mkdir(parents=True)
-    images = colour_images(96, seed=1)
+    images = iter(colour_images(96, seed=1))
     for shard in range(2):
-        with wds.TarWriter(str(folder / f"colours-{shard}.tar")) as sink:
-            for i in range(48):
-                pixels, colour = next(images)
-                png = io.BytesIO()
-                Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(png, format="PNG")
-                record = {"conversations": colour_turns(colour)}
-                sink.write({"__key__": f"{shard}-{i:03d}", "png": png.getvalue(), "json": json.dumps(record).encode()})
+        samples = []
+        for i in range(48):
+            pixels, colour = next(images)
+            png = io.BytesIO()
+            Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(png, format="PNG")
+            record = {"conversations": colour_turns(colour)}
+            samples.append({"__key__": f"{shard}-{i:03d}", "png": png.getvalue(), "json": json.dumps(record).encode()})
+        write_tar(folder / f"colours-{shard}.tar", samples)
     return str(folder / "colours-{0..1}.tar")
 
 
@@ -306,18 +293,11 @@ def worker(plan: list[dict]) -> None:
         elif step["kind"] == "colours":
             save_colour_answers(Path(step["dir"]), env)
         elif step["kind"] == "copy_step" and env.rank == 0:
-            copy_checkpoint(Path(step["source"]), Path(step["dir"]), step["step"])
+            keep_only_checkpoint(Path(step["source"]), Path(step["dir"]), step["step"])
         import torch.distributed as dist
 
         dist.barrier()
     shutdown()
-
-
-def copy_checkpoint(source: Path, target: Path, step: int) -> None:
-    """The run `source` as it was after its step-`step` checkpoint."""
-    shutil.copytree(source / "checkpoints" / f"step_{step}", target / "checkpoints" / f"step_{step}")
-    (target / "checkpoints" / "latest").write_text(f"step_{step}")
-    shutil.copy(source / "config.yaml", target / "config.yaml")
 
 
 def parity_report(folder: Path, env) -> None:
@@ -412,7 +392,7 @@ def check_cross_attention_shards_join(env) -> None:
 
     from vlm_train.build import build_model
     from vlm_train.config import compose
-    from vlm_train.interop.megatron import join_cross_attention_shards
+    from vlm_train.interop.tp_plan import join_cross_attention_shards
     from vlm_train.parallel.layout import Layout
 
     overrides = ["experiment=toy", "connector=cross_attention"]
@@ -475,7 +455,7 @@ def save_colour_answers(run_dir: Path, env) -> None:
 
     model, cfg = trained_model(run_dir, env)
     tokenizer = load_tokenizer(cfg.llm)
-    images = list(colour_images(12, seed=2))
+    images = colour_images(12, seed=2)
     ids, labels = encode_conversation(colour_turns("red"), tokenizer, cfg.data.template, model.num_image_tokens)
     answer_at = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)  # the colour: one token
     assert tokenizer.decode(ids[answer_at]) == "red", tokenizer.decode(ids)
@@ -507,6 +487,7 @@ def save_trained_logits(run_dir: Path, env) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.helpers import run_worker  # also sets the same environment defaults as pytest
+    # also sets the same environment defaults as pytest
+    from tests.helpers import colour_images, keep_only_checkpoint, run_worker
 
     run_worker(worker)

@@ -21,7 +21,7 @@ def test_zero_stages_match_and_skip_non_finite_steps(toy_data, tmp_path, monkeyp
     exactly as before it, the LR schedule advanced. Per-step losses of ZeRO 1-3 equal ZeRO-0's within
     1e-6 relative, the steps after the skip included. At ZeRO 0-2 a second NaN (step 7) exceeds
     train.max_bad_steps=1: each rank exits 3, the last checkpoint kept; ZeRO-3 runs on and evaluates."""
-    from vlm_train.training.checkpoint import consolidated_state_dict
+    from vlm_train.parallel.engine_checkpoint import consolidated_state_dict
 
     losses, lrs = {}, {}
     for stage in (0, 1, 2, 3):
@@ -80,7 +80,7 @@ def test_zero_stages_match_and_skip_non_finite_steps(toy_data, tmp_path, monkeyp
 def optimizer_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the optimizer state a checkpoint folder holds, by path: ZeRO-0's torch AdamW state
     in the model file, ZeRO 1-3's partitions (Adam moments, step counts, fp32 master weights) per rank."""
-    from vlm_train.training.checkpoint import safe_torch_load
+    from vlm_train.parallel.engine_checkpoint import safe_torch_load
 
     found: dict[str, torch.Tensor] = {}
 
@@ -122,7 +122,7 @@ def test_loss_normalisation_is_the_same_across_ranks_and_accumulation(tmp_path):
     every layout trains on the same 8 samples at every step; their answers differ in length, so a
     mean of per-micro-batch means would differ too."""
     from vlm_train.data.synthetic import generate
-    from vlm_train.training.checkpoint import consolidated_state_dict
+    from vlm_train.parallel.engine_checkpoint import consolidated_state_dict
 
     data = generate(tmp_path / "data", train=8, eval=1, shards=2, seed=1)
     layouts = {"dp2": (2, 4), "accum2": (1, 4), "micro8": (1, 8)}  # name: (ranks, micro-batch)
@@ -246,10 +246,14 @@ def test_bf16_run_with_offline_wandb(toy_data, tmp_path):
     assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
-def test_incompatible_config_in_run_dir_is_refused(toy_data, tmp_path):
+def test_incompatible_config_in_run_dir_is_refused(toy_data, stopped_run, tmp_path):
+    """A run dir (the stop-signal tests' finished run, copied) started again with another decoder."""
+    source, outcomes = stopped_run
+    last = outcomes["final"]["last_step"]
+    assert last is not None, "the stop-signal run left no checkpoint to start from"
     run_dir = tmp_path / "run"
-    assert run_cli(toy_overrides(toy_data, run_dir, "train.max_steps=1")).returncode == 0
-    result = run_cli(toy_overrides(toy_data, run_dir, "train.max_steps=2", "llm.num_layers=3"))
+    keep_only_checkpoint(source, run_dir, last)
+    result = run_cli(toy_overrides(toy_data, run_dir, f"train.max_steps={last + 1}", "llm.num_layers=3"))
     assert result.returncode != 0
     assert "incompatible config" in result.stderr and "llm" in result.stderr
     assert "Traceback" not in result.stderr
@@ -273,18 +277,18 @@ def test_user_mistakes_exit_with_one_line(overrides, message, tmp_path):
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr
 
 
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
-def test_stop_signal_saves_and_exits_with_the_documented_code(signal_name, toy_data, tmp_path):
-    import os
+def start_and_stop(signal_name: str, toy_data: Path, run_dir: Path) -> dict:
+    """Start (or resume) the endless toy run in `run_dir`, send `signal_name` once 7 more metrics lines
+    are logged; what the process and the run dir show afterwards."""
     import signal
     import subprocess
     import sys
     import time
 
     from tests.helpers import REPO
-    from vlm_train.training.signals import EXIT_PREEMPTED
 
-    run_dir = tmp_path / "run"
+    metrics = run_dir / "metrics.jsonl"
+    before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
     overrides = toy_overrides(toy_data, run_dir, "train.max_steps=100000", "train.keep_last=2", "train.save_every=2")
     process = subprocess.Popen(
         [sys.executable, "-m", "vlm_train.train", *overrides],
@@ -293,21 +297,60 @@ def test_stop_signal_saves_and_exits_with_the_documented_code(signal_name, toy_d
         stderr=subprocess.PIPE,
         text=True,
     )
-    metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 7):
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < before + 7):
         time.sleep(0.2)
     process.send_signal(getattr(signal, signal_name))
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == EXIT_PREEMPTED, stderr[-2000:]
-    assert f"stopped by {signal_name}" in stderr and "Traceback" not in stderr
-    last_step = max(step_losses(run_dir))
-    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{last_step}"
-    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
-    assert len(kept) == 2 and f"step_{last_step}" in kept  # train.keep_last=2 pruned the older ones
+    try:
+        stdout, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # not stopped: this signal's test fails, the next start still runs
+        process.kill()
+        stdout, stderr = process.communicate()
+    return {"returncode": process.returncode, "stdout": stdout, "stderr": stderr, **run_dir_state(run_dir)}
 
-    resumed = run_cli(toy_overrides(toy_data, run_dir, f"train.max_steps={last_step + 2}", "train.keep_last=2"))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{last_step}'}" in resumed.stdout
-    assert max(step_losses(run_dir)) == last_step + 2
-    assert os.path.exists(run_dir / "checkpoints" / f"step_{last_step + 2}")
+
+def run_dir_state(run_dir: Path) -> dict:
+    checkpoints = run_dir / "checkpoints"
+    latest = checkpoints / "latest"
+    return {
+        "last_step": max(step_losses(run_dir), default=None) if (run_dir / "metrics.jsonl").exists() else None,
+        "latest": latest.read_text() if latest.exists() else None,
+        "kept": sorted(p.name for p in checkpoints.glob("step_*")),
+    }
+
+
+@pytest.fixture(scope="module")
+def stopped_run(toy_data, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+    """One toy run stopped by SIGTERM, resumed and stopped by SIGUSR1, resumed to 2 steps past that
+    stop: three starts for both signals' checks (each stop is followed by a start that resumes it)."""
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    outcomes = {name: start_and_stop(name, toy_data, run_dir) for name in ("SIGTERM", "SIGUSR1")}
+    last_step = outcomes["SIGUSR1"]["last_step"] or 0
+    final = run_cli(toy_overrides(toy_data, run_dir, f"train.max_steps={last_step + 2}", "train.keep_last=2"))
+    outcomes["final"] = {"returncode": final.returncode, "stdout": final.stdout, "stderr": final.stderr}
+    outcomes["final"].update(run_dir_state(run_dir))
+    return run_dir, outcomes
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_stop_signal_saves_and_exits_with_the_documented_code(signal_name, stopped_run):
+    """The stop saves a checkpoint, prunes to train.keep_last=2 and exits 75; the next start (the
+    run the other signal stops, or the final one) resumes from that checkpoint and trains on."""
+    from vlm_train.parallel.signals import EXIT_PREEMPTED
+
+    run_dir, outcomes = stopped_run
+    next_start = {"SIGTERM": "SIGUSR1", "SIGUSR1": "final"}[signal_name]
+    stop, resumed = outcomes[signal_name], outcomes[next_start]
+    assert stop["returncode"] == EXIT_PREEMPTED, stop["stderr"][-2000:]
+    assert f"stopped by {signal_name}" in stop["stderr"] and "Traceback" not in stop["stderr"]
+    last_step = stop["last_step"]
+    assert stop["latest"] == f"step_{last_step}"
+    assert len(stop["kept"]) == 2 and f"step_{last_step}" in stop["kept"]  # train.keep_last=2 pruned the older ones
+
+    checkpoint = run_dir / "checkpoints" / f"step_{last_step}"
+    assert f"resumed from {checkpoint}" in resumed["stdout"], resumed["stderr"][-2000:]
+    assert resumed["last_step"] > last_step
+    if next_start == "final":
+        assert resumed["returncode"] == 0, resumed["stderr"][-2000:]
+        assert resumed["last_step"] == last_step + 2
+        assert f"step_{last_step + 2}" in resumed["kept"]

@@ -1,0 +1,129 @@
+"""Every preset under configs/ composes as `vlm-train` composes it, validates, and builds at meta size
+(shapes only, no memory: vlm_train.plan.build_meta_model) into the model it promises. Presets that
+name local checkpoints get folders holding only their config.json (tests/helpers.py), as vlm-plan
+reads them; a preset whose checkpoint shapes are unknown here fails with the reason, never skips."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import CHECKPOINT_CONFIGS, LLAMA2_TOKENIZER, REPO, write_config_only_folder
+from vlm_train.config import compose
+from vlm_train.errors import ConfigError
+from vlm_train.plan import build_meta_model
+
+CONFIGS = REPO / "configs"
+GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name != "connector_size")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def presets() -> dict[str, list[str]]:
+    """{test id: overrides}: each option of each group on the default config; each connector_size
+    option `<experiment>_<connector>` through the selection that picks it."""
+    chosen = {f"{group}={option}": [f"{group}={option}"] for group in GROUPS for option in options(group)}
+    for option in options("connector_size"):
+        experiment, connector = option.split("_", 1)
+        chosen[f"connector_size={option}"] = [f"experiment={experiment}", f"connector={connector}"]
+    return chosen
+
+
+# id: (total parameters within a factor of two, connector class, image-token slots per image)
+EXPECTED = {
+    "experiment=toy": (5.8e5, "MLPConnector", 9),
+    "experiment=llava15-7b-stage1": (7.06e9, "MLPConnector", 576),
+    "experiment=llava15-7b-stage2": (7.06e9, "MLPConnector", 576),
+    "vision=clip-tiny": (5.8e5, "MLPConnector", 9),
+    "vision=siglip-tiny": (6.3e5, "MLPConnector", 9),
+    "vision=clip-vit-l-336px": (3e8, "MLPConnector", 576),
+    "vision=siglip-so400m-384px": (4.3e8, "MLPConnector", 729),
+    "llm=llama-tiny": (5.8e5, "MLPConnector", 9),
+    "llm=vicuna-7b": (6.76e9, "MLPConnector", 9),
+    "connector=mlp": (5.8e5, "MLPConnector", 9),
+    "connector=mlp-pretrained": (5.8e5, "MLPConnector", 9),
+    "connector=qformer": (9.3e7, "QFormerConnector", 32),
+    "connector=perceiver": (2.8e6, "PerceiverConnector", 64),
+    "connector=ln_adapter": (5.6e5, "LNAdapterConnector", 9),
+    "connector=cross_attention": (9.6e5, "CrossAttentionConnector", 1),
+    "connector_size=toy_mlp": (5.8e5, "MLPConnector", 9),
+    "connector_size=toy_qformer": (7e5, "QFormerConnector", 9),
+    "connector_size=toy_perceiver": (1.1e6, "PerceiverConnector", 9),
+    "connector_size=toy_ln_adapter": (5.6e5, "LNAdapterConnector", 9),
+    "connector_size=toy_cross_attention": (8.3e5, "CrossAttentionConnector", 1),
+    "data=toy": (5.8e5, "MLPConnector", 9),
+    "data=llava-pretrain": (5.8e5, "MLPConnector", 9),
+    "data=llava-instruct": (5.8e5, "MLPConnector", 9),
+    "parallel=default": (5.8e5, "MLPConnector", 9),
+    "train=default": (5.8e5, "MLPConnector", 9),
+}
+
+
+def selected(group: str, overrides: list[str]) -> str:
+    """The option of `group` the overrides select: given, else the experiment's, else config.yaml's."""
+    given = dict(override.split("=", 1) for override in overrides)
+    files = [CONFIGS / "experiment" / f"{given['experiment']}.yaml"] if "experiment" in given else []
+    for file in files + [CONFIGS / "config.yaml"]:
+        for entry in yaml.safe_load(file.read_text()).get("defaults", []):
+            if isinstance(entry, dict):
+                given.setdefault(next(iter(entry)).removeprefix("override /"), next(iter(entry.values())))
+    return given[group]
+
+
+def required_values(missing: list[str], overrides: list[str], root: Path) -> list[str]:
+    """What a user would give for the keys `vlm-train` says are required: checkpoint folders (here
+    config.json only), a shard pattern and a stage-1 connector file (neither read at meta size)."""
+    values = []
+    for key in missing:
+        group = key.split(".")[0]
+        if key in ("vision.path", "llm.path"):
+            option = selected(group, overrides)
+            if option not in CHECKPOINT_CONFIGS[group]:
+                pytest.fail(
+                    f"{group}={option} needs {key}: add its config.json to CHECKPOINT_CONFIGS in tests/helpers.py"
+                )
+            tokenizer = LLAMA2_TOKENIZER if group == "llm" else None
+            folder = write_config_only_folder(root / option, CHECKPOINT_CONFIGS[group][option], tokenizer)
+            values.append(f"{key}={folder}")
+        elif key == "data.urls":
+            values.append(f"data.urls={root / 'shards'}/part-{{000..009}}.tar")
+        elif key == "connector.path":
+            values.append(f"connector.path={root / 'stage1-not-run-yet' / 'mm_projector.bin'}")
+        else:
+            pytest.fail(f"{overrides}: required key {key} has no stand-in in tests/test_presets.py")
+    return values
+
+
+def compose_preset(name: str, overrides: list[str], root: Path):
+    """compose() as the CLI calls it; a missing required key is given as a user would give it."""
+    try:
+        return compose(overrides)
+    except ConfigError as err:
+        if not str(err).startswith("required but not set: "):
+            pytest.fail(f"preset {name} does not compose: {err}")
+        missing = str(err).removeprefix("required but not set: ").split(" (")[0].split(", ")
+    try:
+        return compose([*overrides, *required_values(missing, overrides, root)])
+    except ConfigError as err:
+        pytest.fail(f"preset {name} does not compose: {err}")
+
+
+@pytest.mark.parametrize("name", sorted(presets()))
+def test_every_preset_composes_validates_and_builds_at_meta_size(name, tmp_path):
+    assert name in EXPECTED, f"preset {name} is new: add its expected sizes to EXPECTED in tests/test_presets.py"
+    cfg = compose_preset(name, presets()[name], tmp_path)
+    model = build_meta_model(cfg)
+    params, connector, image_tokens = EXPECTED[name]
+    total = sum(p.numel() for p in model.parameters())
+    assert abs(math.log10(total / params)) < math.log10(2), f"{name}: {total:,} parameters, expected ~{params:.2g}"
+    assert type(model.connector).__name__ == connector, name
+    assert model.num_image_tokens == image_tokens, name
+
+
+def test_expected_table_names_only_existing_presets():
+    assert sorted(EXPECTED) == sorted(presets())
