@@ -56,6 +56,7 @@ def test_importing_and_building_models_loads_no_forbidden_module():
 LAYERS = {
     "vlm_train.errors": 0,  # imports nothing of ours
     "vlm_train.config": 0,  # the typed config: every layer reads its own section
+    "vlm_train.files": 0,  # durable writes (atomic replace, directory fsync)
     "vlm_train.models": 1,  # plain PyTorch
     "vlm_train.data": 2,  # reads the model's conventions (IGNORE_INDEX, the tower's image stats)
     "vlm_train.interop": 3,  # HF/megatron weight formats: above models and data (the processor export),

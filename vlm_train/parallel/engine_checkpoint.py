@@ -11,18 +11,17 @@ Loading never unpickles arbitrary objects: every file, DeepSpeed's included, is 
 
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from vlm_train.errors import ConfigError
+from vlm_train.files import write_atomic
 
 
 def safe_globals() -> list:
@@ -146,14 +145,14 @@ def _adapt_zero3_universal(folder: Path, universal: Path) -> None:
         for path in (universal / "zero" / name).glob("*.pt"):
             value = safe_torch_load(path)
             if isinstance(value, torch.Tensor) and path.stem != "step":
-                _write_atomic(path, partial(torch.save, {"param": value.reshape(shape)}))
-        _write_atomic(universal / "zero" / name / "step.pt", lambda f: torch.save(step, f))
+                write_atomic(path, partial(torch.save, {"param": value.reshape(shape)}))
+        write_atomic(universal / "zero" / name / "step.pt", lambda f: torch.save(step, f))
     states["module"] = {
         name: safe_torch_load(universal / "zero" / name / "fp32.pt")["param"]
         for name in shapes
         if (universal / "zero" / name / "fp32.pt").is_file()
     }
-    _write_atomic(target, lambda f: torch.save(states, f))
+    write_atomic(target, lambda f: torch.save(states, f))
 
 
 def _stamp_deepspeed_version(optimizer_state: Path) -> None:
@@ -164,17 +163,7 @@ def _stamp_deepspeed_version(optimizer_state: Path) -> None:
     state = safe_torch_load(optimizer_state)
     if not state.get("ds_version"):
         state["ds_version"] = deepspeed.__version__
-        _write_atomic(optimizer_state, lambda f: torch.save(state, f))
-
-
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    # The same as training/publish.py's write_atomic; parallel/ does not import training/.
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        write_atomic(optimizer_state, lambda f: torch.save(state, f))
 
 
 def consolidated_state_dict(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:

@@ -23,13 +23,14 @@ import torch.distributed as dist
 
 from vlm_train.config import Config
 from vlm_train.errors import ConfigError
+from vlm_train.files import write_atomic
 from vlm_train.parallel.engine import TrainEngine
 from vlm_train.parallel.engine_checkpoint import has_engine_state, safe_torch_load
 from vlm_train.parallel.signals import fault_point
 from vlm_train.training.config_dump import config_yaml
 from vlm_train.training.connector_files import write_connector_files
 from vlm_train.training.frozen import FROZEN_FILE, check_frozen_weights, frozen_fingerprint
-from vlm_train.training.publish import LATEST, PARTIAL, prune, publish, write_atomic
+from vlm_train.training.publish import LATEST, PARTIAL, prune, publish
 
 
 def checkpoint_root(run_dir: Path) -> Path:

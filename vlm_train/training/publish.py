@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+
+from vlm_train.files import fsync_dir, write_atomic
 
 LATEST = "latest"  # the file naming the newest complete step folder
 PARTIAL = ".partial"  # suffix of a folder still being written
@@ -41,22 +41,3 @@ def prune(root: Path, keep: int) -> None:
     for folder in steps[:-keep]:
         if folder.name != latest:
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write through `<path>.tmp`, fsync, rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def fsync_dir(folder: Path) -> None:
-    # A rename is durable only once its directory entry is on disk.
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
