@@ -111,7 +111,7 @@ def test_kernels_probe_reports_apex_exactly_when_it_is_installed():
     assert kernels.apex == installed
     line = kernels.report("sdpa")
     assert line.startswith("kernels: attention sdpa")
-    assert ("norms apex fused" if installed else "norms torch (apex absent)") in line
+    assert ("norms torch (apex present, unused)" if installed else "norms torch (apex absent)") in line
     # the optimizer does not depend on apex: torch's AdamW, fused (one multi-tensor kernel) on CUDA
     assert kernels.optimizer_kwargs() == {}
     assert probe_kernels("cuda").optimizer_kwargs() == {"fused": True}

@@ -246,7 +246,7 @@ LAYOUT_MISTAKES = [
     (["parallel.tensor_parallel=2", "llm.num_kv_heads=1"], "does not divide the decoder's 1 key/value heads"),
     (["parallel.tensor_parallel=2"], "does not divide the world size 1"),
     (["parallel.tensor_parallel=2", "llm.backend=hf"], "needs the tensor-parallel decoder"),
-    (["parallel.sequence_parallel=true"], "needs Transformer Engine or NVIDIA apex norms"),
+    (["parallel.sequence_parallel=true"], "sequence_parallel=true is not supported"),
 ]
 
 

@@ -6,8 +6,9 @@ of trying imports of its own, and `vlm-train` prints its `report()` line at star
 What each decides:
 - optimizer: torch's AdamW with `fused=True` on CUDA (one multi-tensor kernel, what apex's
   FusedAdam gives; torch has it built in, so apex is not needed for it); the plain loop on CPU.
-- norms: apex's FusedLayerNorm/FusedRMSNorm when apex imports (megatron-core's decoder uses them,
-  and megatron's sequence parallel needs them or Transformer Engine); torch's norms otherwise.
+- norms: torch's, with or without apex: the HF decoders use their own RMSNorm, and megatron-core's
+  local spec picks its torch norm for RMSNorm (`WrappedTorchNorm`) even where apex imports. apex
+  is probed and reported only (e.g. for the NGC image), not used.
 - attention: `llm.attn_implementation` as configured: sdpa (torch's fused attention, which picks
   its flash / memory-efficient kernels itself on GPU), or flash_attention_2 when the flash-attn
   package imports (refused with a clear message when it does not).
@@ -53,12 +54,12 @@ class Kernels:
 
     def report(self, attn_implementation: str = "sdpa") -> str:
         optimizer = "torch AdamW fused" if self.fused_adamw else "torch AdamW (for-each, CPU)"
-        norms = "apex fused" if self.apex else "torch (apex absent)"
+        apex = "present, unused" if self.apex else "absent"
         flash = "present" if self.flash_attn else "absent"
         te = "present" if self.transformer_engine else "absent"
         return (
             f"kernels: attention {attn_implementation} (flash-attn {flash}), optimizer {optimizer}, "
-            f"norms {norms}, Transformer Engine {te}"
+            f"norms torch (apex {apex}), Transformer Engine {te}"
         )
 
 

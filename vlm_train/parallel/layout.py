@@ -105,20 +105,12 @@ def decoder_shape(cfg: LLMConfig) -> dict[str, int]:
 
 
 def sequence_parallel_refusal() -> str:
-    """Why `parallel.sequence_parallel=true` is refused (megatron's torch norms cannot split the sequence)."""
-    import torch
-
-    from vlm_train.parallel.kernels import probe_kernels
-
-    kernels = probe_kernels("cuda" if torch.cuda.is_available() else "cpu")
-    if not (kernels.transformer_engine or kernels.apex):
-        return (
-            "parallel.sequence_parallel=true needs Transformer Engine or NVIDIA apex norms, and neither is "
-            "installed (megatron-core's torch norms refuse it): use parallel.sequence_parallel=false"
-        )
+    """Why `parallel.sequence_parallel=true` is refused: the decoder's norms are megatron's torch
+    norms (its local spec, also where apex or Transformer Engine import), which refuse a split
+    sequence, and the connector hooks see whole sequences."""
     return (
-        "parallel.sequence_parallel=true is not wired into vlm_train's megatron decoder yet "
-        "(its connector hooks see whole sequences): use parallel.sequence_parallel=false"
+        "parallel.sequence_parallel=true is not supported: vlm_train's megatron decoder uses torch norms "
+        "(megatron-core's local spec), which cannot split the sequence: use parallel.sequence_parallel=false"
     )
 
 

@@ -172,8 +172,8 @@ def transformer_config(
 
 
 def layer_spec():
-    """megatron's local layer spec (torch norms and megatron's own parallel linears; apex norms where
-    apex imports). Not Transformer Engine's spec, even where TE imports: it fuses each pre-norm into
+    """megatron's local layer spec (torch norms, also where apex imports, and megatron's own parallel
+    linears). Not Transformer Engine's spec, even where TE imports: it fuses each pre-norm into
     the following linear (other weight names, no norm modules for connector hooks) and its linears
     carry their own TP tags — none of which could be verified without a GPU (docs/tensor_parallel.md)."""
     from megatron.core.models.gpt import gpt_layer_specs
