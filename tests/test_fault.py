@@ -146,10 +146,12 @@ def test_killed_anywhere_the_loss_curve_continues_bit_identical(uninterrupted, t
     assert (checkpoints / "latest").read_text() == "step_4"  # the interrupted save was never published
     assert (checkpoints / f"step_6{'.partial'}").is_dir() and not (checkpoints / "step_6").exists()
 
-    # 3. a plain restart resumes from step 4; killed again once it has logged step 7.
+    # 3. a plain restart resumes from step 4 (taking over the dead job's run-dir lock); killed again
+    #    once it has logged step 7.
     job = launch(overrides)
     wait_until(lambda: 7 in logged_steps(run_dir)[6:], job)
     kill_job(job)
+    assert f"taking over run.dir={run_dir} from an unnamed job" in read_launch_log(run_dir)
 
     # 4. the last restart runs to the end.
     job = launch(overrides)
@@ -167,6 +169,110 @@ def test_killed_anywhere_the_loss_curve_continues_bit_identical(uninterrupted, t
 def read_launch_log(run_dir: Path) -> str:
     logs = sorted(run_dir.parent.glob(f"{run_dir.name}.*.log"), key=lambda p: int(p.suffixes[-2][1:]))
     return logs[-1].read_text() if logs else ""
+
+
+def signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan is reaped by whoever adopted it, maybe later)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def refused_start(overrides: list[str], holder_pid: int) -> str:
+    """Start the same job again: it must exit 73 with one line naming the holder, and write nothing."""
+    run_dir = Path(overrides_dir(overrides))
+    before = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.name != "run.lock")
+    second = launch(overrides)
+    try:
+        returncode = second.wait(timeout=180)
+    finally:
+        kill_job(second)
+    log = read_launch_log(run_dir)
+    refusals = [line for line in log.splitlines() if line.startswith("vlm-train: error:")]
+    assert returncode != 0 and "exitcode  : 73" in log, log[-3000:]
+    assert len(refusals) == 1, log[-3000:]  # rank 1 refuses silently
+    assert refusals[0].startswith(f"vlm-train: error: run.dir={run_dir} is in use by an unnamed job on host ")
+    assert f", pid {holder_pid}, started 20" in refusals[0]
+    after = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.name != "run.lock")
+    assert after == before  # the refused job wrote nothing (and the stopped one could not)
+    return refusals[0]
+
+
+def test_a_second_job_on_a_live_run_dir_is_refused_and_the_first_is_unaffected(uninterrupted, toy_data, tmp_path):
+    """The same command started twice: the second exits with one line naming the first, which runs
+    on to the reference's losses. The first job's workers are paused (SIGSTOP) while the second
+    starts, so that it is still mid-run however slow the second one's start-up is."""
+    run_dir = tmp_path / "twice"
+    overrides = toy_overrides(toy_data, run_dir, *COMMON)
+    first = launch(overrides)
+    wait_until(lambda: len(logged_steps(run_dir)) >= 2, first)
+    workers = descendants(first.pid)
+    signal_all(workers, signal.SIGSTOP)
+    try:
+        refused_start(overrides, worker_of_rank(first, 0))
+    finally:
+        signal_all(workers, signal.SIGCONT)
+    assert first.wait(timeout=300) == 0
+    reference = step_losses(uninterrupted[0])
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, STEPS + 1))
+    assert step_losses(run_dir) == reference
+
+
+ORPHANS_EXIT_S = 60  # documented in docs/checkpointing.md: one step, one save, the exit
+
+
+def test_workers_of_a_sigkilled_torchrun_save_and_exit_and_a_restart_continues_bit_identical(
+    uninterrupted, toy_data, tmp_path
+):
+    """`kill -9` of torchrun alone: its workers get SIGTERM from the kernel (parent-death signal),
+    finish the step, save and exit 75; no process of the job is left. A new job started while they
+    are still alive is refused (they are paused with SIGSTOP to make that window wide); once they
+    are gone, a restart resumes from their checkpoint and its losses are the reference's."""
+    run_dir = tmp_path / "orphans"
+    overrides = toy_overrides(toy_data, run_dir, *COMMON)
+    job = launch(overrides)
+    wait_until(lambda: len(logged_steps(run_dir)) >= 2, job)
+    rank0, workers = worker_of_rank(job, 0), descendants(job.pid)
+    signal_all(workers, signal.SIGSTOP)
+    job.kill()
+    job.wait(timeout=30)
+    try:
+        refused_start(overrides, rank0)
+    finally:
+        signal_all(workers, signal.SIGCONT)
+    resumed = time.monotonic()
+    while any(running(pid) for pid in workers) and time.monotonic() - resumed < ORPHANS_EXIT_S:
+        time.sleep(0.1)
+    took = time.monotonic() - resumed
+    signal_all(workers, signal.SIGKILL)
+    assert took < ORPHANS_EXIT_S, f"orphaned workers still running {took:.0f} s after their launcher died"
+    orphan_log = sorted(run_dir.parent.glob(f"{run_dir.name}.*.log"))[0].read_text()
+    stopped = [line for line in orphan_log.splitlines() if "stopped by SIGTERM (its launcher" in line]
+    assert len(stopped) == 2, orphan_log[-3000:]  # both ranks
+    stop_step = int(stopped[0].split(" after step ")[1].split(",")[0])
+    assert stop_step < STEPS
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stop_step}"
+    assert json.loads((run_dir / "run.lock").read_text())["released"]
+
+    restart = launch(overrides)
+    assert restart.wait(timeout=300) == 0, read_launch_log(run_dir)[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stop_step}'} at step {stop_step}" in read_launch_log(
+        run_dir
+    )
+    reference = step_losses(uninterrupted[0])
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert sorted({r["step"] for r in records}) == list(range(1, STEPS + 1))
+    for record in records:
+        assert record["loss"] == reference[record["step"]], (record, reference[record["step"]])
 
 
 def test_a_rank_that_stops_responding_ends_the_job_within_the_timeout(toy_data, tmp_path):

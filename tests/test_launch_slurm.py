@@ -175,6 +175,43 @@ def test_usr1_requeues_and_the_next_start_resumes(slurm_cluster, toy_data, tmp_p
     assert latest.read_text().strip().endswith("step_600")
 
 
+def test_the_same_job_submitted_twice_the_second_is_refused(slurm_cluster, toy_data, tmp_path):
+    """The everyday mistake: one sbatch command run twice. The second job ends at once with one line
+    naming the first (host, pid, Slurm job id, start time); the first runs on to its end, each step
+    logged once. The first job's training step is paused (SIGSTOP through scancel) while the second
+    starts, so that it is still mid-run however long the second takes to start. (`--exclusive=user`
+    overrides the script's `--exclusive`, so that both jobs fit on the one node at once.)"""
+    run_dir = tmp_path / "run"
+    overrides = _cpu_overrides(toy_data, run_dir, "train.max_steps=20", "train.log_every=1")
+    submit = ["sbatch", "--parsable", "--nodes=1", "--gres=none", "--cpus-per-task=1", "--exclusive=user"]
+    submit += [f"--output={tmp_path}/slurm-%j.out", "slurm/pretrain.sh", *overrides]
+    first = _run(submit, env=_job_env()).stdout.strip().split(";")[0]
+    second = ""
+    try:
+        _wait_for(
+            lambda: (run_dir / "metrics.jsonl").is_file(),
+            240,
+            f"job {first} to train\n{_job_report(run_dir, tmp_path)}",
+        )
+        assert _run(["scancel", "--signal=STOP", first]).returncode == 0
+        second = _run(submit, env=_job_env()).stdout.strip().split(";")[0]
+        _wait_for(lambda: _job_field(second, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 240, f"job {second}")
+        assert _job_field(first, "JobState") == "STOPPED"  # alive, holding the run dir
+        assert _run(["scancel", "--signal=CONT", first]).returncode == 0
+        _wait_for(lambda: _job_field(first, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 240, f"job {first}")
+    finally:
+        _run(["scancel", first, *([second] if second else [])])
+    report = _job_report(run_dir, tmp_path)
+    assert _job_field(second, "JobState") == "FAILED", report
+    refused = (run_dir / "logs" / f"slurm-{second}.log").read_text()
+    lines = [line for line in refused.splitlines() if "vlm-train: error:" in line]
+    assert len(lines) == 1, refused
+    assert f"run.dir={run_dir} is in use by Slurm job {first} on host {socket.gethostname()}, pid " in lines[0]
+    assert ", started 20" in lines[0], lines[0]
+    assert _job_field(first, "JobState") == "COMPLETED", report
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, 21)), report
+
+
 def test_srun_tasks_use_slurm_variables(slurm_cluster, toy_data, tmp_path):
     """One task per process without torchrun: launch_env's Slurm branch joins 2 srun tasks."""
     run_dir = tmp_path / "run"

@@ -228,6 +228,11 @@ class RunConfig:
 
     dir: str = "runs/default"
     seed: int = 0
+    # One job per run dir (training/run_lock.py): "fcntl" = an fcntl lock plus a heartbeat (for
+    # filesystems whose locks do not reach other nodes), "heartbeat" = the heartbeat alone (Lustre
+    # `localflock`, BeeGFS without global locks), "off" = no check.
+    lock: str = "fcntl"
+    lock_stale_s: float = 300.0  # a holder on another host silent this long is dead: its lock is taken over
 
 
 @dataclass
@@ -260,6 +265,7 @@ _CHOICES = {
     "train.optimizer": ("adamw", "sgd"),
     "data.image_aspect_ratio": ("crop", "pad", "resize"),
     "wandb.mode": ("disabled", "offline", "online"),
+    "run.lock": ("fcntl", "heartbeat", "off"),
 }
 
 
@@ -329,6 +335,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "data.num_workers, train.save_every, train.keep_last and train.max_bad_steps must not be negative"
         )
+    if not cfg.run.lock_stale_s > 0:
+        raise ConfigError(f"run.lock_stale_s={cfg.run.lock_stale_s} must be positive (seconds)")
     _validate_data(cfg)
 
 

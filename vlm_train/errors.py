@@ -7,6 +7,7 @@ class UserError(Exception):
     """A mistake in the config, the data or the launch; the message says what and how to fix it."""
 
     exit_code = 2
+    same_on_every_rank = False  # raised identically by every rank of a job: only rank 0 reports it
 
 
 class ConfigError(UserError):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vlm_train.config import Config, compose
 from vlm_train.errors import UserError
-from vlm_train.parallel.signals import Preempted
+from vlm_train.parallel.signals import Preempted, end_with_launcher
 
 USAGE = """usage: vlm-train [key=value ...]
 
@@ -27,6 +27,7 @@ A run.dir holding a complete checkpoint is resumed."""
 
 
 def main(argv: list[str] | None = None) -> int:
+    end_with_launcher()  # first: a launcher that dies during start-up takes this worker with it
     overrides = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in overrides):
         print(USAGE)
@@ -46,15 +47,18 @@ def run(cfg: Config) -> None:
     from vlm_train.parallel.distributed import exit_failed_rank, init_distributed, shutdown
     from vlm_train.parallel.launch_env import launch_env
     from vlm_train.parallel.layout import Layout
+    from vlm_train.training.run_lock import hold_run_dir
 
     env = launch_env()
     layout = Layout.from_config(cfg, world=env.world, rank=env.rank)
     _quiet_libraries(layout.rank)
     device = init_distributed(cfg.parallel, env)
     try:
-        _train(cfg, layout, device)
+        # One job per run dir, checked before anything is written there (training/run_lock.py).
+        with hold_run_dir(Path(cfg.run.dir), cfg.run.lock, cfg.run.lock_stale_s, env.rank, env.world):
+            _train(cfg, layout, device)
     except Exception as err:
-        exit_failed_rank(err, env.world)  # multi-rank: ends this process now (dead peers hang a normal exit)
+        exit_failed_rank(err, env.world, env.rank)  # multi-rank: ends this process now (dead peers hang a normal exit)
         raise
     finally:
         shutdown()

@@ -95,7 +95,7 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def exit_failed_rank(err: Exception, world: int) -> None:
+def exit_failed_rank(err: Exception, world: int, rank: int) -> None:
     """End a failed rank of a multi-rank job at once, with the CLI's message and exit code.
 
     After a collective timed out or a peer died, a normal interpreter exit can wait forever
@@ -107,7 +107,8 @@ def exit_failed_rank(err: Exception, world: int) -> None:
     if world == 1 or isinstance(err, signals.Preempted):
         return
     if isinstance(err, UserError):
-        code = report("vlm-train", err)
+        quiet = err.same_on_every_rank and rank != 0  # every rank raised it: one line is enough
+        code = err.exit_code if quiet else report("vlm-train", err)
     else:
         traceback.print_exc()
         code = 1

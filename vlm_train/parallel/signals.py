@@ -7,16 +7,23 @@ finishes that step, saves a checkpoint and exits with EXIT_PREEMPTED. Under Slur
 A rank that cannot honour the request within the collective timeout (`parallel.timeout_s`) is
 stuck, or its peers are gone (torchrun sends SIGTERM to the survivors when a rank fails): it
 exits with EXIT_STOP_TIMEOUT instead of waiting for a SIGKILL that may never come.
+
+A worker started by a launcher (torchrun, or an srun task) also ends with it: it asks the kernel
+for SIGTERM when its parent dies (`end_with_launcher`), so a launcher killed by SIGKILL (the OOM
+killer, a careless `kill -9`) stops its workers the same graceful way instead of leaving orphans
+that keep training and writing into run.dir.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from vlm_train.errors import UserError
@@ -26,6 +33,37 @@ EXIT_STOP_TIMEOUT = 1  # a stop request not honoured within parallel.timeout_s: 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 FAULT_ENV = "VLM_TRAIN_FAULT_HANG"  # "<point>:<step>:<rank>", e.g. "save:6:0" (fault-tolerance tests)
 default_deadline_s: float | None = None  # set from parallel.timeout_s when the process group starts
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_AT_START = os.getppid()  # read at import, as early as the entry point can: see end_with_launcher
+
+
+def started_by_launcher(environ: Mapping[str, str] = os.environ) -> bool:
+    """A torchrun worker or an srun task (not the sbatch shell, not a process started by hand)."""
+    return "TORCHELASTIC_RUN_ID" in environ or "SLURM_STEP_ID" in environ
+
+
+def end_with_launcher(environ: Mapping[str, str] = os.environ) -> bool:
+    """Ask for SIGTERM when the launcher that started this process dies; True when armed.
+
+    Only for launched workers: a run started by hand (`nohup vlm-train ... &`) keeps running
+    when its shell goes, as Unix programs do. The kernel sends the signal when the thread that
+    forked us exits (torchrun and slurmstepd fork from their main thread). A parent that died
+    before the request was made is caught by comparing with the parent seen at import.
+    """
+    if not sys.platform.startswith("linux") or not started_by_launcher(environ):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        print(f"vlm-train: warning: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
+        return False
+    if launcher_gone():
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
+def launcher_gone() -> bool:
+    """The process that started this one has died (we were re-parented to a reaper)."""
+    return os.getppid() != PARENT_AT_START
 
 
 class StopFlag:
@@ -54,6 +92,8 @@ class StopFlag:
             return
         first = self.signal_name is None
         self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGTERM and launcher_gone():
+            self.signal_name += f" (its launcher, pid {PARENT_AT_START}, ended)"
         if first and self.deadline_s:
             watchdog = threading.Timer(self.deadline_s, self._give_up)
             watchdog.daemon = True
