@@ -20,7 +20,7 @@ import pytest
 from tests.helpers import REPO
 from vlm_train.config import compose
 from vlm_train.errors import ConfigError
-from vlm_train.training.run_lock import LOCK_NAME, Holder, RunDirInUse, RunLock, job_name
+from vlm_train.training.run_lock import LOCK_NAME, Holder, RunDirInUse, RunLock, hold_run_dir, job_name
 
 HOLD = """
 import sys, time
@@ -194,6 +194,15 @@ def test_heartbeat_mode_same_host_uses_the_pid(tmp_path):
     lock = RunLock(tmp_path, "heartbeat", 300)
     assert "that process is gone" in (lock.acquire() or "")
     lock.release()
+
+
+def test_a_run_dir_that_cannot_be_created_fails_in_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(RunDirInUse) as refused, hold_run_dir(tmp_path / "file" / "run", "fcntl", 300, rank=0, world=1):
+        pass
+    assert str(refused.value) == (
+        f"cannot hold run.dir={tmp_path / 'file' / 'run'}: Not a directory: {tmp_path / 'file' / 'run'}"
+    )
 
 
 @pytest.mark.parametrize(

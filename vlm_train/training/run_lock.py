@@ -42,8 +42,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch.distributed as dist
-
 from vlm_train.errors import UserError
 
 LOCK_NAME = "run.lock"
@@ -288,6 +286,7 @@ class RunLock:
         self.me.heartbeat = time.time()
         try:
             os.pwrite(self.fd, self.me.encode(), 0)
+            os.fsync(self.fd)  # to the server now: another node's client sees it once its attribute cache expires
         except OSError as err:  # a full or flaky filesystem: training goes on, the lock may look stale
             print(f"vlm-train: warning: cannot refresh {self.path}: {err.strerror}", file=sys.stderr, flush=True)
 
@@ -301,6 +300,8 @@ class RunLock:
 def hold_run_dir(run_dir: Path, mode: str, stale_s: float, rank: int, world: int) -> Iterator[None]:
     """Hold `run_dir` for the body, on every rank of the job; RunDirInUse (on every rank) when
     another live job holds it. Rank 0 decides, the others follow (one broadcast, one gather)."""
+    import torch.distributed as dist  # here: the lock itself needs no torch (its test helpers start fast)
+
     if mode == "off":
         yield
         return
@@ -314,6 +315,8 @@ def hold_run_dir(run_dir: Path, mode: str, stale_s: float, rank: int, world: int
                 print(f"vlm-train: {taken_over}", file=sys.stderr, flush=True)
         except RunDirInUse as err:
             outcome = [(False, False, str(err))]
+        except OSError as err:  # a run.dir that cannot be created or locked: the user's to fix
+            outcome = [(False, False, f"cannot hold run.dir={run_dir}: {err.strerror}: {err.filename}")]
     try:
         if world > 1:
             dist.broadcast_object_list(outcome, src=0)
@@ -328,12 +331,16 @@ def hold_run_dir(run_dir: Path, mode: str, stale_s: float, rank: int, world: int
 
 
 def _join_on_every_rank(lock: RunLock, rank: int, world: int, uses_fcntl: bool) -> None:
+    import torch.distributed as dist
+
     refusal = ""
     if rank > 0:
         try:
             lock.join(rank, uses_fcntl)
         except RunDirInUse as err:
             refusal = str(err)
+        except OSError as err:  # e.g. the lock file not visible on this node
+            refusal = f"cannot hold run.dir={lock.path.parent} on rank {rank}: {err.strerror}: {err.filename}"
     refusals: list[str] = [""] * world
     dist.all_gather_object(refusals, refusal)
     first = next((r for r in refusals if r), "")
