@@ -1,10 +1,14 @@
 """Compare the connectors on the toy task: same data, same step budget, same seed.
 
-    python bench/connectors.py [--steps N] [--out docs/connectors.md]
+    python bench/connectors.py [--steps N] [--out docs/connectors.md] [--smoke]
 
 Each variant trains in a fresh process exactly as `vlm-train experiment=toy connector=...` does,
 then its held-out accuracy, throughput and peak memory are read from its metrics.jsonl and its
 trainable parameters from the built model. Writes a Markdown report; every number is measured.
+`--smoke` (tests/test_bench.py): every variant's model is built, and two of them (mlp and the
+frozen-bridge ln_adapter) train 3 steps on a little toy data; runs and report go to a temporary
+folder, the report is printed. Training each of the seven variants there costs some 20 s apiece on
+2 cores, and tests/test_connectors.py already trains every connector.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +37,14 @@ VARIANTS = {
         "connector.modality_norms=true",
     ],
 }
+# --smoke: two variants (those the report's founding question compares), a few steps on a little data
+SMOKE_VARIANTS = ("mlp", "ln_adapter (frozen bridge)")
+SMOKE_OVERRIDES = [
+    "train.micro_batch_size=4",
+    "train.log_every=1",
+    "data.num_workers=0",
+    "data.eval_samples=8",
+]
 
 
 def train(name: str, overrides: list[str], steps: int, runs: Path, reuse: bool) -> Path:
@@ -137,15 +150,34 @@ def main() -> None:
     parser.add_argument("--runs", default=str(REPO / "runs" / "bench-connectors"))
     parser.add_argument("--only", nargs="*", default=None, help="a subset of variant names")
     parser.add_argument("--reuse", action="store_true", help="report runs already in --runs instead of training")
+    parser.add_argument("--smoke", action="store_true", help="toy data, 3 steps, in a temporary folder (tests)")
     args = parser.parse_args()
+    if not args.smoke:
+        compare(args, extra=[])
+        return
+    from vlm_train.data.synthetic import generate
+
+    for overrides in VARIANTS.values():  # every variant's overrides still compose and build
+        parameter_counts(overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = generate(Path(tmp) / "data", train=40, eval=8, seed=0)
+        args.steps, args.runs, args.out = 3, str(Path(tmp) / "runs"), str(Path(tmp) / "connectors.md")
+        args.only = args.only or list(SMOKE_VARIANTS)
+        compare(args, extra=[f"data.synthetic_dir={data}", *SMOKE_OVERRIDES])
+
+
+def compare(args: argparse.Namespace, extra: list[str]) -> None:
+    """Train (or reuse) each selected variant, then print and write the report."""
     results = {}
     for name, overrides in VARIANTS.items():
         if args.only and name not in args.only:
             continue
-        run_dir = train(name, overrides, args.steps, Path(args.runs), args.reuse)
+        run_dir = train(name, [*overrides, *extra], args.steps, Path(args.runs), args.reuse)
         connector_params, model_params = parameter_counts(overrides)
         results[name] = {**measure(run_dir), "connector_params": connector_params, "model_params": model_params}
-    Path(args.out).write_text(report(results, args.steps))
+    text = report(results, args.steps)
+    print("\n" + text)
+    Path(args.out).write_text(text)
     print(f"wrote {args.out}")
 
 

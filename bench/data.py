@@ -1,6 +1,6 @@
 """Data pipeline throughput: our WebDataset path against a plain PIL loop, in the same process.
 
-    python bench/data.py [--samples 1024] [--rounds 6] [--batch-size 16] [--step-rate 1 2 4 8]
+    python bench/data.py [--samples 1024] [--rounds 6] [--batch-size 16] [--step-rate 1 2 4 8] [--smoke]
 
 Both paths do the same work per sample at 336 px (CLIP ViT-L/14-336: 576 visual tokens):
 decode a 640x480 JPEG, resize + centre-crop to uint8 (vlm_train.data.preprocess; the model
@@ -13,7 +13,8 @@ template + tokenize (the toy tokenizer), collate into batches.
 Rounds alternate (ours, plain, ...) so that load from other processes hits every path alike; the
 ratio is the median of the per-round ratios. Every process runs one thread, and "per core" counts
 CPU seconds of all of a path's processes (the worker included). Writes the "Data pipeline"
-section of docs/benchmarks.md (other sections of that file are left as they are).
+section of docs/benchmarks.md (other sections of that file are left as they are). `--smoke`: 32
+records, one round, nothing written (tests/test_bench.py).
 """
 
 from __future__ import annotations
@@ -240,7 +241,10 @@ def main() -> None:
     parser.add_argument("--step-rate", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0], help="optimizer steps/s")
     parser.add_argument("--convert-workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--smoke", action="store_true", help="toy size, one round, writes nothing (tests)")
     args = parser.parse_args()
+    if args.smoke:
+        args.samples, args.rounds, args.batch_size, args.convert_workers, args.out = 32, 1, 8, 1, None
 
     import torch
 
@@ -262,8 +266,9 @@ def main() -> None:
         rates = measure(paths, args.rounds)
     section = report(args, rates, convert_rate, mean_kb)
     print("\n" + section)
-    write_section(args.out, section)
-    print(f"wrote the '{SECTION[3:]}' section of {args.out}")
+    if args.out is not None:
+        write_section(args.out, section)
+        print(f"wrote the '{SECTION[3:]}' section of {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,18 @@
 """Framework overhead: a vlm_train training step vs a bare PyTorch loop, in the same process.
 
-    python bench/overhead.py [--pairs 150] [--batch 32]
+    python bench/overhead.py [--pairs 150] [--batch 32] [--smoke]
 
 Both sides train the same tiny VLM (the toy: CLIP tower frozen, MLP projector, 2-layer Llama)
 from the same initial weights on the same fixed batch with the same optimizer (torch AdamW,
-gradient clipping at 1.0):
+gradient clipping at 1.0). The batch is the first one the real data pipeline makes of toy scenes
+(the trainer's `build_train_batches`), so it holds every key the trainer reads:
 - vlm_train: the real Trainer.train_step (global token counts, token-weighted loss, step-time
   phases, NaN guard) around a real DeepSpeed engine (ZeRO-0, fp32, 1 gloo rank);
 - bare: model(...).loss, backward, clip_grad_norm_, AdamW step, zero_grad.
 Single steps alternate between the two (which goes first alternates too), so load from other
 processes hits both alike; printed: the median of the per-pair time ratios, and the ratio of the
-fastest steps (the least disturbed). The batch
-is fixed (no data loading on either side): this measures the training step only.
+fastest steps (the least disturbed). The batch is fixed (no data loading on either side): this
+measures the training step only. `--smoke`: batch 4, 4 pairs, seconds (tests/test_bench.py).
 """
 
 from __future__ import annotations
@@ -32,41 +33,44 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def toy_batch(model, batch_size: int, text_tokens: int = 30) -> dict:
-    """A batch shaped like the toy's: one image per sample, answer tokens labelled."""
-    generator = torch.Generator().manual_seed(0)
-    slots = model.num_image_tokens
-    ids = torch.randint(5, 20, (batch_size, slots + text_tokens), generator=generator)
-    ids[:, :slots] = model.image_token_id
-    labels = torch.full_like(ids, -100)
-    labels[:, -8:] = ids[:, -8:]
-    return {
-        "pixel_values": torch.randn(batch_size, 3, model.vision.image_size, model.vision.image_size),
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": labels,
-    }
+def pipeline_batch(cfg, tokenizer, model, layout) -> dict:
+    """This rank's first batch of `cfg.data`, from the trainer's own constructor
+    (vlm_train.train.build_batches): every key the trainer reads is there."""
+    from vlm_train.train import build_batches
+
+    batches = build_batches(cfg, tokenizer, model, layout, torch.device("cpu"))
+    try:
+        return next(batches)
+    finally:
+        batches.close()
 
 
-def build_sides(batch_size: int, run_dir: Path):
+def build_sides(batch_size: int, scratch: Path):
     from vlm_train.build import build_model
     from vlm_train.config import compose
-    from vlm_train.parallel.distributed import init_distributed, launch_env
+    from vlm_train.data.synthetic import generate
+    from vlm_train.data.tokenizer import load_tokenizer
+    from vlm_train.parallel.distributed import init_distributed
     from vlm_train.parallel.engine import build_train_engine
+    from vlm_train.parallel.launch_env import launch_env
     from vlm_train.parallel.layout import Layout
     from vlm_train.training.flops import TrainingFlops
     from vlm_train.training.loop import Trainer
     from vlm_train.training.metrics import MetricsLogger
 
+    run_dir = scratch / "run"
     overrides = ["experiment=toy", f"run.dir={run_dir}", f"train.micro_batch_size={batch_size}"]
+    data = generate(scratch / "data", train=max(20, 2 * batch_size), eval=1)  # toy scenes: 2 batches
+    overrides += [f"data.synthetic_dir={data}", "data.num_workers=0"]
     cfg = compose([*overrides, "train.max_steps=100000", "train.warmup_steps=1", "train.log_every=100000"])
     env = launch_env()
+    layout = Layout.from_config(cfg, world=env.world, rank=env.rank)
     device = init_distributed(cfg.parallel, env)
     torch.manual_seed(0)
-    model = build_model(cfg)
+    tokenizer = load_tokenizer(cfg.llm)
+    model = build_model(cfg, tokenizer, layout)
     bare_model = copy.deepcopy(model)
-    batch = toy_batch(model, batch_size)
-    layout = Layout.from_config(cfg, world=env.world, rank=env.rank)
+    batch = pipeline_batch(cfg, tokenizer, model, layout)  # fixed: the step is measured, not data loading
     flops = TrainingFlops.of(model)
     engine = build_train_engine(model, cfg, layout, device)
     metrics = MetricsLogger(run_dir, cfg, enabled=False)
@@ -78,15 +82,16 @@ def build_sides(batch_size: int, run_dir: Path):
         eps=1e-8,
         weight_decay=cfg.train.weight_decay,
     )
+    # the bare side reads only what a plain forward takes
+    inputs = [batch[name] for name in ("pixel_values", "input_ids", "attention_mask", "labels")]
 
     def bare_step() -> None:
-        out = bare_model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
-        out.loss.backward()
+        bare_model(*inputs).loss.backward()
         torch.nn.utils.clip_grad_norm_(bare_model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return trainer.train_step, bare_step
+    return trainer.train_step, bare_step, tuple(batch["input_ids"].shape)
 
 
 def seconds_per_step(step, steps: int) -> float:
@@ -100,9 +105,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=150)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--smoke", action="store_true", help="toy size, a few pairs: checks that it runs (tests)")
     args = parser.parse_args()
+    if args.smoke:
+        args.pairs, args.batch = 4, 4
     with tempfile.TemporaryDirectory() as tmp:
-        vlm_step, bare_step = build_sides(args.batch, Path(tmp))
+        vlm_step, bare_step, (batch, tokens) = build_sides(args.batch, Path(tmp))
         for _ in range(3):  # warm-up: allocator, first-step optimizer state
             vlm_step(), bare_step()
         vlm, bare = [], []
@@ -111,7 +119,8 @@ def main() -> None:
             for times in (first, second):
                 times.append(seconds_per_step(vlm_step if times is vlm else bare_step, 1))
     pair_ratios = [v / b for v, b in zip(vlm, bare)]
-    print(f"framework overhead (toy VLM, batch {args.batch}, {args.pairs} interleaved pairs of single steps)")
+    shape = f"batch {batch} x {tokens} tokens"
+    print(f"framework overhead (toy VLM, {shape}, {args.pairs} interleaved pairs of single steps)")
     print(f"  vlm_train step  median {statistics.median(vlm) * 1e3:7.1f} ms  min {min(vlm) * 1e3:7.1f} ms")
     print(f"  bare PyTorch    median {statistics.median(bare) * 1e3:7.1f} ms  min {min(bare) * 1e3:7.1f} ms")
     print(

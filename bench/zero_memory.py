@@ -1,14 +1,15 @@
 """ZeRO memory: model-state bytes per rank that DeepSpeed actually holds, at DP = 1, 2, 4, ZeRO 0-3.
 
-    python bench/zero_memory.py [--precision fp32|bf16] [--dp 1 2 4]
+    python bench/zero_memory.py [--precision fp32|bf16] [--dp 1 2 4] [--smoke]
 
 For each DP size one torchrun launch (gloo, CPU) builds the same VLM under every ZeRO stage, runs
-two training steps, and sums the storage of every tensor the engine holds after a backward:
-module parameters (or their ZeRO-3 shards), gradients (or DeepSpeed's partitions of them), fp32
-master partitions and Adam's moments, each storage counted once. DeepSpeed's communication
-buckets (ipg buffers, sized by reduce_bucket_size, not by the model) are listed apart. Printed:
-bytes per rank (the largest rank), ratios to DP=1, and the planner's numbers (vlm_train/plan.py)
-with their error. tests/test_perf.py runs the DP=2 launch and checks the planner within 10%.
+two training steps on a batch the real data pipeline makes of toy scenes, and sums the storage of
+every tensor the engine holds after a backward: module parameters (or their ZeRO-3 shards),
+gradients (or DeepSpeed's partitions of them), fp32 master partitions and Adam's moments, each
+storage counted once. DeepSpeed's communication buckets (ipg buffers, sized by reduce_bucket_size,
+not by the model) are listed apart. Printed: bytes per rank (the largest rank), ratios to DP=1, and
+the planner's numbers (vlm_train/plan.py) with their error. tests/test_plan.py runs the DP=2
+launch and checks the planner within 10%. `--smoke`: the DP=1 launch only (tests/test_bench.py).
 """
 
 from __future__ import annotations
@@ -108,26 +109,32 @@ def _tensors(obj, path: str, depth: int = 0):
             yield from _tensors(item, f"{path}.{name}", depth + 1)
 
 
-def worker(precision: str, out: str) -> None:
+def worker(precision: str, data: str, out: str) -> None:
     """One rank: every ZeRO stage on the same model; rank 0 writes the per-rank maximum."""
     import torch.distributed as dist
 
     from vlm_train.build import build_model
     from vlm_train.config import compose
-    from vlm_train.parallel.distributed import init_distributed, launch_env
+    from vlm_train.data.tokenizer import load_tokenizer
+    from vlm_train.parallel.distributed import init_distributed
     from vlm_train.parallel.engine import build_engine
+    from vlm_train.parallel.launch_env import launch_env
     from vlm_train.parallel.layout import Layout
 
     env = launch_env()
-    cfg = compose([*MODEL_OVERRIDES, f"train.precision={precision}", "train.micro_batch_size=2"])
+    overrides = [f"train.precision={precision}", "train.micro_batch_size=2", f"data.synthetic_dir={data}"]
+    cfg = compose([*MODEL_OVERRIDES, *overrides, "data.num_workers=0"])
+    layout = Layout.from_config(cfg, world=env.world, rank=env.rank)
     device = init_distributed(cfg.parallel, env)
+    tokenizer = load_tokenizer(cfg.llm)
+    batch = pipeline_batch(cfg, tokenizer, build_model(cfg, tokenizer), layout)
     results = {}
     for stage in range(4):
         cfg.parallel.zero_stage = stage
         torch.manual_seed(0)
-        model = build_model(cfg)
+        model = build_model(cfg, tokenizer)
         engine = build_engine(model, cfg, Layout.from_config(cfg, world=env.world, rank=env.rank), device)
-        _two_steps(engine, model)
+        _two_steps(engine, batch)
         local = held_bytes(engine)
         gathered = [None] * env.world
         dist.all_gather_object(gathered, local)
@@ -146,23 +153,34 @@ def worker(precision: str, out: str) -> None:
     os._exit(0)
 
 
-def _two_steps(engine, model) -> None:
+def pipeline_batch(cfg, tokenizer, model, layout) -> dict:
+    """This rank's first batch of `cfg.data`, from the trainer's own constructor
+    (vlm_train.train.build_batches): every key the trainer reads is there."""
+    from vlm_train.train import build_batches
+
+    batches = build_batches(cfg, tokenizer, model, layout, torch.device("cpu"))
+    try:
+        return next(batches)
+    finally:
+        batches.close()
+
+
+def _two_steps(engine, batch: dict) -> None:
     """Step once (creates the optimizer states), then backward again: grads and states both held."""
-    image_slots = model.num_image_tokens
-    ids = torch.full((2, image_slots + 12), 6)
-    ids[:, :image_slots] = model.image_token_id
-    pixels = torch.zeros(2, 3, model.vision.image_size, model.vision.image_size)
+    inputs = [batch[name] for name in ("pixel_values", "input_ids", "attention_mask", "labels")]
     for step in range(2):
-        out = engine(pixels, ids, torch.ones_like(ids), ids)
-        engine.backward(out.loss_sum)
+        engine.backward(engine(*inputs).loss_sum)
         if step == 0:
             engine.step()
 
 
 def measure(dp: int, precision: str, timeout: int = 600) -> dict[int, dict[str, int]]:
     """Launch `dp` gloo ranks and return {stage: bytes per kind} of the largest rank."""
+    from vlm_train.data.synthetic import generate
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
+        data = generate(Path(tmp) / "data", train=max(20, 4 * dp), eval=1)  # toy scenes: a batch of 2 per rank
         command = [
             sys.executable,
             "-m",
@@ -170,7 +188,8 @@ def measure(dp: int, precision: str, timeout: int = 600) -> dict[int, dict[str, 
             f"--nproc_per_node={dp}",
             f"--master_port={_free_port()}",
         ]
-        command += [str(Path(__file__).resolve()), "--worker", "--precision", precision, "--out", str(out)]
+        command += [str(Path(__file__).resolve()), "--worker", "--precision", precision]
+        command += ["--data", str(data), "--out", str(out)]
         env = {
             **os.environ,
             "OMP_NUM_THREADS": "1",
@@ -229,11 +248,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--dp", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--smoke", action="store_true", help="one launch at DP=1: checks that it runs (tests)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.dp = [1]
     if args.worker:
-        worker(args.precision, args.out)
+        worker(args.precision, args.data, args.out)
     else:
         print(report(args.precision, args.dp))
 

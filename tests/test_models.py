@@ -77,3 +77,24 @@ def test_freezing_follows_the_config():
     model = build_model(compose(["experiment=toy", "vision.freeze=true", "llm.freeze=true"]))
     trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"connector"}
+
+
+def test_greedy_generation_never_emits_the_image_token():
+    """A barely trained model may rank the image token first; generated, it would open an image
+    slot with no pixels behind it and the next forward would fail."""
+    from vlm_train.training.evaluate import greedy_generate
+
+    tokenizer = build_toy_tokenizer()
+    model = build_model(compose(["experiment=toy"]), tokenizer).eval()
+    pixel_values, input_ids, _, _ = make_batch(model, tokenizer)
+
+    def favour_the_image_token(_module, _inputs, out):
+        out.logits[..., model.image_token_id] += 1e4
+        return out
+
+    model.register_forward_hook(favour_the_image_token)
+    prompts = [row.tolist() for row in input_ids]
+    answers = greedy_generate(
+        model, pixel_values, prompts, 3, tokenizer.eos_token_id, tokenizer.pad_token_id, torch.device("cpu")
+    )
+    assert all(model.image_token_id not in answer for answer in answers)

@@ -68,8 +68,6 @@ def _train(cfg: Config, layout, device) -> None:
     import torch.distributed as dist
 
     from vlm_train.build import build_model
-    from vlm_train.data.pipeline import build_train_batches
-    from vlm_train.data.preprocess import ImageTransform
     from vlm_train.data.tokenizer import load_tokenizer
     from vlm_train.parallel.engine import build_train_engine
     from vlm_train.training.checkpoint import latest_checkpoint
@@ -97,18 +95,7 @@ def _train(cfg: Config, layout, device) -> None:
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     tokenizer = load_tokenizer(cfg.llm)
     model = build_model(cfg, tokenizer, layout)
-    transform = ImageTransform(model.vision.image_size, model.vision.image_mean, model.vision.image_std)
-    batches = build_train_batches(
-        cfg.data,
-        tokenizer,
-        transform,
-        model.num_image_tokens,
-        dp_rank=layout.dp_rank,
-        dp_size=layout.dp,
-        batch_size=cfg.train.micro_batch_size,
-        seed=cfg.run.seed,
-        pin_memory=device.type == "cuda",
-    )
+    batches = build_batches(cfg, tokenizer, model, layout, device)
     flops = TrainingFlops.of(model)  # before DeepSpeed: ZeRO-3 empties partitioned parameters
     engine = build_train_engine(model, cfg, layout, device, mpu)
     metrics = MetricsLogger(run_dir, cfg, enabled=layout.rank == 0)
@@ -120,9 +107,34 @@ def _train(cfg: Config, layout, device) -> None:
     finally:
         batches.close()  # loader workers ignore SIGTERM (signals are the trainer's): end them in order
     if cfg.train.eval and cfg.data.eval_urls:
-        evaluate_run(trainer, cfg, tokenizer, transform)
+        evaluate_run(trainer, cfg, tokenizer, image_transform(model))
     dist.barrier()
     metrics.close()
+
+
+def image_transform(model):
+    """The tower's own preprocessing (size, mean, std), for training and evaluation alike."""
+    from vlm_train.data.preprocess import ImageTransform
+
+    return ImageTransform(model.vision.image_size, model.vision.image_mean, model.vision.image_std)
+
+
+def build_batches(cfg: Config, tokenizer, model, layout, device):
+    """This rank's training batches, exactly as the trainer reads them (the benchmarks take theirs
+    from here too, so that a key the trainer needs cannot go missing from theirs)."""
+    from vlm_train.data.pipeline import build_train_batches
+
+    return build_train_batches(
+        cfg.data,
+        tokenizer,
+        image_transform(model),
+        model.num_image_tokens,
+        dp_rank=layout.dp_rank,
+        dp_size=layout.dp,
+        batch_size=cfg.train.micro_batch_size,
+        seed=cfg.run.seed,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def evaluate_run(trainer, cfg: Config, tokenizer, transform) -> None:

@@ -65,7 +65,9 @@ def greedy_generate(
             break
         mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
         logits = model(pixels, ids, attention_mask=mask).logits
-        next_ids = logits[rows, lengths - 1].argmax(-1)
+        step_logits = logits[rows, lengths - 1]
+        step_logits[:, model.image_token_id] = float("-inf")  # an image slot needs pixels: never generated
+        next_ids = step_logits.argmax(-1)
         for row in (~finished).nonzero().flatten().tolist():
             token = int(next_ids[row])
             finished[row] = token == eos_id
