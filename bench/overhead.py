@@ -91,7 +91,11 @@ def build_sides(batch_size: int, scratch: Path):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return trainer.train_step, bare_step, tuple(batch["input_ids"].shape)
+    def vlm_step() -> None:
+        trainer.train_step()
+        trainer.step += 1  # as Trainer.fit counts: later steps are not logged ones (no grad-norm pass, no syncs)
+
+    return vlm_step, bare_step, tuple(batch["input_ids"].shape)
 
 
 def seconds_per_step(step, steps: int) -> float:
