@@ -27,22 +27,11 @@ import time
 from pathlib import Path
 
 import torch
+from _pipeline import pipeline_batch  # bench/_pipeline.py: this folder is on sys.path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def pipeline_batch(cfg, tokenizer, model, layout) -> dict:
-    """This rank's first batch of `cfg.data`, from the trainer's own constructor
-    (vlm_train.train.build_batches): every key the trainer reads is there."""
-    from vlm_train.train import build_batches
-
-    batches = build_batches(cfg, tokenizer, model, layout, torch.device("cpu"))
-    try:
-        return next(batches)
-    finally:
-        batches.close()
 
 
 def build_sides(batch_size: int, scratch: Path):

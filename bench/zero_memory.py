@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _pipeline import pipeline_batch  # bench/_pipeline.py: this folder is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 # Wider than the toy so that most tensors pass ZeRO-3's persistence threshold (1e5 elements), as
@@ -151,18 +152,6 @@ def worker(precision: str, data: str, out: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-def pipeline_batch(cfg, tokenizer, model, layout) -> dict:
-    """This rank's first batch of `cfg.data`, from the trainer's own constructor
-    (vlm_train.train.build_batches): every key the trainer reads is there."""
-    from vlm_train.train import build_batches
-
-    batches = build_batches(cfg, tokenizer, model, layout, torch.device("cpu"))
-    try:
-        return next(batches)
-    finally:
-        batches.close()
 
 
 def _two_steps(engine, batch: dict) -> None:

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,10 @@ def test_connectors_smoke():
     for cells in (mlp, adapter):
         assert math.isfinite(float(cells[8])) and float(cells[9]) > 0, cells  # final loss, samples/s
     assert "## The founding question" in out
+
+
+def test_every_bench_script_has_a_smoke_test():
+    """A new bench/ script without a smoke run here would rot unnoticed (helpers start with "_")."""
+    scripts = {p.name for p in (REPO / "bench").glob("*.py") if not p.name.startswith("_")}
+    smoked = set(re.findall(r'run_smoke\("(\w+\.py)"', Path(__file__).read_text()))
+    assert scripts == smoked
