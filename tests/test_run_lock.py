@@ -225,7 +225,8 @@ print("ready", flush=True)
 time.sleep(float(sys.argv[1]))  # the parent may die here, before the request
 armed = signals.end_with_launcher()
 print(f"armed={armed}", flush=True)
-while not flag.raised:
+deadline = time.monotonic() + 60  # a test that fails must not leave this process behind
+while not flag.raised and time.monotonic() < deadline:
     time.sleep(0.05)
 print(f"stopped by {flag.signal_name}", flush=True)
 """
