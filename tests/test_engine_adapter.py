@@ -42,7 +42,7 @@ def build(stage: int):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     raw = build_engine(model, cfg, Layout(1, 0, tp=1, zero_stage=stage), torch.device("cpu"))
-    return raw, TrainEngine(raw)
+    return raw, TrainEngine(raw, grad_clip=cfg.train.grad_clip)
 
 
 def one_step(engine, loss_factor: float = 1.0, skip: bool = False):
@@ -109,3 +109,73 @@ def test_the_step_is_taken_only_after_the_last_micro_batch(one_rank):
         engine.micro_step()
     assert engine.step().updated
     raw.destroy()
+
+
+class SometimesUsed(nn.Module):
+    """`gate` reaches the loss only on odd steps, `unused` never: parameters without a gradient,
+    as a connector has on a text-only batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.gate = nn.Parameter(torch.ones(1))
+        self.unused = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor, use_gate: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return out * self.gate if bool(use_gate) else out
+
+
+def deepspeeds_own_path(model: nn.Module, cfg):
+    """The engine as DeepSpeed runs fp32 ZeRO-0 by itself: its gradient all-reduce and its clipping."""
+    import deepspeed
+
+    from vlm_train.parallel.engine import build_optimizer, deepspeed_config
+    from vlm_train.parallel.kernels import probe_kernels
+    from vlm_train.parallel.layout import Layout
+
+    config = deepspeed_config(cfg, Layout(1, 0, tp=1, zero_stage=0), "fp32") | {
+        "gradient_clipping": cfg.train.grad_clip
+    }
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train, probe_kernels("cpu"))
+    return deepspeed.initialize(model=model, optimizer=optimizer, config=config)[0]
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.05])
+def test_one_rank_zero_0_updates_as_deepspeed_without_its_all_reduce_and_clipping(one_rank, grad_clip):
+    """At fp32 ZeRO-0 with one data-parallel rank the adapter switches off DeepSpeed's gradient
+    all-reduce (a flatten, a reduce over a group of one and a copy back, each step) and clips with
+    torch's foreach kernels instead of DeepSpeed's per-tensor loop. The all-reduce pass also gives
+    every trainable parameter without a gradient a zero one, which AdamW then steps (weight decay,
+    moments, its step count): the adapter must do the same. Weights after several steps match
+    DeepSpeed's own path: bit for bit without clipping, to float rounding of the norm with it
+    (0.05 clips every step here)."""
+    from vlm_train.config import compose
+    from vlm_train.parallel.engine import build_train_engine
+    from vlm_train.parallel.layout import Layout
+
+    overrides = ["experiment=toy", "train.micro_batch_size=2", "train.weight_decay=0.1", "train.warmup_steps=0"]
+    cfg = compose([*overrides, f"train.grad_clip={grad_clip}"])
+    torch.manual_seed(0)
+    reference = deepspeeds_own_path(SometimesUsed(), cfg)
+    torch.manual_seed(0)
+    adapter = build_train_engine(SometimesUsed(), cfg, Layout(1, 0, tp=1, zero_stage=0), torch.device("cpu"))
+    assert reference.enable_backward_allreduce and not adapter._engine.enable_backward_allreduce
+    for step in range(4):
+        x = torch.randn(2, 8, generator=torch.Generator().manual_seed(step))
+        use_gate = torch.tensor(step % 2 == 1)
+        reference.backward(reference(x, use_gate).pow(2).mean())
+        reference.step()
+        adapter.backward(adapter(x, use_gate).pow(2).mean())
+        result = adapter.step(grad_norm=True)
+        assert result.updated and result.grad_norm is not None
+        if grad_clip:
+            assert result.grad_norm > grad_clip  # this step was clipped
+    expected, got = reference.module.state_dict(), adapter.module.state_dict()
+    assert expected["unused"].lt(1).all()  # decayed: the zero gradient was stepped
+    for name in expected:
+        if grad_clip:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
+        else:
+            assert torch.equal(expected[name], got[name]), name
+    reference.destroy(), adapter._engine.destroy()

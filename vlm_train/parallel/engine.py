@@ -62,6 +62,15 @@ def precision_notes(precision: str, grad_reduce_dtype: str, zero_stage: int) -> 
     return []
 
 
+def adapter_clips(precision: str, zero_stage: int) -> bool:
+    """fp32 at ZeRO-0: `TrainEngine` clips the gradients itself (DeepSpeed is given no clipping).
+    DeepSpeed's clipping there is a Python loop over every tensor plus an all-reduce of the norm
+    over the data-parallel group each step; the adapter uses torch's foreach kernels, and the norm
+    it computes is the one logged. ZeRO 1-3 and bf16 keep DeepSpeed's (their optimizers clip their
+    own partitions)."""
+    return precision == "fp32" and zero_stage == 0
+
+
 def deepspeed_config(cfg: Config, layout: Layout, precision: str, on_gpu: bool = False) -> dict:
     """ZeRO stage, batch sizes, warmup + cosine, clipping and precision for DeepSpeed."""
     train = cfg.train
@@ -69,7 +78,7 @@ def deepspeed_config(cfg: Config, layout: Layout, precision: str, on_gpu: bool =
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "train_batch_size": train.micro_batch_size * train.grad_accum * layout.dp,
-        "gradient_clipping": train.grad_clip,
+        "gradient_clipping": 0.0 if adapter_clips(precision, layout.zero_stage) else train.grad_clip,
         "scheduler": {
             "type": "WarmupCosineLR",
             "params": {
@@ -95,7 +104,7 @@ def build_train_engine(
     model: torch.nn.Module, cfg: Config, layout: Layout, device: torch.device, mpu: Any = None
 ) -> TrainEngine:
     """`build_engine` behind the trainer's interface (`TrainEngine`)."""
-    return TrainEngine(build_engine(model, cfg, layout, device, mpu))
+    return TrainEngine(build_engine(model, cfg, layout, device, mpu), grad_clip=cfg.train.grad_clip)
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, device: torch.device, mpu: Any = None) -> Any:
@@ -174,6 +183,34 @@ class SkippableSGD(SkipNextStep, torch.optim.SGD):
     """torch's SGD (no momentum): its update is proportional to the gradient."""
 
 
+def _skip_identity_allreduce(engine: Any) -> bool:
+    """Switch off DeepSpeed's gradient all-reduce where it is an identity: ZeRO-0 with the plain
+    optimizer (no ZeRO or bf16 wrapper, which keep gradients of their own) and one data-parallel
+    rank. DeepSpeed would still flatten every gradient, all-reduce it over a group of one and copy
+    it back, each step (~9% of the toy step, bench/overhead.py). True when switched off: the
+    caller must then give every trainable parameter without a gradient a zero one before the
+    update, as that pass does (AdamW steps a zero gradient: decay and moments move; it skips None).
+    """
+    plain = engine.optimizer is engine.basic_optimizer and engine.zero_optimization_stage() == 0
+    if not (plain and engine.seq_dp_world_size == 1 and engine.enable_backward_allreduce):
+        return False
+    engine.enable_backward_allreduce = False
+    return True
+
+
+def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.nn.utils.get_total_norm(grads).double() ** 2
+
+
+def _fill_missing_grads(trainable: list[torch.nn.Parameter]) -> None:
+    """What DeepSpeed's ZeRO-0 reduction does to a trainable parameter the step did not reach."""
+    for param in trainable:
+        if param.grad is None and param.numel() > 0:
+            param.grad = torch.zeros_like(param)
+
+
 @dataclass(frozen=True)
 class StepResult:
     """What an optimizer step did: `updated` is False when the update was cancelled (asked for, or
@@ -206,6 +243,11 @@ class TrainEngine:
         has_engine_state, consolidated_state_dict, full_tensor, full_fp32, safe_torch_load
                                         (parallel/engine_checkpoint.py: whole weights without an engine)
 
+    fp32 ZeRO-0 (`adapter_clips`): the adapter clips the gradients itself with foreach kernels (the
+    norm it logs is that one), and with one data-parallel rank switches off DeepSpeed's gradient
+    all-reduce, an identity there, doing what else that pass did (a zero gradient for a trainable
+    parameter the step did not reach).
+
     Skipping a step (the only place that knows how): the caller decides that the step's global
     loss is not finite and asks `step(skip=True)`. The optimizer (a `SkipNextStep`) then cancels
     its own update inside whatever DeepSpeed wraps around it, so every ZeRO stage still reduces,
@@ -215,11 +257,18 @@ class TrainEngine:
     follows the trainer's step count either way.
     """
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, grad_clip: float = 0.0):
         self._engine = engine
         self._optimizer = engine.basic_optimizer
         if not isinstance(self._optimizer, SkipNextStep):
             raise TypeError(f"{type(self._optimizer).__name__} cannot cancel a step: build it with build_optimizer")
+        self._plain = engine.optimizer is engine.basic_optimizer and self.zero_stage == 0  # adapter_clips
+        if self._plain and engine.gradient_clipping() > 0:
+            raise RuntimeError("fp32 ZeRO-0: the adapter clips; build DeepSpeed's config with deepspeed_config")
+        self._grad_clip = grad_clip if self._plain else 0.0  # else DeepSpeed clips (ZeRO 1-3, bf16)
+        self._fills_missing_grads = _skip_identity_allreduce(engine)
+        # ZeRO-0 keeps its parameter objects: listed once (a walk of the module tree costs ~1 ms a step)
+        self._trainable = [p for p in engine.module.parameters() if p.requires_grad] if self.zero_stage == 0 else []
 
     @property
     def module(self) -> torch.nn.Module:
@@ -261,8 +310,12 @@ class TrainEngine:
         (at ZeRO-0 a pass over every gradient, so only when it is logged)."""
         engine = self._engine
         assert engine.is_gradient_accumulation_boundary(), "not the step's last micro-batch: call micro_step()"
-        # Without ZeRO, DeepSpeed reports no norm; the gradients are cleared by its step.
-        norm = self._unsharded_grad_norm() if grad_norm and not skip and self.zero_stage == 0 else None
+        if self._fills_missing_grads:
+            _fill_missing_grads(self._trainable)
+        # ZeRO-0: DeepSpeed reports no norm; at fp32 the adapter clips (adapter_clips), so has it.
+        norm = None
+        if self.zero_stage == 0 and not skip and (grad_norm or self._grad_clip > 0):
+            norm = self._clip_whole_grads(self._grad_clip)
         skipped_before = engine.skipped_steps
         self._optimizer.skip_next = skip
         try:
@@ -276,28 +329,32 @@ class TrainEngine:
             return StepResult(updated=False)
         if skip:
             return StepResult(updated=False)
-        if grad_norm and self.zero_stage > 0:
+        if not grad_norm:
+            return StepResult(updated=True)
+        if self.zero_stage > 0:
             reported = engine.get_global_grad_norm()
-            norm = None if reported is None else float(reported)
-        return StepResult(updated=True, grad_norm=norm)
+            return StepResult(updated=True, grad_norm=None if reported is None else float(reported))
+        return StepResult(updated=True, grad_norm=None if norm is None else float(norm))
 
-    def _unsharded_grad_norm(self) -> float:
-        """The reduced gradients are whole on every rank, except the tensor-parallel shards of the
-        decoder: their squares are summed over the TP group, everything replicated across it (tower,
-        connector, norms) is counted once."""
-        device = self._engine.device
-        sharded = torch.zeros((), dtype=torch.float64, device=device)
-        replicated = torch.zeros((), dtype=torch.float64, device=device)
-        for param in self.module.parameters():
-            if param.grad is not None:
-                square = torch.linalg.vector_norm(param.grad.double()) ** 2
-                if getattr(param, "tensor_model_parallel", False):
-                    sharded += square
-                else:
-                    replicated += square
+    def _clip_whole_grads(self, max_norm: float) -> torch.Tensor:
+        """The norm of the step's gradients, which at ZeRO-0 are reduced and whole on every rank
+        except the decoder's tensor-parallel shards: their squares are summed over the TP group,
+        everything replicated across it (tower, connector, norms) is counted once. With `max_norm`
+        > 0 the gradients are then scaled by min(1, max_norm / (norm + 1e-6)), as torch and
+        DeepSpeed clip. Foreach kernels, no host sync."""
+        params = [param for param in self._trainable if param.grad is not None]
+        sharded = _squared_norm(
+            [p.grad for p in params if getattr(p, "tensor_model_parallel", False)], self._engine.device
+        )
         if self.tensor_parallel > 1:
             dist.all_reduce(sharded, group=self.model_parallel_group)
-        return float((sharded + replicated).sqrt())
+        replicated = _squared_norm(
+            [p.grad for p in params if not getattr(p, "tensor_model_parallel", False)], self._engine.device
+        )
+        norm = (sharded + replicated).sqrt()
+        if max_norm > 0 and params:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm.float())
+        return norm
 
     def save(self, root: Path, tag: str) -> None:
         """Collective: every rank writes its part of the engine state into root/tag."""

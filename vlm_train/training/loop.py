@@ -185,7 +185,8 @@ class Trainer:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over all ranks of values every rank of a tensor-parallel group holds identically
         (its batch, its full loss): the world sum counts each data-parallel rank `tp` times."""
-        dist.all_reduce(tensor)
+        if self.layout.world > 1:  # a group of one: nothing to add, and gloo still costs a round trip
+            dist.all_reduce(tensor)
         return tensor / self.layout.tp if self.layout.tp > 1 else tensor
 
     def model_inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
