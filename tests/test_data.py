@@ -35,6 +35,33 @@ def test_two_ranks_two_workers_see_every_sample_once_per_epoch(tmp_path):
     assert batches.epoch == 2
 
 
+def test_loader_workers_live_across_epochs_and_keep_the_batch_order(tmp_path):
+    """No fork per epoch: the processes that served epoch 0 serve epoch 1, in the order a fresh
+    loader per epoch gives; also after a resume at an odd batch, where loader worker 0 serves
+    logical worker 1."""
+    pattern = write_shards(tmp_path, [24, 24])  # 12 batches of 4 per epoch
+    expected, state = [], None
+    for _ in range(3):  # a fresh loader for each epoch, started from the epoch boundary
+        fresh = batches_for(pattern, 0, dp_size=1, workers=2, batch_size=4)
+        if state is not None:
+            fresh.load_state_dict(state)
+        expected += [next(fresh)["keys"] for _ in range(12)]
+        state = fresh.state_dict()
+        fresh.close()
+    expected = expected[:30]  # into the third epoch
+    for stop in (0, 5):
+        head = batches_for(pattern, 0, dp_size=1, workers=2, batch_size=4)
+        keys = [next(head)["keys"] for _ in range(stop)]
+        batches = batches_for(pattern, 0, dp_size=1, workers=2, batch_size=4)
+        batches.load_state_dict(head.state_dict())
+        keys.append(next(batches)["keys"])
+        workers = batches.worker_pids
+        keys += [next(batches)["keys"] for _ in range(29 - stop)]
+        assert batches.epoch == 2 and len(workers) == 2 and batches.worker_pids == workers
+        assert keys == expected, f"resumed at batch {stop}"
+        head.close(), batches.close()
+
+
 def test_uneven_total_gives_equal_batches_and_no_repeats(tmp_path):
     pattern = write_shards(tmp_path, [7, 30, 3, 11, 20])  # 71 samples, 3 ranks
     counts, seen = [], Counter()

@@ -105,3 +105,38 @@ def test_the_pipeline_uses_data_image_aspect_ratio():
         ["experiment=llava15-7b-stage2", "data.urls=x", *(f"{key}.path=x" for key in ("connector", "llm", "vision"))]
     )
     assert stage2.data.image_aspect_ratio == "pad"  # LLaVA-1.5's stage 2
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("aspect_ratio", ["crop", "pad", "resize"])
+def test_jpeg_draft_decodes_a_large_jpeg_smaller_close_to_the_full_decode(aspect_ratio):
+    """data.jpeg_draft: a 1600x1200 JPEG is decoded at 1/2 (crop, resize: 800x600 still covers the
+    448x336 resize) or 1/4 (pad: the long side to 336); the pixels are close to, not the same as,
+    a full decode. A 640x480 source has no smaller scale that covers the resize: exact."""
+    exact = ImageTransform(SIZE, CLIP_MEAN, CLIP_STD, aspect_ratio)
+    drafted = ImageTransform(SIZE, CLIP_MEAN, CLIP_STD, aspect_ratio, jpeg_draft=True)
+    large = jpeg_bytes(noisy_image(1600, 1200))
+    probe = Image.open(io.BytesIO(large))
+    drafted.draft(probe)
+    assert probe.size == ((400, 300) if aspect_ratio == "pad" else (800, 600))
+    full, fast = exact(Image.open(io.BytesIO(large))), drafted(Image.open(io.BytesIO(large)))
+    difference = (full.int() - fast.int()).abs().float()
+    assert 0 < difference.mean() < 3  # of 255 levels
+    small = jpeg_bytes(noisy_image(640, 480))
+    assert torch.equal(exact(Image.open(io.BytesIO(small))), drafted(Image.open(io.BytesIO(small))))
+
+
+def test_the_sample_encoder_decodes_in_draft_only_when_asked():
+    raw = {"__key__": "k", "jpg": jpeg_bytes(noisy_image(1600, 1200)), "txt": b"a caption"}
+    transform = ImageTransform(SIZE, CLIP_MEAN, CLIP_STD)
+    pixels = {}
+    for draft in (False, True):
+        cfg = compose(["experiment=toy", "data.text_key=txt", f"data.jpeg_draft={draft}"]).data
+        pixels[draft] = SampleEncoder(cfg, TOKENIZER, transform, 9).encode(raw)[1][0]
+    assert torch.equal(pixels[False], transform(Image.open(io.BytesIO(raw["jpg"]))))
+    assert not torch.equal(pixels[True], pixels[False])

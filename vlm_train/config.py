@@ -165,6 +165,7 @@ class DataConfig:
     # plain (LLaVA stage 1) | vicuna_v1 (LLaVA-1.5) | hf (the tokenizer's chat_template) | chat (the toy's)
     template: str = "chat"
     image_aspect_ratio: str = "crop"  # crop (short side, centre crop) | pad (LLaVA's expand2square) | resize
+    jpeg_draft: bool = False  # decode large JPEGs at 1/2-1/8 size before the resize: faster, inexact
     group_by_modality_length: bool = False  # batches of image samples and of text-only samples (LLaVA's sampler)
     max_length: int = 128  # tokens per sample, visual tokens included; text is truncated first
     num_workers: int = 2  # DataLoader workers per rank

@@ -110,6 +110,11 @@ class TrainBatches:
     def __iter__(self) -> TrainBatches:
         return self
 
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the running loader workers (none in-process or before the first batch)."""
+        return [worker.pid for worker in getattr(self._iterator, "_workers", [])]
+
     def close(self) -> None:
         """Stop the loader workers now. They ignore SIGTERM, so an interpreter exit that still
         holds the loader (an exception's traceback does) would wait for them forever."""
@@ -127,11 +132,8 @@ class TrainBatches:
         if self.keys_file is not None:
             with self.keys_file.open("a") as out:  # debug aid (data.log_keys): one line per batch taken
                 out.write(f"{self.epoch} {self.batch} {' '.join(batch['keys'])}\n")
-        epoch = self.epoch
         self.position = self.position.after_batch(self.stream.layout, hints)
-        if self.epoch != epoch:  # the epoch's loader is done: the next batch starts the next epoch's
-            self._iterator = None
-        return batch
+        return batch  # at an epoch's end the same workers go on with the next (ShardStream.__iter__)
 
     def _start_loader(self) -> Iterator[dict]:
         # A worker has at most PREFETCH batches in flight, plus the one the trainer is taking.

@@ -21,6 +21,7 @@ import json
 import logging
 import random
 from collections.abc import Iterator
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
@@ -75,7 +76,8 @@ class SampleEncoder:
     def __init__(self, cfg: DataConfig, tokenizer, transform: ImageTransform, image_tokens: int):
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.transform = transform.with_aspect_ratio(cfg.image_aspect_ratio)  # crop | pad | resize: the data's call
+        # crop | pad | resize, and JPEG draft decoding: the data's call
+        self.transform = replace(transform, aspect_ratio=cfg.image_aspect_ratio, jpeg_draft=cfg.jpeg_draft)
         self.image_tokens = image_tokens
         self.image_keys = cfg.image_key.split(";")
         self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -132,6 +134,8 @@ class SampleEncoder:
 
     def images(self, blobs: list[bytes]) -> torch.Tensor:
         """Pixels [I, 3, S, S] of the sample's images (I = 0 for a text-only sample)."""
+        if len(blobs) == 1:
+            return self.pixels(blobs[0])  # a cat of one would copy it once more
         return torch.cat([self.pixels(blob) for blob in blobs]) if blobs else self.pixels(None)
 
     def pixels(self, image_bytes: bytes | None) -> torch.Tensor:
@@ -229,9 +233,26 @@ class ShardStream(IterableDataset):
         return self.position.slot_batches(self.layout)
 
     def __iter__(self) -> Iterator[dict]:
+        """This loader worker's batches from the stream's position on, epoch after epoch: workers
+        live across epochs (no fork, no empty prefetch queue at each epoch's start). Every slot
+        gives the same number of batches in an epoch, so the DataLoader's round robin hands each
+        loader worker the same logical worker in every epoch, as a fresh loader would."""
         info = get_worker_info()
         start = worker_start(self.dp_rank, self.workers, self.position.batch, info.id if info is not None else 0)
-        slot, done = start.slot, start.done
+        stream = self
+        while stream.slot_batches() > 0:
+            yield from stream.epoch_batches(start.slot, start.done)
+            stream = stream.next_epoch()
+            start = replace(start, done=0)
+
+    def next_epoch(self) -> ShardStream:
+        """This stream from the start of the epoch after its position's (split for its own layout)."""
+        following = copy.copy(self)
+        following.position, following.hints = Position(self.position.epoch + 1), {}
+        return following
+
+    def epoch_batches(self, slot: int, done: int) -> Iterator[dict]:
+        """The batches of `slot` in the stream position's epoch, after the first `done`."""
         # Grouped batches are cut from whole windows: a resume re-reads the window it stopped in.
         first = done // self.window_batches() * self.window_batches() if self.group_by_modality else done
         if self.position.in_transition():

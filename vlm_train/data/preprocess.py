@@ -18,7 +18,9 @@ normalising here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,18 +42,30 @@ def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Imag
     return square
 
 
-def resize_and_centre_crop(image: Image.Image, size: int) -> Image.Image:
-    """CLIP's processor: short side to `size` (long side rounded down, as transformers'
-    get_resize_output_image_size does), bicubic, then the centre `size` x `size` crop."""
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    """CLIP's processor's resize: the short side to `size` (the long side rounded down, as
+    transformers' get_resize_output_image_size does), bicubic; the image itself when it is so."""
     width, height = image.size
-    if (width, height) == (size, size):
+    if min(width, height) == size:  # PIL would return a copy of it
         return image
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(size * long / short)  # transformers' exact expression: the same rounding
-    resized = (size, new_long) if width <= height else (new_long, size)
-    image = image.resize(resized, Image.Resampling.BICUBIC)
-    left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    return image.resize((size, new_long) if width <= height else (new_long, size), Image.Resampling.BICUBIC)
+
+
+def centre_crop_origin(image_size: tuple[int, int], size: int) -> tuple[int, int]:
+    """(left, top) of the centre `size` x `size` crop, rounded down as CLIP's processor does."""
+    return (image_size[0] - size) // 2, (image_size[1] - size) // 2
+
+
+def pixels_view(image: Image.Image) -> torch.Tensor:
+    """The image's pixels [H, W, C] uint8 in one copy (PIL's `tobytes`, which numpy wraps without
+    copying again). The buffer is a bytes object, so numpy marks it read-only and torch warns that
+    it does not track that: nothing writes a transform's output (collate copies it into the batch)."""
+    array = np.asarray(image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,7 @@ class ImageTransform:
     mean: tuple[float, ...]  # what the model will normalise with; pad's background colour
     std: tuple[float, ...]
     aspect_ratio: str = "crop"
+    jpeg_draft: bool = False  # see `draft`
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(self.mean))
@@ -74,20 +89,36 @@ class ImageTransform:
         """pad's colour: the tower's mean as LLaVA computes it (truncated, not rounded)."""
         return tuple(int(x * 255) for x in self.mean)
 
-    def with_aspect_ratio(self, aspect_ratio: str) -> ImageTransform:
-        """The same transform with another aspect-ratio policy."""
-        return replace(self, aspect_ratio=aspect_ratio)
-
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
+        """A view [3, S, S] of one copy of the resized image's pixels: the crop is a slice of it
+        (collate's one copy into the batch makes it contiguous)."""
+        if self.jpeg_draft:
+            self.draft(image)
+        if image.mode != "RGB":  # convert() to the same mode would copy the decoded image
+            image = image.convert("RGB")
         if self.aspect_ratio == "resize":
             if image.size != (self.size, self.size):
                 image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+            return pixels_view(image).permute(2, 0, 1)
+        if self.aspect_ratio == "pad":
+            image = expand2square(image, self.background)
+        image = resize_short_side(image, self.size)
+        left, top = centre_crop_origin(image.size, self.size)
+        return pixels_view(image)[top : top + self.size, left : left + self.size].permute(2, 0, 1)
+
+    def draft(self, image: Image.Image) -> None:
+        """data.jpeg_draft: a JPEG not yet decoded is decoded at the smallest of 1/1, 1/2, 1/4, 1/8
+        of its size (libjpeg's DCT-domain scaling) that still covers what the bicubic resize makes
+        (crop: the short side resized to S; pad: the long side; resize: S x S), so the resize
+        always shrinks. Not the same pixels as a full decode then resize (bench/data.py states the
+        difference); a no-op for other formats and for images smaller than twice that."""
+        width, height = image.size
+        if self.aspect_ratio == "resize":
+            needed = (self.size, self.size)
         else:
-            if self.aspect_ratio == "pad":
-                image = expand2square(image, self.background)
-            image = resize_and_centre_crop(image, self.size)
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+            side = min(width, height) if self.aspect_ratio == "crop" else max(width, height)
+            needed = (math.ceil(self.size * width / side), math.ceil(self.size * height / side))
+        image.draft("RGB", needed)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [..., 3, S, S] -> the float pixels the tower expects (as VisionTower.normalize)."""
