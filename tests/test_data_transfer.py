@@ -1,6 +1,7 @@
-"""Pixel batches from loader workers through reused shared-memory slots (data/transfer.py): the
-trainer gets exactly the in-process pixels, whether it drops each batch at once (slots reused)
-or keeps them all (no slot rewritten while viewed: fresh segments instead)."""
+"""Batches from loader workers (data/transfer.py): pixels through reused shared-memory slots,
+token tensors inline as numpy arrays. The trainer gets exactly the in-process batch, whether it
+drops each batch at once (slots reused) or keeps them all (no slot rewritten while viewed: fresh
+segments instead)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def test_worker_pixels_equal_in_process_pixels_through_reused_slots(tmp_path):
     for want in expected[:12]:  # the trainer is done with each batch before it takes the next
         got = next(batches)
         assert got["keys"] == want["keys"] and torch.equal(got["pixel_values"], want["pixel_values"])
+        for name in ("input_ids", "attention_mask", "labels", "skipped_by_reason"):  # crossed as numpy arrays
+            assert isinstance(got[name], torch.Tensor) and torch.equal(got[name], want[name]), name
         used.append(in_slot(got["pixel_values"], batches.pixel_slots))
         del got
     assert None not in used and len(set(used)) <= PREFETCH + 1  # 12 batches, at most 5 segments

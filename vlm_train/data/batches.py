@@ -14,12 +14,12 @@ import signal
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from torch.utils.data import DataLoader, IterableDataset
 
 from vlm_train.data.position import DataLayout, Position, resume
-from vlm_train.data.transfer import PixelSlots
+from vlm_train.data.transfer import PixelSlots, from_wire
 
 log = logging.getLogger(__name__)
 PREFETCH = 4  # batches each loader worker prepares ahead
@@ -68,6 +68,10 @@ def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
     # final save, so workers ignore what the trainer handles (parallel/signals.py).
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _as_made(batch: Any) -> Any:
+    return batch
 
 
 _WITH_WORKERS: weakref.WeakSet[TrainBatches] = weakref.WeakSet()
@@ -125,7 +129,7 @@ class TrainBatches:
     def __next__(self) -> dict:
         if self._iterator is None:
             self._iterator = self._start_loader()
-        batch = next(self._iterator)
+        batch = from_wire(next(self._iterator))
         if self.pixel_slots is not None:
             self.pixel_slots.take(batch)
         hints = batch.pop("resume_hints", [])
@@ -145,6 +149,7 @@ class TrainBatches:
             pin_memory=self.pin_memory,
             prefetch_factor=PREFETCH if self.num_workers else None,
             worker_init_fn=_leave_stop_signals_to_the_trainer,
+            collate_fn=_as_made,  # torch's default would turn to_wire's arrays back into tensors in the worker
         )
         if self.num_workers:
             _WITH_WORKERS.add(self)

@@ -37,7 +37,7 @@ from vlm_train.data.preprocess import ImageTransform
 from vlm_train.data.reader import SkippedSample, Slice, read_slice
 from vlm_train.data.sources import MixSchedule, Source, expand_urls, shard_sizes, slot_slices
 from vlm_train.data.templates import ConversationError, Encoded, check_template, encode, truncate
-from vlm_train.data.transfer import PixelSlots, cat_for_transfer
+from vlm_train.data.transfer import PixelSlots, cat_for_transfer, to_wire
 from vlm_train.models.vlm import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ class ShardStream(IterableDataset):
         fallback = None
         for raw_batch, counts, hints in islice(raw_batches, done - first, None):
             batch, fallback = self.make_batch(raw_batch, counts, fallback, hints)
-            yield batch
+            yield to_wire(batch)
 
     def plain_batches(self, items: Iterator, count: int) -> Iterator[tuple[list, torch.Tensor, None]]:
         """`count` batches of the stream's next samples, in stream order (hints: read when made)."""

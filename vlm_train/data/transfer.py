@@ -19,6 +19,7 @@ import math
 import multiprocessing
 import weakref
 
+import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
@@ -85,3 +86,19 @@ def cat_for_transfer(tensors: list[torch.Tensor]) -> torch.Tensor:
     storage = tensors[0]._typed_storage()._new_shared(math.prod(shape), device=tensors[0].device)
     out = tensors[0].new(storage).resize_(shape)
     return torch.cat(tensors, out=out)
+
+
+def to_wire(batch: dict) -> dict:
+    """Worker side, before the batch crosses: every tensor but the pixels (token ids, masks, labels,
+    counts: small) as a numpy array, which the pickler writes inline. A tensor would get a shared-
+    memory segment of its own, each batch (a file, an mmap, a passed descriptor, page faults:
+    about 1 ms of CPU per tensor per batch measured, some 3% of a worker's time at 336 px).
+    In-process (no worker) the batch is left as it is."""
+    if get_worker_info() is None:
+        return batch
+    return {k: v.numpy() if isinstance(v, torch.Tensor) and k != "pixel_values" else v for k, v in batch.items()}
+
+
+def from_wire(batch: dict) -> dict:
+    """Trainer side: the numpy arrays `to_wire` made back into tensors (no copy)."""
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
