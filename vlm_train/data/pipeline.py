@@ -164,10 +164,11 @@ def collate(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int, cat=t
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+    ids, targets = input_ids.numpy(), labels.numpy()  # numpy reads a list of ints ~5x faster than torch.tensor
     for row, (_, _, enc) in enumerate(samples):
         n = len(enc.input_ids)
-        input_ids[row, :n] = torch.tensor(enc.input_ids)
-        labels[row, :n] = torch.tensor(enc.labels)
+        ids[row, :n] = enc.input_ids
+        targets[row, :n] = enc.labels
         attention_mask[row, :n] = 1
     return {
         "pixel_values": cat([pixels for _, pixels, _ in samples]),
