@@ -14,14 +14,14 @@ folder, the report is printed. Training each of the seven variants there costs s
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _report import run_details  # bench/_report.py: this folder is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -74,6 +74,13 @@ def parameter_counts(overrides: list[str]) -> tuple[int, int]:
     return count_trainable(model.connector), count_trainable(model)
 
 
+def held_out_scenes(overrides: list[str]) -> int:
+    """The held-out scenes each variant is scored on (data.eval_samples as the runs compose it)."""
+    from vlm_train import compose
+
+    return compose(["experiment=toy", *overrides]).data.eval_samples
+
+
 def measure(run_dir: Path) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r and r["step"] > 1]  # step 1 includes warm-up work
@@ -90,14 +97,13 @@ def measure(run_dir: Path) -> dict:
     }
 
 
-def report(results: dict[str, dict], steps: int) -> str:
+def report(results: dict[str, dict], steps: int, eval_scenes: int) -> str:
     lines = [
         "# Connectors compared on the toy task",
         "",
-        f"Measured by `python bench/connectors.py --steps {steps}` on {datetime.date.today()} "
-        f"({platform.machine()}, {os.cpu_count()} CPU cores, no GPU). Same data, seed and step budget; "
+        f"Measured by {run_details()}, no GPU. Same data, seed and step budget, {steps} steps; "
         "`experiment=toy` sizes (tiny frozen CLIP tower, 2-layer Llama). Held-out accuracy is exact match "
-        "of greedy answers on 400 unseen scenes (chance about 0.16). Throughput is the median over logged "
+        f"of greedy answers on {eval_scenes} unseen scenes (chance about 0.16). Throughput is the median over logged "
         "steps; memory is the process's peak RSS.",
         "",
         "| connector | trainable (connector) | trainable (model) | eval accuracy | caption | colour | shape "
@@ -175,7 +181,7 @@ def compare(args: argparse.Namespace, extra: list[str]) -> None:
         run_dir = train(name, [*overrides, *extra], args.steps, Path(args.runs), args.reuse)
         connector_params, model_params = parameter_counts(overrides)
         results[name] = {**measure(run_dir), "connector_params": connector_params, "model_params": model_params}
-    text = report(results, args.steps)
+    text = report(results, args.steps, held_out_scenes(extra))
     print("\n" + text)
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
