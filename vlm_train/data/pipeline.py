@@ -19,7 +19,9 @@ import copy
 import io
 import json
 import logging
+import os
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from itertools import islice
@@ -70,6 +72,9 @@ def read_raw(slices: list[Slice], hints: dict | None = None) -> Iterator[dict | 
         yield from read_slice(piece, hints)
 
 
+SLOW_DATA_ENV = "VLM_TRAIN_SLOW_DATA_S"  # tests: seconds a loader sleeps per sample (a deliberately slow loader)
+
+
 class SampleEncoder:
     """Raw WebDataset sample -> (key, pixels [I,3,S,S], Encoded), or `SkippedSample` with the reason."""
 
@@ -82,6 +87,7 @@ class SampleEncoder:
         self.image_keys = cfg.image_key.split(";")
         self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
         check_template(tokenizer, cfg.template)  # at start-up: data.template=hf needs a chat template
+        self.extra_seconds = float(os.environ.get(SLOW_DATA_ENV, "0"))
 
     def __call__(self, raw: dict) -> tuple[str, torch.Tensor, Encoded] | None:
         """The encoded sample, or None for a bad one (logged)."""
@@ -90,6 +96,8 @@ class SampleEncoder:
 
     def encode(self, raw: dict) -> tuple[str, torch.Tensor, Encoded] | SkippedSample:
         key = raw.get("__key__", "?")
+        if self.extra_seconds:
+            time.sleep(self.extra_seconds)
         try:
             turns = self.conversation(raw)
             encoded = encode(turns, self.tokenizer, self.cfg.template, self.image_tokens)

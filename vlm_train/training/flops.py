@@ -66,6 +66,7 @@ class TrainingFlops:
     connector_weights: int  # cross-attention connector: parameters run per text token
     cross_blocks: int
     media_per_image: int
+    visual_per_image: int  # visual tokens an image adds to the decoder's work (slots, or cross-attended media)
     llm_weights: int  # non-embedding parameters plus the LM head
     llm_layers: int
     llm_width: int  # attention width: heads x head width
@@ -85,6 +86,7 @@ class TrainingFlops:
             connector_weights=0 if sequence else sum(_numel(p) for p in connector.parameters()),
             cross_blocks=0 if sequence else len(getattr(connector, "blocks", ())),
             media_per_image=tower.num_features,
+            visual_per_image=connector.num_tokens if sequence else tower.num_features,
             llm_weights=_llm_weights(model),
             llm_layers=len(model.llm.decoder_layers()),
             llm_width=_attention_width(_dense_decoder(model.llm).config),
@@ -102,6 +104,11 @@ class TrainingFlops:
         images = max(int(pixel_values.shape[0]) if pixel_values is not None else 0, 1)
         forward = self.forward_flops(images, tokens, tokens_squared)
         return sum(f * m for f, m in zip(forward, self.multipliers))
+
+    def visual_tokens(self, batch: dict) -> int:
+        """Visual tokens of this micro-batch (what a rank's share of image work is measured in)."""
+        pixel_values = batch.get("pixel_values")
+        return (int(pixel_values.shape[0]) if pixel_values is not None else 0) * self.visual_per_image
 
     def forward_flops(self, images: int, tokens: float, tokens_squared: float) -> tuple[float, float, float]:
         """Forward FLOPs of tower, connector and decoder for this many images and tokens."""

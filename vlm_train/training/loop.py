@@ -28,6 +28,7 @@ from vlm_train.training import checkpoint
 from vlm_train.training.flops import TrainingFlops, mfu, peak_flops
 from vlm_train.training.metrics import MetricsLogger, memory_gb
 from vlm_train.training.rng import rng_state, set_rng_state
+from vlm_train.training.stall import StallWarning, data_stall
 
 
 class GlobalCounts(NamedTuple):
@@ -37,7 +38,9 @@ class GlobalCounts(NamedTuple):
     samples: float
     tokens: float  # attention-mask tokens (packed: sample numbers)
     stop_requests: float  # ranks that caught a stop signal
+    saves_writing: float  # ranks whose async checkpoint is not durable yet (0: publish it)
     model_flops: float
+    visual_tokens: float
     skipped_by_reason: list[float]  # bad samples replaced by placeholders, per SKIP_REASONS
 
 
@@ -64,9 +67,14 @@ class Trainer:
         self.grad_norm: float | None = None
         self.stop_flag = StopFlag().install()
         self.stop_everywhere = False
+        self.checkpoints = checkpoint.Checkpointer(engine, self.run_dir, cfg)  # train.async_save: overlaps training
+        self.saves_writing = 0.0  # ranks still writing the pending async checkpoint, as of the last step
         self.skipped_by_reason = torch.zeros(len(SKIP_REASONS), dtype=torch.float64)  # bad samples, all ranks
         self.bad_steps = 0  # steps skipped for a non-finite loss
         self.timer = PhaseTimer(device)
+        self.local_visual_tokens = 0.0  # this rank's visual tokens in the last step
+        self.step_visual_tokens = 0.0  # all data-parallel ranks'
+        self.stall_warning = StallWarning(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self.logged_steps = LoggedSteps(cfg.train.log_every, cfg.train.max_steps)
         self.nan_steps = {int(s) for s in os.environ.get("VLM_TRAIN_NAN_STEPS", "").split(",") if s.strip()}
 
@@ -83,12 +91,15 @@ class Trainer:
             self.tokens_seen += tokens
             if self.step in self.logged_steps:
                 self.log_step(loss, samples, tokens, elapsed)
+            self.checkpoints.publish_if_durable(self.saves_writing)  # async: every rank's files are durable
             if self.step == train.max_steps or (train.save_every and self.step % train.save_every == 0):
                 self.save()
             elif self.stop_everywhere:
                 self.save()
             if self.stop_everywhere and self.step < train.max_steps:
+                self.checkpoints.finish()  # the stop's checkpoint is published before the exit
                 self.stop_for_preemption()
+        self.checkpoints.finish()  # async: the last save, published before evaluation and exit
         if self.layout.rank == 0 and first_loss is not None:
             took = time.perf_counter() - fit_started
             print(f"trained to step {self.step}: loss {first_loss:.4f} -> {loss:.4f} in {took:.0f} s", flush=True)
@@ -103,8 +114,9 @@ class Trainer:
         with timer.phase("data_wait"):
             micro_batches = [next(self.batches) for _ in range(self.cfg.train.grad_accum)]
         counts = self.global_counts(micro_batches)
-        self.step_flops = counts.model_flops
+        self.step_flops, self.step_visual_tokens = counts.model_flops, counts.visual_tokens
         self.stop_everywhere = counts.stop_requests > 0
+        self.saves_writing = counts.saves_writing
         # The engine divides by grad_accum and averages gradients over dp ranks; undo both so the
         # gradient is that of (sum of token losses) / (answer tokens in the global batch).
         scale = self.cfg.train.grad_accum * self.layout.dp / max(counts.answer_tokens, 1.0)
@@ -150,20 +162,25 @@ class Trainer:
     def global_counts(self, micro_batches: list[dict]) -> GlobalCounts:
         """Answer tokens, samples, tokens, stop requests, model FLOPs and skipped samples per reason,
         summed over all ranks."""
+        self.local_visual_tokens = float(sum(self.flops.visual_tokens(mb) for mb in micro_batches))
         local = torch.tensor(
             [
                 sum(float((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches),
                 sum(float(mb["input_ids"].shape[0]) for mb in micro_batches),
                 sum(float((mb["attention_mask"] > 0).sum()) for mb in micro_batches),  # packed: sample numbers
                 float(self.stop_flag.raised),  # a signal on any rank stops every rank after this step
+                self.checkpoints.writing_here(),  # an async save is published once no rank is still writing
                 sum(self.flops(mb) for mb in micro_batches),
+                self.local_visual_tokens,
                 *sum(mb["skipped_by_reason"].double() for mb in micro_batches).tolist(),
             ],
             dtype=torch.float64,
             device=self.device,
         )
-        answer_tokens, samples, tokens, stop_requests, model_flops, *skipped = self.all_reduce(local).tolist()
-        return GlobalCounts(answer_tokens, samples, tokens, stop_requests, model_flops, skipped)
+        answer_tokens, samples, tokens, stop_requests, writing, model_flops, visual, *skipped = (
+            self.all_reduce(local).tolist()
+        )
+        return GlobalCounts(answer_tokens, samples, tokens, stop_requests, writing, model_flops, visual, skipped)
 
     def count_skipped_samples(self, skipped: list[float], samples: float) -> None:
         """Bad samples were replaced by placeholders; too many of them end the run (data.max_skip_fraction),
@@ -189,11 +206,23 @@ class Trainer:
             dist.all_reduce(tensor)
         return tensor / self.layout.tp if self.layout.tp > 1 else tensor
 
+    def slowest_ranks(self) -> tuple[float, float]:
+        """The largest data wait and the largest visual-token count of the last step over all ranks
+        (one max all-reduce, on logged steps only)."""
+        local = torch.tensor([self.timer.seconds["data_wait"], self.local_visual_tokens], dtype=torch.float64)
+        if self.layout.world > 1:
+            local = local.to(self.device)
+            dist.all_reduce(local, op=dist.ReduceOp.MAX)
+        wait, visual = local.tolist()
+        return wait, visual
+
     def model_inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
         names = ("pixel_values", "input_ids", "attention_mask", "labels")
         return tuple(batch[name].to(self.device, non_blocking=True) for name in names)
 
     def log_step(self, loss: float, samples: int, tokens: int, elapsed: float) -> None:
+        slowest_wait, most_visual = self.slowest_ranks()
+        mean_visual = self.step_visual_tokens / self.layout.dp
         record: dict[str, float | None] = {
             "step": self.step,
             "loss": loss,
@@ -204,6 +233,8 @@ class Trainer:
             "mfu": mfu(self.step_flops, elapsed, self.peak_flops, self.layout.world),
             "step_s": elapsed,
             **{f"{name}_s": seconds for name, seconds in self.timer.seconds.items()},
+            "data_stall": data_stall(slowest_wait, elapsed),  # the slowest rank's wait: everyone's
+            "visual_tokens_imbalance": most_visual / mean_visual if mean_visual else 1.0,
         }
         if not math.isfinite(loss):
             record["loss"] = None  # JSON has no NaN
@@ -217,6 +248,9 @@ class Trainer:
                 if count:
                     record[f"data_skipped_{reason}"] = int(count)
         self.metrics.log(record)
+        warning = self.stall_warning.message(self.step, slowest_wait, elapsed)
+        if warning and self.layout.rank == 0:
+            print(warning, flush=True)
 
     def trainer_state(self) -> dict:
         return {
@@ -238,9 +272,9 @@ class Trainer:
         )
 
     def save(self) -> None:
-        folder = checkpoint.save(self.engine, self.run_dir, self.step, self.trainer_state(), self.cfg)
-        if self.layout.rank == 0:
-            print(f"saved checkpoint {folder}", flush=True)
+        """Collective: checkpoint this step (published on return, or with train.async_save once
+        every rank's background write is durable; the trainer state is taken now either way)."""
+        self.checkpoints.save(self.step, self.trainer_state())
 
     def resume(self, folder: Path) -> None:
         state = checkpoint.load(self.engine, folder)
