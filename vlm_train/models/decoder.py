@@ -85,13 +85,14 @@ class Decoder(nn.Module, ABC):
 
 
 def token_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy (fp32) over labelled positions, and their count."""
-    shifted_logits = logits_BTV[:, :-1].float()
+    """Summed next-token cross-entropy (fp32) over labelled positions, and their count.
+
+    Only the N labelled positions are taken to fp32: a LLaVA batch labels a few percent of its
+    positions (stage 1: ~30 of ~620), and an fp32 copy of every position's logits plus the
+    log-softmax autograd keeps of it cost 4 bytes x B x T x V each (4 GB apiece at B=16, T=2048,
+    V=32k). Selecting costs one host sync (the count of labelled positions)."""
     shifted_labels = labels_BT[:, 1:]
-    loss_sum = F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
-        shifted_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss_sum, (shifted_labels != IGNORE_INDEX).sum()
+    labelled_BT = shifted_labels != IGNORE_INDEX
+    logits_NV = logits_BTV[:, :-1][labelled_BT].float()
+    loss_sum = F.cross_entropy(logits_NV, shifted_labels[labelled_BT], reduction="sum")
+    return loss_sum, labelled_BT.sum()

@@ -123,8 +123,8 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for index, mb in enumerate(micro_batches):
             with timer.phase("forward"):
-                out = self.engine(*self.model_inputs(mb))
-                mb_loss_sum = self.inject_fault(out.loss_sum)
+                # only the loss is kept: the output's logits [B, T, V] are freed before backward
+                mb_loss_sum = self.inject_fault(self.engine(*self.model_inputs(mb)).loss_sum)
             with timer.phase("backward"):
                 self.engine.backward(mb_loss_sum * scale)
             loss_sum += mb_loss_sum.detach().double()
