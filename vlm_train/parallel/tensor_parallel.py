@@ -11,6 +11,7 @@ TP rank's slice of it.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -171,14 +172,46 @@ def transformer_config(
     )
 
 
-def layer_spec():
+def layer_spec(fused_attention: bool = True):
     """megatron's local layer spec (torch norms, also where apex imports, and megatron's own parallel
-    linears). Not Transformer Engine's spec, even where TE imports: it fuses each pre-norm into
-    the following linear (other weight names, no norm modules for connector hooks) and its linears
-    carry their own TP tags — none of which could be verified without a GPU (docs/tensor_parallel.md)."""
+    linears), with its core attention through torch's SDPA (`fused_attention`; megatron's own
+    `DotProductAttention` otherwise). Not Transformer Engine's spec, even where TE imports: it fuses
+    each pre-norm into the following linear (other weight names, no norm modules for connector
+    hooks) and its linears carry their own TP tags — none of which could be verified without a GPU
+    (docs/tensor_parallel.md)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if fused_attention:
+        spec.submodules.self_attention.submodules.core_attention = sdpa_core_attention()
+    return spec
+
+
+@functools.cache
+def sdpa_core_attention() -> type:
+    """megatron's `DotProductAttention` with its forward through `F.scaled_dot_product_attention`
+    (causal): on GPU torch's flash / memory-efficient kernels, where megatron's local attention
+    materialises the scores [B, heads/tp, T, T] with baddbmm and keeps its softmax for backward
+    (about 4 GB per layer / tp at B=16, T=2048, 32 heads). Same weights, same math; the softmax
+    runs inside the kernel (fp32 accumulation on GPU)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class SDPACoreAttention(DotProductAttention):
+        def forward(
+            self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+        ):
+            if packed_seq_params is not None or attention_bias is not None or attention_mask is not None:
+                raise ValueError("the SDPA core attention is causal only: no mask, bias or packed sequences")
+            groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+            # [T, B, heads, head width] -> [B, heads, T, head width]
+            q_BHTd, k_BHTd, v_BHTd = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+            context_BHTd = F.scaled_dot_product_attention(
+                q_BHTd, k_BHTd, v_BHTd, is_causal=True, scale=self.softmax_scale, enable_gqa=groups > 1
+            )
+            length, batch = query.shape[0], query.shape[1]
+            return context_BHTd.permute(2, 0, 1, 3).reshape(length, batch, self.hidden_size_per_partition)
+
+    return SDPACoreAttention
 
 
 def from_hf_decoder(
@@ -197,7 +230,7 @@ def from_hf_decoder(
     with torch.random.fork_rng():  # building draws nothing the rest of the model would see
         gpt = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(),
+            transformer_layer_spec=layer_spec(fused_attention=hf_config._attn_implementation != "eager"),
             vocab_size=shape.padded_vocab(layout.tp),
             max_sequence_length=hf_config.max_position_embeddings,
             position_embedding_type="rope",
