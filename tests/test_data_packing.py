@@ -1,5 +1,6 @@
-"""Packing: several samples per row, each attended and positioned as if alone, so every answer
-token's loss equals the unpacked one (fp32, 1e-5); the pipeline packs the same samples."""
+"""Packing: several samples per row, each attended (variable-length attention, no [T, T] mask) and
+positioned as if alone, so every answer token's loss equals the unpacked one (fp32, 1e-5); the
+pipeline packs the same samples. The attention kernel itself: tests/test_varlen_attention.py."""
 
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ def token_losses(model, batch: dict) -> dict[str, list[float]]:
 def test_packed_per_token_losses_equal_unpacked(tmp_path):
     torch.manual_seed(0)
     pattern = write_shards(tmp_path, [12])
-    cfg = compose(["experiment=toy", f"data.urls={pattern}"])
+    cfg = compose(["experiment=toy", f"data.urls={pattern}", "data.packing=true"])
     model = build_model(cfg, TOKENIZER).eval()
+    assert model.llm.hf_model.config._attn_implementation == "vlm_varlen"  # no [T, T] mask: varlen
     vision = model.vision
     transform = ImageTransform(vision.image_size, vision.image_mean, vision.image_std)
     encoder = SampleEncoder(cfg.data, TOKENIZER, transform, model.num_image_tokens)

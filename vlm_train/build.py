@@ -64,7 +64,7 @@ def _enable_activation_checkpointing(model: VisionLanguageModel, cfg: Config) ->
 
 def _build_decoder(cfg: Config, vocab_size: int, layout):
     if cfg.llm.backend != "megatron":
-        return build_llm(cfg.llm, vocab_size=vocab_size)
+        return build_llm(cfg.llm, vocab_size=vocab_size, packing=cfg.data.packing)
     if layout is None:
         raise ConfigError("llm.backend=megatron builds inside a run (it needs the run's layout): use llm.backend=hf")
     from vlm_train.parallel.engine import run_precision

@@ -167,7 +167,7 @@ def check_fits_and_report(cfg: Config, layout, device) -> None:
     ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # CPU ranks share this machine's RAM
     check_fits(cfg, tp=layout.tp, dp=layout.dp, device=device, ranks_on_node=ranks_on_node)
     if layout.rank == 0:
-        print(probe_kernels(device.type).report(cfg.llm.attn_implementation), flush=True)
+        print(probe_kernels(device.type).report(cfg.llm.attn_implementation, cfg.data.packing), flush=True)
 
 
 def prepare_synthetic_data(cfg: Config, rank: int) -> None:

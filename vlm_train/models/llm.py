@@ -6,7 +6,7 @@ which backend it runs. Legend: B batch, T tokens, Dl decoder width, V vocabulary
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from torch import nn
 from vlm_train.config import LLMConfig
 from vlm_train.errors import ConfigError
 from vlm_train.models.decoder import ContextFn, Decoder, token_cross_entropy
+from vlm_train.models.varlen_attention import packed_sequences, register_varlen_attention
 from vlm_train.models.vision import _require_dir
 
 if TYPE_CHECKING:
@@ -21,7 +22,14 @@ if TYPE_CHECKING:
 
 
 class CausalLM(Decoder):
-    """Embeds token ids and maps input embeddings to next-token logits (whole vocabulary)."""
+    """Embeds token ids and maps input embeddings to next-token logits (whole vocabulary).
+
+    Packed rows (an attention mask numbering samples 1, 2, ...; data.packing) go in without a mask:
+    positions restart at every sample and the samples' boundaries travel as varlen arguments
+    (`cu_seq_lens_q/k`, `max_length_q/k`). "vlm_varlen" (models/varlen_attention.py, what
+    `build_llm` picks for sdpa under packing) and flash_attention_2 attend per sample with them, no
+    [T, T] mask; sdpa or eager without packing get transformers' block mask from the positions.
+    """
 
     sequence_first = False
 
@@ -62,13 +70,17 @@ class CausalLM(Decoder):
         attention_mask_BT: torch.Tensor | None = None,
         position_ids_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        varlen: dict[str, Any] = {}
         if attention_mask_BT is not None and attention_mask_BT.dim() == 2 and bool((attention_mask_BT > 1).any()):
-            attention_mask_BT, position_ids_BT = packed_attention(attention_mask_BT, embeds_BTDl.dtype)
+            # packed rows: no mask, segments as varlen arguments (see the class docstring)
+            position_ids_BT, varlen = packed_sequences(attention_mask_BT)
+            attention_mask_BT = None
         out = self.hf_model(
             inputs_embeds=embeds_BTDl,
             attention_mask=attention_mask_BT,
             position_ids=position_ids_BT,
             use_cache=False,
+            **varlen,
         )
         return out.logits
 
@@ -93,33 +105,19 @@ class CausalLM(Decoder):
         self.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def packed_attention(segments_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed rows (data.packing): `segments_BT` numbers each token's sample (1, 2, ...; 0 padding).
-    Returns an additive block-diagonal causal mask [B, 1, T, T] and positions restarting per sample,
-    so every sample attends and is positioned exactly as if it were alone in its row."""
-    length = segments_BT.shape[1]
-    same_BTT = segments_BT[:, :, None] == segments_BT[:, None, :]
-    causal_TT = torch.ones(length, length, dtype=torch.bool, device=segments_BT.device).tril()
-    allowed_BTT = same_BTT & causal_TT & (segments_BT[:, None, :] > 0)
-    allowed_BTT |= torch.eye(length, dtype=torch.bool, device=segments_BT.device)  # padding: no empty rows
-    mask_B1TT = torch.zeros(allowed_BTT.shape, dtype=dtype, device=segments_BT.device)
-    mask_B1TT = mask_B1TT.masked_fill(~allowed_BTT, torch.finfo(dtype).min).unsqueeze(1)
-    index_BT = torch.arange(length, device=segments_BT.device).expand_as(segments_BT)
-    starts_BT = torch.ones_like(segments_BT, dtype=torch.bool)
-    starts_BT[:, 1:] = segments_BT[:, 1:] != segments_BT[:, :-1]
-    first_BT = torch.where(starts_BT, index_BT, torch.zeros_like(index_BT)).cummax(dim=1).values
-    return mask_B1TT, index_BT - first_BT
-
-
-def build_llm(cfg: LLMConfig, vocab_size: int) -> CausalLM:
+def build_llm(cfg: LLMConfig, vocab_size: int, packing: bool = False) -> CausalLM:
     """A decoder from `cfg.path` or from the size fields; embeddings sized to `vocab_size`
-    (the tokenizer's, which may have grown by the image token)."""
+    (the tokenizer's, which may have grown by the image token). `packing` (data.packing) swaps
+    sdpa for "vlm_varlen": sdpa on plain batches, variable-length attention on packed ones."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    attn_implementation = cfg.attn_implementation
+    if packing and attn_implementation == "sdpa":
+        attn_implementation = register_varlen_attention()
     if cfg.path:
         _require_dir(cfg.path, "llm.path")
         hf_model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, torch_dtype=torch.float32, attn_implementation=cfg.attn_implementation
+            cfg.path, torch_dtype=torch.float32, attn_implementation=attn_implementation
         )
     else:
         hf_config = LlamaConfig(
@@ -133,7 +131,7 @@ def build_llm(cfg: LLMConfig, vocab_size: int) -> CausalLM:
             max_position_embeddings=cfg.max_position_embeddings,
             tie_word_embeddings=cfg.tie_embeddings,
         )
-        hf_model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attn_implementation)
+        hf_model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
     embeddings = hf_model.get_input_embeddings().weight
     if embeddings.shape[0] < vocab_size:
         # new rows start at the mean of the old ones (as LLaVA does); a meta-device build (vlm-plan)

@@ -11,7 +11,11 @@ What each decides:
   is probed and reported only (e.g. for the NGC image), not used.
 - attention: `llm.attn_implementation` as configured: sdpa (torch's fused attention, which picks
   its flash / memory-efficient kernels itself on GPU), or flash_attention_2 when the flash-attn
-  package imports (refused with a clear message when it does not).
+  package imports (refused with a clear message when it does not). Packed rows (data.packing) run
+  variable-length attention, no [T, T] mask: under sdpa the decoder is built with "vlm_varlen",
+  whose kernel (torch's varlen_attn, or SDPA per sample) models/varlen_attention.py picks per call
+  (`varlen_kernel`: it depends on dtype, and models/ may not import this module); under
+  flash_attention_2 transformers hands the same segments to flash-attn's varlen function.
 - Transformer Engine: reported; megatron-core's local layer spec is used without it.
 """
 
@@ -19,12 +23,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
 from dataclasses import dataclass
 
 from torch import nn
 
 from vlm_train.errors import ConfigError
+from vlm_train.models.varlen_attention import torch_varlen_attn
 
 
 @dataclass(frozen=True)
@@ -52,13 +56,24 @@ class Kernels:
                 "use llm.attn_implementation=sdpa (torch's fused attention)"
             )
 
-    def report(self, attn_implementation: str = "sdpa") -> str:
+    def packed_attention(self, attn_implementation: str) -> str:
+        """What attends packed rows (data.packing) under `attn_implementation`."""
+        if attn_implementation == "flash_attention_2":
+            return "flash-attn varlen"
+        if attn_implementation != "sdpa":
+            return f"{attn_implementation} with a dense block mask"
+        if self.device_type == "cuda" and torch_varlen_attn() is not None:
+            return "vlm_varlen: torch varlen_attn in bf16/fp16, SDPA per sample in fp32"
+        return "vlm_varlen: SDPA per sample"
+
+    def report(self, attn_implementation: str = "sdpa", packing: bool = False) -> str:
         optimizer = "torch AdamW fused" if self.fused_adamw else "torch AdamW (for-each, CPU)"
         apex = "present, unused" if self.apex else "absent"
         flash = "present" if self.flash_attn else "absent"
         te = "present" if self.transformer_engine else "absent"
+        packed = f", packed rows {self.packed_attention(attn_implementation)}" if packing else ""
         return (
-            f"kernels: attention {attn_implementation} (flash-attn {flash}), optimizer {optimizer}, "
+            f"kernels: attention {attn_implementation} (flash-attn {flash}{packed}), optimizer {optimizer}, "
             f"norms torch (apex {apex}), Transformer Engine {te}"
         )
 
@@ -81,16 +96,27 @@ def _importable(name: str) -> bool:
         return False
 
 
-def compile_model(model: nn.Module, zero_stage: int) -> None:
-    """`train.compile`: torch.compile the model's forward in place (`Module.compile`, so parameter
-    names and checkpoints stay as they are) before DeepSpeed wraps it. Works on CPU too (inductor
-    builds C++ kernels; the first step then takes about a minute on 2 cores). Refused under ZeRO-3,
-    whose parameter-gathering hooks torch.compile does not trace."""
+def compile_model(model: nn.Module, zero_stage: int, backend: str = "inductor") -> int:
+    """`train.compile`: torch.compile each decoder block and each vision-tower encoder layer in
+    place (`Module.compile`, so parameter names and checkpoints stay as they are) before DeepSpeed
+    wraps the model, as torchtitan compiles per block: the blocks are where the time goes, every
+    block of a stack has the same code (dynamo compiles it once and reuses it, parameters being
+    graph inputs), and the glue around them (image slots, no-image batches, packing) has
+    data-dependent branches that would break a whole-model graph. Works on CPU too (inductor builds
+    C++ kernels; the first step then takes one to two minutes on 2 cores). Refused under ZeRO-3,
+    whose parameter-gathering hooks torch.compile does not trace. Returns the number of blocks."""
     if zero_stage == 3:
         raise ConfigError("train.compile=true is not supported with parallel.zero_stage=3: use ZeRO 0-2 to compile")
-    if not hasattr(model, "compile"):
-        raise ConfigError("train.compile=true needs torch >= 2.2 (Module.compile)")
-    # Graph breaks at the model's data-dependent checks (image slots, no-image batches) are
-    # expected; dynamo would print a warning block for each.
-    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
-    model.compile()
+    blocks = compiled_blocks(model)
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
+
+
+def compiled_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder's blocks and the tower's encoder layers (where the model has them)."""
+    llm = getattr(model, "llm", None)
+    blocks: list[nn.Module] = list(llm.decoder_layers()) if llm is not None else []
+    tower = getattr(getattr(model, "vision", None), "hf_model", None)
+    encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+    return blocks + list(getattr(encoder, "layers", []))
