@@ -101,4 +101,6 @@ def test_every_bench_script_has_a_smoke_test():
     """A new bench/ script without a smoke run here would rot unnoticed (helpers start with "_")."""
     scripts = {p.name for p in (REPO / "bench").glob("*.py") if not p.name.startswith("_")}
     smoked = set(re.findall(r'run_smoke\("(\w+\.py)"', Path(__file__).read_text()))
+    for other in Path(__file__).parent.glob("test_bench_*.py"):  # a script with a test file of its own
+        smoked |= set(re.findall(r'"bench/(\w+\.py)"', other.read_text()))
     assert scripts == smoked

@@ -205,3 +205,16 @@ def test_model_normalises_uint8_pixels_exactly_as_float_preprocessing():
     assert torch.equal(model.vision.normalize(pixels), by_hand)
     with torch.no_grad():
         assert torch.equal(model.encode_images(pixels), model.encode_images(by_hand))
+
+
+def test_objects_frozen_for_forked_workers_are_collectable_once_the_loader_closes(tmp_path):
+    """Loaders freeze the garbage collector's objects before forking workers (no copy-on-write of
+    every page a collection would touch); once the last loader with workers closes, they are
+    unfrozen, so a model or engine dropped after training can be freed."""
+    import gc
+
+    batches = batches_for(write_shards(tmp_path, [16]), 0, dp_size=1, workers=1, batch_size=4)
+    next(batches)
+    assert gc.get_freeze_count() > 0
+    batches.close()
+    assert gc.get_freeze_count() == 0

@@ -125,6 +125,10 @@ class TrainBatches:
         if self._iterator is not None and hasattr(self._iterator, "_shutdown_workers"):
             self._iterator._shutdown_workers()
         self._iterator = None
+        if self in _WITH_WORKERS:
+            _WITH_WORKERS.discard(self)
+            if not _WITH_WORKERS:  # no forked workers left: what was frozen for them may be collected again
+                gc.unfreeze()
 
     def __next__(self) -> dict:
         if self._iterator is None:
