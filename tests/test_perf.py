@@ -258,3 +258,20 @@ def test_fused_adamw_on_cuda_steps_as_the_for_each_one():
     for fused, for_each in zip(sides["cuda"], sides["cpu"]):
         torch.testing.assert_close(fused, for_each, rtol=1e-6, atol=1e-7)
         assert not torch.equal(fused, start[0] if fused.dim() == 2 else start[1])
+
+
+def test_a_frozen_tower_runs_without_autograd_and_in_the_run_precision():
+    """A frozen tower (LLaVA's) runs under no_grad: its activations are not kept for a backward that
+    never comes; in a bf16 run its weights are bf16 (DeepSpeed casts the whole module) and the
+    uint8 pixels are normalised into that dtype. A tower that trains keeps its graph."""
+    seen = []
+    for freeze in ("true", "false"):
+        model = toy_model(f"vision.freeze={freeze}").to(torch.bfloat16)
+        handle = model.vision.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out)))
+        pixels = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
+        model.encode_images(pixels)
+        handle.remove()
+    (frozen_input, frozen_out), (_, trained_out) = seen
+    assert frozen_input == torch.bfloat16 and frozen_out.dtype == torch.bfloat16
+    assert not frozen_out.requires_grad and frozen_out.grad_fn is None
+    assert trained_out.requires_grad
