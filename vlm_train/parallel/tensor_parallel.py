@@ -52,6 +52,7 @@ class MegatronCausalLM(Decoder):
         token_ids = torch.arange(tp_rank * per_rank, (tp_rank + 1) * per_rank)
         # Padding columns of the vocabulary (to a multiple of TP) never win a softmax or an argmax.
         self.register_buffer("vocab_padding", token_ids >= shape.vocab_size, persistent=False)
+        self.pads_vocab = shape.padded_vocab(tp) != shape.vocab_size  # else no logits copy to mask them
 
     @property
     def vocab_size(self) -> int:
@@ -93,6 +94,8 @@ class MegatronCausalLM(Decoder):
             attention_mask=None,
             decoder_input=embeds_BTDl.transpose(0, 1).contiguous(),
         )
+        if not self.pads_vocab:
+            return logits_BTv
         return logits_BTv.masked_fill(self.vocab_padding, torch.finfo(logits_BTv.dtype).min)
 
     def gather_logits(self, logits_BTv: torch.Tensor) -> torch.Tensor:
@@ -108,12 +111,13 @@ class MegatronCausalLM(Decoder):
         unsharded loss, on every TP rank, from the vocab-parallel logits."""
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        # megatron's kernel works in place on its input: hand it a copy of the shifted logits
-        shifted_BTv = logits_BTv[:, :-1].float().clone()
+        # Only the labelled positions (the same on every TP rank: the batch is), in fp32: a copy,
+        # which megatron's kernel may work on in place (see models/decoder.token_cross_entropy).
         targets_BT = labels_BT[:, 1:]
         labelled_BT = targets_BT != IGNORE_INDEX
-        losses_BT = vocab_parallel_cross_entropy(shifted_BTv, targets_BT.clamp(min=0))
-        return (losses_BT * labelled_BT).sum(), labelled_BT.sum()
+        logits_Nv = logits_BTv[:, :-1][labelled_BT].float()
+        losses_N = vocab_parallel_cross_entropy(logits_Nv, targets_BT[labelled_BT])
+        return losses_N.sum(), labelled_BT.sum()
 
     @torch.no_grad()
     def to_hf(self) -> CausalLM:
