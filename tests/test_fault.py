@@ -5,8 +5,10 @@ dir; frozen weights are referenced, not copied, and checked on resume."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -325,6 +327,9 @@ def test_pickled_objects_are_refused_and_no_secret_reaches_the_run_dir(uninterru
     marker = tmp_path / "code_ran"
     states = run_dir / "checkpoints" / f"step_{STEPS}" / "mp_rank_00_model_states.pt"
     torch.save({"module": {}, "payload": Exploit(marker)}, states)
+    manifest = states.parent / "SHA256SUMS.rank00000"  # an attacker rewrites its checksum too
+    digest = hashlib.sha256(states.read_bytes()).hexdigest()
+    manifest.write_text(re.sub(rf"\w{{64}}(  {states.name})", rf"{digest}\1", manifest.read_text()))
     with pytest.raises(ConfigError, match="refusing to load .*posix.mkdir"):
         safe_torch_load(states)
     job = launch(toy_overrides(toy_data, run_dir, *COMMON[1:], f"train.max_steps={STEPS + 2}"))

@@ -215,6 +215,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_last: int = 3  # checkpoints kept (the one `latest` names is never deleted); 0 keeps all
+    async_save: bool = False  # write checkpoints in a background thread while training goes on (host RAM: one copy)
     requeue: bool = False  # under Slurm, requeue the job when SIGTERM/SIGUSR1 stops it
     max_bad_steps: int = 10  # steps skipped for a non-finite loss before the run stops (exit 3)
     log_every: int = 10

@@ -70,7 +70,7 @@ def _train(cfg: Config, layout, device) -> None:
     from vlm_train.build import build_model
     from vlm_train.data.tokenizer import load_tokenizer
     from vlm_train.parallel.engine import build_train_engine
-    from vlm_train.training.checkpoint import latest_checkpoint
+    from vlm_train.training.checkpoint import resume_checkpoint
     from vlm_train.training.config_dump import config_yaml
     from vlm_train.training.flops import TrainingFlops
     from vlm_train.training.loop import Trainer
@@ -83,7 +83,7 @@ def _train(cfg: Config, layout, device) -> None:
     _, batch_line = resolve_schedule(cfg, layout.dp)  # derived fields, before the config is compared or written
     if layout.rank == 0:
         print(batch_line, flush=True)
-    resume_from = latest_checkpoint(run_dir)
+    resume_from = resume_checkpoint(run_dir)  # collective: `latest`, or the newest older one whose checksums hold
     if resume_from is not None:
         check_resumable((resume_from / "config.yaml").read_text(), cfg, resume_from)
     elif layout.rank == 0:

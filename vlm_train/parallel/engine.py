@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from vlm_train.config import Config, TrainConfig
 from vlm_train.errors import ConfigError
+from vlm_train.parallel.engine_checkpoint import HostBuffers, PendingFile, capture_save
 from vlm_train.parallel.kernels import Kernels, compile_model, probe_kernels
 from vlm_train.parallel.layout import Layout
 
@@ -236,7 +237,9 @@ class TrainEngine:
     Model and layout:
         engine.module, engine.zero_stage, engine.tensor_parallel, engine.model_parallel_group
     Checkpoints (files in DeepSpeed's layout; frozen parameters left out):
-        engine.save(root, tag)          collective: every rank writes its shards into root/tag
+        engine.save(root, tag, snapshot)
+                                        collective: this rank's shards for root/tag as files still to
+                                        write (a copy in `snapshot`'s host buffers when given)
         engine.load(folder, saved_ranks, saved_stage)
                                         collective: every read weights_only; a checkpoint of another
                                         rank count or ZeRO stage is resharded (universal checkpoint)
@@ -356,9 +359,13 @@ class TrainEngine:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm.float())
         return norm
 
-    def save(self, root: Path, tag: str) -> None:
-        """Collective: every rank writes its part of the engine state into root/tag."""
-        self._engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+    def save(self, root: Path, tag: str, snapshot: HostBuffers | None = None) -> list[PendingFile]:
+        """Collective: this rank's part of the engine state for root/tag, as files still to write
+        (the caller writes them: hashed and fsynced, training/checkpoint.py). With `snapshot` the
+        state is a copy in those host buffers that later steps do not change (the previous
+        snapshot's buffers are reused: write its files first); without, the live state, to be
+        written before the next step."""
+        return capture_save(self._engine, root, tag, snapshot_into=snapshot)
 
     def load(self, folder: Path, saved_ranks: int, saved_stage: int) -> None:
         """Collective: restore the engine state from `folder`, saved by `saved_ranks` ranks at ZeRO

@@ -7,15 +7,22 @@ parts (atomic publish, trainer state, frozen-weight checks) are in vlm_train/tra
 Loading never unpickles arbitrary objects: every file, DeepSpeed's included, is read with
 `torch.load(weights_only=True)` plus an allow-list of DeepSpeed's three plain data classes
 (`safe_torch_load`; `guard_loads` routes DeepSpeed's own reads through it).
+
+Saving never lets DeepSpeed write: `capture_save` runs its `save_checkpoint` (collectives and
+all) with a checkpoint engine that keeps what it is handed, and returns the files still to write,
+which the checkpointer writes (hashed, fsynced) now or in a background thread.
 """
 
 from __future__ import annotations
 
+import copy
 import pickle
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.distributed as dist
@@ -56,6 +63,122 @@ def guard_loads(engine: Any) -> None:
     # DeepSpeed reads model, optimizer and ZeRO files through engine.checkpoint_engine.load,
     # whose torch engine calls torch.load(weights_only=False).
     engine.checkpoint_engine.load = lambda path, map_location=None: safe_torch_load(path, map_location)
+
+
+@dataclass(frozen=True)
+class PendingFile:
+    """A checkpoint file not yet written: `write(f)` writes its bytes to an open binary file."""
+
+    path: Path
+    write: Callable[[IO[bytes]], object]
+
+
+class _CapturingEngine:
+    """Stands in for DeepSpeed's checkpoint engine during one `save_checkpoint`: each state dict
+    DeepSpeed hands it is kept, as a `snapshot` or as it is, instead of written. Everything else
+    (makedirs, create, commit, load) is the original engine's."""
+
+    def __init__(self, original: Any, buffers: HostBuffers | None):
+        self._original, self._buffers = original, buffers
+        self.files: list[PendingFile] = []
+
+    def save(self, state_dict: Any, path: str) -> None:
+        state = state_dict if self._buffers is None else snapshot(state_dict, self._buffers)
+        zipfile = getattr(self._original, "zipfile_serialization", True)
+        self.files.append(PendingFile(Path(path), partial(_torch_save, state, zipfile=zipfile)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._original, name)
+
+
+def _torch_save(state: Any, f: IO[bytes], zipfile: bool) -> None:
+    torch.save(state, f, _use_new_zipfile_serialization=zipfile)
+
+
+def capture_save(engine: Any, root: Path, tag: str, snapshot_into: HostBuffers | None) -> list[PendingFile]:
+    """Collective: DeepSpeed's save_checkpoint into root/tag (frozen parameters left out), its files
+    returned unwritten. With `snapshot_into` every tensor is first copied into those host buffers,
+    so that training may go on (and change the weights) while the files are written."""
+    if snapshot_into is not None:
+        snapshot_into.recycle()
+    capturing = _CapturingEngine(engine.checkpoint_engine, snapshot_into)
+    original, engine.checkpoint_engine = engine.checkpoint_engine, capturing
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+    finally:
+        engine.checkpoint_engine = original
+    return capturing.files
+
+
+class HostBuffers:
+    """Host memory that snapshots are copied into, kept from one save to the next: allocating it
+    anew (first-touch page faults; on GPUs, pinning) costs more than the copy itself. `recycle()`
+    (at the start of a snapshot) hands the previous snapshot's buffers out again, so its files
+    must be written by then: the checkpointer keeps one save in flight."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, bool], list[torch.UntypedStorage]] = {}
+        self._used: list[torch.UntypedStorage] = []
+
+    def recycle(self) -> None:
+        for storage in self._used:
+            self._free.setdefault((storage.nbytes(), storage.is_pinned()), []).append(storage)
+        self._used = []
+
+    def take(self, nbytes: int, pinned: bool) -> torch.UntypedStorage:
+        free = self._free.get((nbytes, pinned))
+        storage = free.pop() if free else torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned).untyped_storage()
+        self._used.append(storage)
+        return storage
+
+
+def snapshot(state: Any, buffers: HostBuffers) -> Any:
+    """A copy of `state` that later training cannot change, which torch.save writes to the same
+    bytes: every tensor copied into host memory (tensors sharing a storage keep sharing one copy
+    of it, as torch.save would write them; requires_grad and Parameter kept), every other object
+    deep-copied (optimizer bookkeeping, LR-scheduler state, DeepSpeed's config)."""
+    memo: dict[int, Any] = {}
+    storages: dict[int, torch.UntypedStorage] = {}
+    for tensor in _tensors(state, set()):
+        if id(tensor) not in memo:
+            memo[id(tensor)] = _host_copy(tensor, storages, buffers)
+    if any(storage.is_pinned() for storage in storages.values()):
+        torch.cuda.synchronize()  # the copies into pinned memory were asynchronous
+    return copy.deepcopy(state, memo)  # finds every tensor in `memo`
+
+
+def _tensors(state: Any, seen: set[int]):
+    """Every tensor inside containers and plain objects' attributes."""
+    if id(state) in seen:
+        return
+    seen.add(id(state))
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for value in state.values():
+            yield from _tensors(value, seen)
+    elif isinstance(state, (list, tuple, set)):
+        for value in state:
+            yield from _tensors(value, seen)
+    elif hasattr(state, "__dict__") and not isinstance(state, type):
+        yield from _tensors(vars(state), seen)
+
+
+def _host_copy(tensor: torch.Tensor, storages: dict[int, torch.UntypedStorage], buffers: HostBuffers) -> torch.Tensor:
+    """`tensor` viewing a host copy of its storage (one copy per storage, keyed as torch.save keys them)."""
+    storage = tensor.untyped_storage()
+    if storage._cdata not in storages:
+        on_device = storage.device.type != "cpu"
+        host = buffers.take(storage.nbytes(), pinned=on_device)
+        storages[storage._cdata] = host.copy_(storage, non_blocking=on_device)
+    host = storages[storage._cdata]
+    view = torch.empty(0, dtype=tensor.dtype).set_(host, tensor.storage_offset(), tensor.size(), tensor.stride())
+    view.requires_grad_(tensor.requires_grad)
+    if isinstance(tensor, torch.nn.Parameter):
+        view = torch.nn.Parameter(view, requires_grad=tensor.requires_grad)
+    if vars(tensor):  # attributes torch.save writes along (none in DeepSpeed 0.19's states)
+        vars(view).update(copy.deepcopy(vars(tensor)))
+    return view
 
 
 def verify_folder(folder: Path) -> None:

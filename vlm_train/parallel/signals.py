@@ -31,7 +31,10 @@ from vlm_train.errors import UserError
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request, checkpoint saved, start again to resume
 EXIT_STOP_TIMEOUT = 1  # a stop request not honoured within parallel.timeout_s: the job failed
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-FAULT_ENV = "VLM_TRAIN_FAULT_HANG"  # "<point>:<step>:<rank>", e.g. "save:6:0" (fault-tolerance tests)
+FAULT_ENV = "VLM_TRAIN_FAULT_HANG"  # "<point>:<step>:<rank>[,...]", e.g. "save:6:0" (fault-tolerance tests)
+# Points: save (main thread, the rank's part of a save done), publish (rank 0 renamed step_<N>, `latest`
+# not moved); in the checkpoint writer (the background thread of an async save): snapshot (nothing
+# written yet), write (the first file half written), durable (all written, not yet reported).
 default_deadline_s: float | None = None  # set from parallel.timeout_s when the process group starts
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PARENT_AT_START = os.getppid()  # read at import, as early as the entry point can: see end_with_launcher
@@ -126,10 +129,12 @@ def fault_point(point: str, step: int, rank: int, run_dir: Path) -> None:
     """Fault injection for tests: the rank named by $VLM_TRAIN_FAULT_HANG stops responding here.
 
     It writes `<run_dir>/fault_<point>_<step>_rank<R>` (holding its pid) and sleeps forever, like a
-    rank stuck in a driver call: its peers block in their next collective. It fires once per run
-    dir, so a restarted (or torchrun-restarted) job with the same environment carries on.
+    rank stuck in a driver call: its peers block in their next collective. Called from the
+    checkpoint writer thread, it stops that thread only: training goes on, the save never becomes
+    durable. It fires once per run dir, so a restarted (or torchrun-restarted) job with the same
+    environment carries on.
     """
-    if os.environ.get(FAULT_ENV) != f"{point}:{step}:{rank}":
+    if f"{point}:{step}:{rank}" not in os.environ.get(FAULT_ENV, "").split(","):
         return
     marker = run_dir / f"fault_{point}_{step}_rank{rank}"
     if marker.exists():

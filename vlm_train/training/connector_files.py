@@ -34,13 +34,23 @@ LLAVA_PREFIX = "model.mm_projector."  # LLaVA's name of the projector inside Lla
 
 def write_connector_files(engine: TrainEngine, run_dir: Path, step: int, cfg: Config) -> None:
     """Collective: every rank helps gather the connector; rank 0 writes the files atomically."""
+    state = gather_connector(engine, cfg)
+    if dist.get_rank() == 0 and state is not None:
+        write_connector_state(state, run_dir, step, cfg)
+
+
+def gather_connector(engine: TrainEngine, cfg: Config) -> dict[str, torch.Tensor] | None:
+    """Collective: the connector's fp32 state for its files (a copy on CPU); None where they are
+    not written (tensor-parallel cross-attention)."""
     connector = engine.module.connector
     assert isinstance(connector, torch.nn.Module)
     if cfg.parallel.tensor_parallel > 1 and connector.placement == "cross_attention":
-        return  # its blocks are split over TP ranks like the decoder: `vlm-convert consolidate` joins them
-    state = connector_state(connector)
-    if dist.get_rank() != 0:
-        return
+        return None  # its blocks are split over TP ranks like the decoder: `vlm-convert consolidate` joins them
+    return connector_state(connector)
+
+
+def write_connector_state(state: dict[str, torch.Tensor], run_dir: Path, step: int, cfg: Config) -> None:
+    """Rank 0: write `state` (from `gather_connector`) as the run's connector files."""
     from safetensors.torch import save_file
 
     metadata = {"format": "vlm_train", "connector": cfg.connector.name, "step": str(step)}

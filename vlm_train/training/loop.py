@@ -177,9 +177,8 @@ class Trainer:
             dtype=torch.float64,
             device=self.device,
         )
-        answer_tokens, samples, tokens, stop_requests, writing, model_flops, visual, *skipped = (
-            self.all_reduce(local).tolist()
-        )
+        reduced = self.all_reduce(local).tolist()
+        answer_tokens, samples, tokens, stop_requests, writing, model_flops, visual, *skipped = reduced
         return GlobalCounts(answer_tokens, samples, tokens, stop_requests, writing, model_flops, visual, skipped)
 
     def count_skipped_samples(self, skipped: list[float], samples: float) -> None:
