@@ -18,3 +18,21 @@ def toy_data(tmp_path_factory) -> Path:
     from vlm_train.data.synthetic import generate
 
     return generate(tmp_path_factory.mktemp("toy"), train=640, eval=32, seed=1)
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A world of one gloo rank (as `vlm-train` without torchrun), torn down after the module."""
+    from tests.helpers import free_port
+    from vlm_train.config import compose
+    from vlm_train.parallel.distributed import init_distributed, launch_env, shutdown
+
+    saved = dict(os.environ)
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    try:
+        init_distributed(compose(["experiment=toy"]).parallel, launch_env())
+        yield
+    finally:
+        shutdown()
+        os.environ.clear()
+        os.environ.update(saved)

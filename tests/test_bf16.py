@@ -236,7 +236,8 @@ def megatron_report(folder: Path, env) -> None:
 
     layout = Layout(world=env.world, rank=env.rank, tp=2, zero_stage=0, backend="megatron")
     layout.build_groups()
-    cfg = compose(["experiment=toy"]).llm
+    # megatron's own attention (kept under eager; sdpa runs torch's fused kernel, softmax inside it)
+    cfg = compose(["experiment=toy", "llm.attn_implementation=eager"]).llm
     softmax_inputs: list[str] = []
     original = torch.nn.Softmax.forward
 

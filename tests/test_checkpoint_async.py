@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, free_port, make_batch, read_metrics, step_losses, torchrun, toy_model, toy_overrides
+from tests.helpers import REPO, make_batch, read_metrics, step_losses, torchrun, toy_model, toy_overrides
 
 STEPS = 8
 COMMON = (f"train.max_steps={STEPS}", "train.save_every=2", "train.precision=fp32", "parallel.zero_stage=3")
@@ -30,23 +30,6 @@ ASYNC = (*COMMON, "train.async_save=true")
 
 
 # --- in this process: what an async save writes --------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    """A world of one gloo rank (as `vlm-train` without torchrun), torn down after the module."""
-    from vlm_train.config import compose
-    from vlm_train.parallel.distributed import init_distributed, launch_env, shutdown
-
-    saved = dict(os.environ)
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    try:
-        init_distributed(compose(["experiment=toy"]).parallel, launch_env())
-        yield
-    finally:
-        shutdown()
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def toy_engine(stage: int, run_dir: Path):

@@ -13,27 +13,8 @@ import subprocess
 
 import pytest
 
-from tests.helpers import free_port
 from vlm_train.training import checksums
 from vlm_train.training.checkpoint import NoUsableCheckpoint, resume_checkpoint
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    """A world of one gloo rank (the selection is collective)."""
-    from vlm_train.config import compose
-    from vlm_train.parallel.distributed import init_distributed, launch_env, shutdown
-
-    saved = dict(os.environ)
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    try:
-        init_distributed(compose(["experiment=toy"]).parallel, launch_env())
-        yield
-    finally:
-        shutdown()
-        os.environ.clear()
-        os.environ.update(saved)
-
 
 FILES = {  # what a 2-rank ZeRO-1 save holds, in miniature
     0: {"mp_rank_00_model_states.pt": 3000, "zero_pp_rank_0_mp_rank_00_optim_states.pt": 5000, "config.yaml": 40},

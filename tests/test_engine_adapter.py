@@ -6,30 +6,10 @@ were while the LR schedule advances as after a real update, whichever side cance
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 from torch import nn
-
-from tests.helpers import free_port
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    """A world of one gloo rank (as `vlm-train` without torchrun), torn down after the module."""
-    from vlm_train.config import compose
-    from vlm_train.parallel.distributed import init_distributed, launch_env, shutdown
-
-    saved = dict(os.environ)
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    try:
-        init_distributed(compose(["experiment=toy"]).parallel, launch_env())
-        yield
-    finally:
-        shutdown()
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def build(stage: int):

@@ -89,9 +89,19 @@ def _skip_shm_comm_build() -> None:
 
 
 def shutdown() -> None:
+    """Destroy the process groups; through DeepSpeed where it is set up, so that it also drops the
+    groups it cached (a clone of the world among them): a later world in this process (tests run
+    several) would otherwise be handed a destroyed group."""
+    import sys
+
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    deepspeed_comm = sys.modules.get("deepspeed.comm.comm")
+    if deepspeed_comm is not None and getattr(deepspeed_comm, "cdb", None) is not None:
+        deepspeed_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 
