@@ -277,6 +277,42 @@ def test_workers_of_a_sigkilled_torchrun_save_and_exit_and_a_restart_continues_b
         assert record["loss"] == reference[record["step"]], (record, reference[record["step"]])
 
 
+def test_the_deadline_stops_the_run_in_time_without_any_signal_and_a_restart_continues_bit_identical(
+    uninterrupted, toy_data, tmp_path
+):
+    """`train.stop_at` 60 s ahead, torchrun forwarding no stop signal to its workers (as torchrun
+    before 2.9 with SIGUSR1): the ranks agree before a step that it, a save and the margin (15 s:
+    the exit takes seconds here) would not fit, save after it and exit 75 before the deadline,
+    leaving <run.dir>/STOPPED for the launcher script (torchrun itself exits 1). A slow loader
+    (4 s a step) makes sure the deadline falls mid-run. The restart, without a deadline,
+    continues with the reference's losses."""
+    run_dir = tmp_path / "deadline"
+    stop_at = time.time() + 60
+    overrides = toy_overrides(toy_data, run_dir, *COMMON, f"train.stop_at={stop_at:.0f}", "train.stop_margin_s=15")
+    command = torchrun(2, "-m", "vlm_train.train", *overrides)
+    command.insert(command.index("-m", 3), "--signals-to-handle=SIGINT")  # no SIGTERM/SIGUSR1 forwarding
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLM_TRAIN_SLOW_DATA_S": "1.0"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    ended = time.time()
+    log = result.stdout + result.stderr
+    assert result.returncode != 0 and ended < stop_at, (result.returncode, ended - stop_at, log[-3000:])
+    stopped = [line for line in log.splitlines() if f"stopped by the deadline (train.stop_at={stop_at:.0f}: " in line]
+    assert len(stopped) == 2, log[-3000:]  # both ranks, each exiting 75
+    assert "exitcode  : 75" in log
+    stop_step = int(stopped[0].split(" after step ")[1].split(",")[0])
+    assert 1 <= stop_step < STEPS
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stop_step}"
+    assert (run_dir / "STOPPED").read_text().startswith("stopped by the deadline (train.stop_at=")
+
+    restart = launch(toy_overrides(toy_data, run_dir, *COMMON))
+    assert restart.wait(timeout=300) == 0, read_launch_log(run_dir)[-3000:]
+    reference = step_losses(uninterrupted[0])
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # each step once: stopped after a save
+    for record in records:
+        assert record["loss"] == reference[record["step"]], (record, reference[record["step"]])
+
+
 def test_a_rank_that_stops_responding_ends_the_job_within_the_timeout(toy_data, tmp_path):
     """Rank 1 stops in the step-2 save; rank 0 waits in the next collective until parallel.timeout_s."""
     timeout_s = 20

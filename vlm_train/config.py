@@ -216,7 +216,13 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_last: int = 3  # checkpoints kept (the one `latest` names is never deleted); 0 keeps all
     async_save: bool = False  # write checkpoints in a background thread while training goes on (host RAM: one copy)
-    requeue: bool = False  # under Slurm, requeue the job when SIGTERM/SIGUSR1 stops it
+    requeue: bool = False  # under Slurm, requeue the job when SIGTERM/SIGUSR1 or the deadline stops it
+    # Stop in time by itself (training/deadline.py): save and exit 75 when one more step and a
+    # save would not fit before the deadline. stop_at: auto (the job's end: slurm/common.sh's
+    # VLM_STOP_AT or Slurm's SLURM_JOB_END_TIME) | none | epoch seconds | ISO 8601 time.
+    stop_at: str = "auto"
+    max_minutes: float | None = None  # wall-clock minutes from the process start (Megatron's --exit-duration-in-mins)
+    stop_margin_s: float = 60.0  # kept free beyond the measured step and save times (the exit, a first save)
     max_bad_steps: int = 10  # steps skipped for a non-finite loss before the run stops (exit 3)
     log_every: int = 10
     eval: bool = True  # score held-out samples at the end (needs data.eval_urls)

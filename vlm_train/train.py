@@ -14,6 +14,7 @@ from pathlib import Path
 from vlm_train.config import Config, compose
 from vlm_train.errors import UserError
 from vlm_train.parallel.signals import Preempted, end_with_launcher
+from vlm_train.training import deadline  # noqa: F401  (first: train.max_minutes counts from its import)
 
 USAGE = """usage: vlm-train [key=value ...]
 

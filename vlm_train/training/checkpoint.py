@@ -22,6 +22,7 @@ import io
 import json
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -63,6 +64,7 @@ class _Save:
     step: int
     partial: Path
     connector: dict[str, torch.Tensor] | None  # the connector files' state at `step` (rank 0)
+    started: float  # time.perf_counter() when the save began, for how long saves take
 
 
 class Checkpointer:
@@ -85,6 +87,7 @@ class Checkpointer:
         self.buffers = HostBuffers() if self.async_save else None  # reused by every snapshot of the run
         self.pending: _Save | None = None
         self.config_yaml = config_yaml(cfg).encode()  # the same for every save of the run (~40 ms to make)
+        self.longest_save_s = 0.0  # from the start of a save to its publication (async: durable everywhere)
 
     def save(self, step: int, trainer_state: dict[str, Any]) -> Path:
         """Collective: checkpoint `step`; returns the folder it is (or will be) published as."""
@@ -101,6 +104,7 @@ class Checkpointer:
             dist.barrier()
             self._publish(save)
             dist.barrier()
+            self._took(save)
         return self.root / f"step_{step}"
 
     def writing_here(self) -> float:
@@ -115,6 +119,7 @@ class Checkpointer:
             self.writer.wait()
             save, self.pending = self.pending, None
             self._publish(save)
+            self._took(save)
 
     def finish(self) -> None:
         """Collective: wait for the pending save's files on every rank, then publish it."""
@@ -124,9 +129,14 @@ class Checkpointer:
         dist.barrier()  # every rank's files are durable
         save, self.pending = self.pending, None
         self._publish(save)
+        self._took(save)
+
+    def _took(self, save: _Save) -> None:
+        self.longest_save_s = max(self.longest_save_s, time.perf_counter() - save.started)
 
     def _snapshot(self, step: int, trainer_state: dict[str, Any]) -> tuple[_Save, list[PendingFile]]:
         """Collective, the part of a save that blocks training: this rank's files, still to write."""
+        started = time.perf_counter()
         partial_dir = self.root / f"step_{step}{PARTIAL}"
         if self.rank == 0:
             shutil.rmtree(partial_dir, ignore_errors=True)  # left behind by a save that was killed
@@ -139,7 +149,7 @@ class Checkpointer:
         if self.rank == 0:
             files.append(_bytes_file(partial_dir / "config.yaml", self.config_yaml))
             files.append(_bytes_file(partial_dir / FROZEN_FILE, json.dumps(frozen, indent=1).encode()))
-        return _Save(step, partial_dir, connector if self.rank == 0 else None), files
+        return _Save(step, partial_dir, connector if self.rank == 0 else None, started), files
 
     def _fault(self, step: int):
         return lambda point: fault_point(point, step, self.rank, self.run_dir)

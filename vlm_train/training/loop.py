@@ -24,7 +24,7 @@ from vlm_train.models.vlm import IGNORE_INDEX
 from vlm_train.parallel.engine import TrainEngine, resolve_precision
 from vlm_train.parallel.layout import Layout
 from vlm_train.parallel.signals import Preempted, StopFlag, requeue_slurm_job
-from vlm_train.training import checkpoint
+from vlm_train.training import checkpoint, deadline
 from vlm_train.training.flops import TrainingFlops, mfu, peak_flops
 from vlm_train.training.metrics import MetricsLogger, memory_gb
 from vlm_train.training.rng import rng_state, set_rng_state
@@ -38,6 +38,8 @@ class GlobalCounts(NamedTuple):
     samples: float
     tokens: float  # attention-mask tokens (packed: sample numbers)
     stop_requests: float  # ranks that caught a stop signal
+    deadline_due: float  # ranks where one more step and a save would not fit before the deadline
+    stop_file: float  # 1 when rank 0 found <run.dir>/STOP
     saves_writing: float  # ranks whose async checkpoint is not durable yet (0: publish it)
     model_flops: float
     visual_tokens: float
@@ -66,7 +68,12 @@ class Trainer:
         self.tokens_seen = 0
         self.grad_norm: float | None = None
         self.stop_flag = StopFlag().install()
+        self.deadline = deadline.Deadline(
+            deadline.stop_at(cfg.train.stop_at, cfg.train.max_minutes, deadline.PROCESS_START), cfg.train.stop_margin_s
+        )
+        self.stop_requested_by_file: str | None = None  # rank 0: the request in <run.dir>/STOP
         self.stop_everywhere = False
+        self.stop_counts: GlobalCounts | None = None  # the all-reduce that decided the stop
         self.checkpoints = checkpoint.Checkpointer(engine, self.run_dir, cfg)  # train.async_save: overlaps training
         self.saves_writing = 0.0  # ranks still writing the pending async checkpoint, as of the last step
         self.skipped_by_reason = torch.zeros(len(SKIP_REASONS), dtype=torch.float64)  # bad samples, all ranks
@@ -86,6 +93,7 @@ class Trainer:
             loss, samples, tokens = self.train_step()
             first_loss = loss if first_loss is None else first_loss
             elapsed = time.perf_counter() - started
+            self.deadline.record_step(elapsed)
             self.step += 1
             self.samples_seen += samples
             self.tokens_seen += tokens
@@ -99,6 +107,7 @@ class Trainer:
             if self.stop_everywhere and self.step < train.max_steps:
                 self.checkpoints.finish()  # the stop's checkpoint is published before the exit
                 self.stop_for_preemption()
+            self.deadline.record_save(self.checkpoints.longest_save_s)
         self.checkpoints.finish()  # async: the last save, published before evaluation and exit
         if self.layout.rank == 0 and first_loss is not None:
             took = time.perf_counter() - fit_started
@@ -115,7 +124,8 @@ class Trainer:
             micro_batches = [next(self.batches) for _ in range(self.cfg.train.grad_accum)]
         counts = self.global_counts(micro_batches)
         self.step_flops, self.step_visual_tokens = counts.model_flops, counts.visual_tokens
-        self.stop_everywhere = counts.stop_requests > 0
+        self.stop_everywhere = counts.stop_requests + counts.deadline_due + counts.stop_file > 0
+        self.stop_counts = counts
         self.saves_writing = counts.saves_writing
         # The engine divides by grad_accum and averages gradients over dp ranks; undo both so the
         # gradient is that of (sum of token losses) / (answer tokens in the global batch).
@@ -169,6 +179,8 @@ class Trainer:
                 sum(float(mb["input_ids"].shape[0]) for mb in micro_batches),
                 sum(float((mb["attention_mask"] > 0).sum()) for mb in micro_batches),  # packed: sample numbers
                 float(self.stop_flag.raised),  # a signal on any rank stops every rank after this step
+                float(self.deadline.due()),  # so does the deadline seen from any rank
+                float(self.stop_file_found()),
                 self.checkpoints.writing_here(),  # an async save is published once no rank is still writing
                 sum(self.flops(mb) for mb in micro_batches),
                 self.local_visual_tokens,
@@ -178,8 +190,16 @@ class Trainer:
             device=self.device,
         )
         reduced = self.all_reduce(local).tolist()
-        answer_tokens, samples, tokens, stop_requests, writing, model_flops, visual, *skipped = reduced
-        return GlobalCounts(answer_tokens, samples, tokens, stop_requests, writing, model_flops, visual, skipped)
+        answer_tokens, samples, tokens, stop_requests, due, stop_file, writing, model_flops, visual, *skipped = reduced
+        return GlobalCounts(
+            answer_tokens, samples, tokens, stop_requests, due, stop_file, writing, model_flops, visual, skipped
+        )
+
+    def stop_file_found(self) -> bool:
+        """Rank 0 looks for <run.dir>/STOP before every step (one stat; the all-reduce tells the others)."""
+        if self.layout.rank == 0:
+            self.stop_requested_by_file = deadline.stop_requested_by_file(self.run_dir)
+        return self.stop_requested_by_file is not None
 
     def count_skipped_samples(self, skipped: list[float], samples: float) -> None:
         """Bad samples were replaced by placeholders; too many of them end the run (data.max_skip_fraction),
@@ -260,15 +280,36 @@ class Trainer:
             "skipped_by_reason": dict(zip(SKIP_REASONS, self.skipped_by_reason.tolist())),
             "data": self.batches.state_dict(),
             "rng": rng_state(),
+            "save_s": self.deadline.save_s,  # the longest save so far: a resumed run plans its deadline stop with it
         }
 
     def stop_for_preemption(self) -> None:
+        """After the stop's checkpoint: requeue (train.requeue) and exit 75 with why we stopped."""
+        if self.stop_requested_by_file is not None:
+            deadline.clear_stop_file(self.run_dir)  # honoured: the next start must not stop again
         requeued = self.cfg.train.requeue and self.layout.rank == 0 and requeue_slurm_job()
-        signal_name = self.stop_flag.signal_name or "a signal on another rank"
-        raise Preempted(
-            f"stopped by {signal_name} after step {self.step}, checkpoint saved"
-            + ("; job requeued" if requeued else "; start again with the same run.dir to resume")
-        )
+        message = f"stopped by {self.stop_cause()} after step {self.step}, checkpoint saved"
+        if self.layout.rank == 0:
+            # For the batch script: torchrun reports a worker's 75 as its own 1.
+            deadline.write_stopped(self.run_dir, message)
+        if self.layout.world > 1:
+            dist.barrier()  # written before any rank exits (a launcher may kill the rest then)
+        raise Preempted(message + ("; job requeued" if requeued else "; start again with the same run.dir to resume"))
+
+    def stop_cause(self) -> str:
+        """This rank's own reason first; what the all-reduce reported from other ranks otherwise."""
+        if self.stop_flag.signal_name:
+            return self.stop_flag.signal_name
+        if self.stop_requested_by_file:
+            return f"request {self.stop_requested_by_file}"
+        if self.deadline.at is not None and self.deadline.due():
+            return self.deadline.reason()
+        counts = self.stop_counts
+        if counts is not None and counts.stop_file:
+            return "a request in <run.dir>/STOP"
+        if counts is not None and counts.deadline_due:
+            return "the deadline (as another rank measured it)"
+        return "a signal on another rank"
 
     def save(self) -> None:
         """Collective: checkpoint this step (published on return, or with train.async_save once
@@ -279,6 +320,7 @@ class Trainer:
         state = checkpoint.load(self.engine, folder)
         self.step, self.samples_seen, self.tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
         self.bad_steps = state.get("bad_steps", 0)
+        self.deadline.record_save(state.get("save_s", 0.0))
         saved = state.get("skipped_by_reason", {})
         self.skipped_by_reason = torch.tensor([saved.get(r, 0.0) for r in SKIP_REASONS], dtype=torch.float64)
         self.batches.load_state_dict(state["data"])
