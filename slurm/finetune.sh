@@ -12,16 +12,15 @@
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1
 #SBATCH --gres=gpu:8
-#SBATCH --cpus-per-task=112
 #SBATCH --exclusive
 #SBATCH --mem=0
 #SBATCH --time=08:00:00
-#SBATCH --signal=B:USR1@300
+#SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
-# One task per node (torchrun starts a worker per GPU); 112 CPUs = both sockets of a DGX H100
-# (set your nodes' Slurm CPU count); USR1 to this shell 5 min before the limit -> requeue.
+# One task per node (torchrun starts a worker per GPU) with all the node's CPUs; the trainer stops
+# itself before the time limit and the job is requeued; USR1 2 min before the limit is the backstop.
 set -euo pipefail
 
 # sbatch runs a copy of this file from its spool directory, so the repository is found through

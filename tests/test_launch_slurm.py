@@ -92,10 +92,11 @@ def test_sbatch_pretrain_trains_the_toy_model(slurm_cluster, toy_data, tmp_path)
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r][-1] == 10
     assert (run_dir / "checkpoints" / "latest").read_text().strip().endswith("step_10")
     job_id = re.search(r"Submitted batch job (\d+)", result.stdout).group(1)
-    log = (run_dir / "logs" / f"slurm-{job_id}.log").read_text()
+    log = (run_dir / "logs" / f"slurm-{job_id}-0.log").read_text()
     assert "1 node(s) x 1 worker(s)" in log  # no GPUs: one worker, gloo
     assert "global batch 8 = micro-batch 4 x 1 data-parallel rank(s) x 2 accumulation step(s)" in log
-    assert "training finished with exit code 0" in log
+    assert "time limit: the job ends" in log  # the trainer was told (VLM_STOP_AT)
+    assert "training finished" in log
 
 
 def _cancel_submitted(sbatch_stdout: bytes | str | None) -> None:
@@ -126,9 +127,9 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def test_usr1_requeues_and_the_next_start_resumes(slurm_cluster, toy_data, tmp_path):
-    """What Slurm does near the time limit (`--signal=B:USR1@300`): USR1 to the batch shell. The
-    script passes it to the trainer, which saves and stops; then the script requeues the job, and
-    its second start resumes from that checkpoint and finishes."""
+    """What Slurm does near the time limit (`--signal=B:USR1@<s>`): USR1 to the batch shell. The
+    script writes <run.dir>/STOP (no signal through torchrun), the trainer saves and stops; then the
+    script requeues the job, and its second start resumes from that checkpoint and finishes."""
     run_dir = tmp_path / "run"
     overrides = _cpu_overrides(toy_data, run_dir, "train.max_steps=600", "train.save_every=50", "train.log_every=10")
     submit = [
@@ -163,11 +164,12 @@ def test_usr1_requeues_and_the_next_start_resumes(slurm_cluster, toy_data, tmp_p
         _run(["scancel", job_id])
     report = _job_report(run_dir, tmp_path)
     assert _job_field(job_id, "JobState") == "COMPLETED", report
-    log = (run_dir / "logs" / f"slurm-{job_id}.log").read_text()
+    log = (run_dir / "logs" / f"slurm-{job_id}-0.log").read_text()
     assert "USR1 (time limit near): asking the trainer to save a checkpoint and stop" in log, report
-    assert "stopped by SIGUSR1" in log, report  # forwarded by srun and torchrun to the worker
+    assert f"stopped by request {run_dir}/STOP (Slurm sent USR1 to job {job_id}: its time limit is near)" in log, report
     assert "requeueing job" in log, report
-    assert f"job {job_id} start 2" in log, report
+    assert f"job {job_id} start 2" in (run_dir / "logs" / f"slurm-{job_id}-1.log").read_text(), report
+    assert not (run_dir / "STOP").exists()
     # Both starts log into the same metrics.jsonl; a second start from scratch would log step 1 again.
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert steps.count(1) == 1, f"the second start did not resume: {steps}"
@@ -203,13 +205,51 @@ def test_the_same_job_submitted_twice_the_second_is_refused(slurm_cluster, toy_d
         _run(["scancel", first, *([second] if second else [])])
     report = _job_report(run_dir, tmp_path)
     assert _job_field(second, "JobState") == "FAILED", report
-    refused = (run_dir / "logs" / f"slurm-{second}.log").read_text()
+    refused = (run_dir / "logs" / f"slurm-{second}-0.log").read_text()
     lines = [line for line in refused.splitlines() if "vlm-train: error:" in line]
     assert len(lines) == 1, refused
     assert f"run.dir={run_dir} is in use by Slurm job {first} on host {socket.gethostname()}, pid " in lines[0]
     assert ", started 20" in lines[0], lines[0]
     assert _job_field(first, "JobState") == "COMPLETED", report
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, 21)), report
+
+
+def test_a_stop_that_cannot_be_requeued_fails_the_job_and_holds_its_dependents(slurm_cluster, toy_data, tmp_path):
+    """The exit-code table's "stopped, not requeued" row: the trainer stops itself at its deadline
+    (train.max_minutes) with a checkpoint, MAX_REQUEUES=0 refuses the requeue, and the job ends
+    FAILED with 75, so that a stage 2 submitted with --dependency=afterok never starts."""
+    run_dir = tmp_path / "run"
+    overrides = _cpu_overrides(
+        toy_data, run_dir, "train.max_steps=600", "train.max_minutes=0.4", "train.stop_margin_s=2", "train.log_every=1"
+    )
+    env = {**_job_env(), "MAX_REQUEUES": "0", "VLM_TRAIN_SLOW_DATA_S": "0.25"}
+    submit = [
+        "sbatch",
+        "--parsable",
+        "--nodes=1",
+        "--gres=none",
+        "--cpus-per-task=2",
+        f"--output={tmp_path}/slurm-%j.out",
+    ]
+    stage1 = _run([*submit, "slurm/pretrain.sh", *overrides], env=env).stdout.strip().split(";")[0]
+    stage2 = _run(
+        [*submit, f"--dependency=afterok:{stage1}", f"--wrap=touch {tmp_path}/stage2-ran"], env=env
+    ).stdout.strip()
+    try:
+        _wait_for(lambda: _job_field(stage1, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 240, f"job {stage1}")
+        _wait_for(lambda: _job_field(stage2, "Reason") == "DependencyNeverSatisfied", 60, "the dependency verdict")
+    finally:
+        _run(["scancel", stage1, stage2])
+    report = _job_report(run_dir, tmp_path)
+    assert (_job_field(stage1, "JobState"), _job_field(stage1, "ExitCode")) == ("FAILED", "75:0"), report
+    assert _job_field(stage1, "Restarts") == "0", report
+    log = (run_dir / "logs" / f"slurm-{stage1}-0.log").read_text()
+    assert "stopped by the deadline (train.max_minutes=0.4: " in log, report
+    assert "not requeueing: this job was already requeued 0 times (MAX_REQUEUES=0)" in log, report
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert latest == f"step_{steps[-1]}" and 1 <= steps[-1] < 600, (latest, steps)  # the stop's checkpoint
+    assert not (tmp_path / "stage2-ran").exists()
 
 
 def test_srun_tasks_use_slurm_variables(slurm_cluster, toy_data, tmp_path):
