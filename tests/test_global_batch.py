@@ -194,7 +194,9 @@ def test_sbatch_checks_the_global_batch_against_the_jobs_gpus_before_starting():
     from tests.helpers import REPO
 
     script = """source slurm/common.sh; VLM_CONTAINER_ARGS=()
-    for world in 24 16; do VLM_WORLD=$world vlm_resolve_run_dir "$@" || echo "refused at $world"; done"""
+    for world in 24 16; do
+      if VLM_WORLD=$world vlm_resolve_run_dir "$@"; then echo "$VLM_RUN_DIR"; else echo "refused at $world"; fi
+    done"""
     overrides = ["experiment=llava15-7b-stage1", "vision.path=/m/clip", "llm.path=/m/vicuna", "data.urls=/d/{0..1}.tar"]
     env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(

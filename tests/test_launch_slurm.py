@@ -7,65 +7,44 @@ helper's message rather than skipping them: CI relies on them.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.helpers import REPO, read_metrics
+from tests.slurm_helpers import (
+    batch_step_running,
+    cancel_submitted,
+    cpu_overrides,
+    job_env,
+    job_field,
+    job_report,
+    run_command,
+    wait_for,
+)
 from vlm_train.parallel.launch_env import expand_nodelist
 
 pytestmark = pytest.mark.slow
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
 
 
-def _run(command: list[str], timeout: int = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def slurm_cluster():
     """A running local cluster for this module; stopped afterwards even when a test fails."""
-    up = _run(["bash", str(CLUSTER), "up"], timeout=900)  # a first apt-get install takes a while
+    up = run_command(["bash", str(CLUSTER), "up"], timeout=900)  # a first apt-get install takes a while
     if up.returncode != 0:
-        _run(["bash", str(CLUSTER), "down"])
+        run_command(["bash", str(CLUSTER), "down"])
         pytest.fail(f"could not start the local Slurm cluster:\n{up.stdout}{up.stderr}", pytrace=False)
-    status = _run(["bash", str(CLUSTER), "status"])
+    status = run_command(["bash", str(CLUSTER), "status"])
     assert status.returncode == 0, status.stdout + status.stderr
     yield
-    down = _run(["bash", str(CLUSTER), "down"])
+    down = run_command(["bash", str(CLUSTER), "down"])
     assert down.returncode == 0, down.stdout + down.stderr
-
-
-def _job_env() -> dict[str, str]:
-    """What the submitting shell exports to the job: this venv first on PATH, no stray launcher vars."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    env["PYTHON"] = sys.executable
-    return env
-
-
-def _cpu_overrides(toy_data: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "experiment=toy",
-        f"run.dir={run_dir}",
-        f"data.synthetic_dir={toy_data}",
-        "train.micro_batch_size=4",
-        "train.eval=false",
-        "data.num_workers=1",
-        *extra,
-    ]
-
-
-def _job_report(run_dir: Path, out_dir: Path) -> str:
-    logs = [*sorted((run_dir / "logs").glob("*.log")), *sorted(out_dir.glob("*.out"))]
-    return "\n".join(f"--- {p}\n{p.read_text()[-4000:]}" for p in logs if p.is_file())
 
 
 def test_sbatch_pretrain_trains_the_toy_model(slurm_cluster, toy_data, tmp_path):
@@ -80,14 +59,14 @@ def test_sbatch_pretrain_trains_the_toy_model(slurm_cluster, toy_data, tmp_path)
         "--cpus-per-task=2",
         f"--output={tmp_path}/slurm-%j.out",
         "slurm/pretrain.sh",
-        *_cpu_overrides(toy_data, run_dir, "train.max_steps=10", "train.global_batch_size=8"),
+        *cpu_overrides(toy_data, run_dir, "train.max_steps=10", "train.global_batch_size=8"),
     ]
     try:
-        result = _run(command, timeout=300, env=_job_env())
+        result = run_command(command, timeout=300, env=job_env())
     except subprocess.TimeoutExpired as err:
-        _cancel_submitted(err.stdout)
-        pytest.fail(f"the job did not finish in 300 s\n{_job_report(run_dir, tmp_path)}")
-    report = _job_report(run_dir, tmp_path)
+        cancel_submitted(err.stdout)
+        pytest.fail(f"the job did not finish in 300 s\n{job_report(run_dir, tmp_path)}")
+    report = job_report(run_dir, tmp_path)
     assert result.returncode == 0, f"{result.stdout}{result.stderr}\n{report}"
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r][-1] == 10
     assert (run_dir / "checkpoints" / "latest").read_text().strip().endswith("step_10")
@@ -99,39 +78,12 @@ def test_sbatch_pretrain_trains_the_toy_model(slurm_cluster, toy_data, tmp_path)
     assert "training finished" in log
 
 
-def _cancel_submitted(sbatch_stdout: bytes | str | None) -> None:
-    """Cancel the job `sbatch --wait` submitted, so it cannot outlive a failed test."""
-    text = sbatch_stdout.decode() if isinstance(sbatch_stdout, bytes) else sbatch_stdout or ""
-    match = re.search(r"Submitted batch job (\d+)", text)
-    if match:
-        _run(["scancel", match.group(1)])
-
-
-def _job_field(job_id: str, field: str) -> str:
-    shown = _run(["scontrol", "show", "job", job_id]).stdout
-    match = re.search(rf"\b{field}=(\S+)", shown)
-    return match.group(1) if match else ""
-
-
-def _batch_step_running(job_id: str) -> bool:
-    # slurmd runs each job's batch script under a slurmstepd titled "slurmstepd: [<job>.batch]".
-    return _run(["pgrep", "-f", rf"slurmstepd: \[{job_id}\.batch\]"]).returncode == 0
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.5)
-
-
 def test_usr1_requeues_and_the_next_start_resumes(slurm_cluster, toy_data, tmp_path):
     """What Slurm does near the time limit (`--signal=B:USR1@<s>`): USR1 to the batch shell. The
     script writes <run.dir>/STOP (no signal through torchrun), the trainer saves and stops; then the
     script requeues the job, and its second start resumes from that checkpoint and finishes."""
     run_dir = tmp_path / "run"
-    overrides = _cpu_overrides(toy_data, run_dir, "train.max_steps=600", "train.save_every=50", "train.log_every=10")
+    overrides = cpu_overrides(toy_data, run_dir, "train.max_steps=600", "train.save_every=50", "train.log_every=10")
     submit = [
         "sbatch",
         "--parsable",
@@ -142,28 +94,28 @@ def test_usr1_requeues_and_the_next_start_resumes(slurm_cluster, toy_data, tmp_p
         "slurm/pretrain.sh",
         *overrides,
     ]
-    result = _run(submit, env=_job_env())
+    result = run_command(submit, env=job_env())
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.strip().split(";")[0]
     try:
         latest = run_dir / "checkpoints" / "latest"
-        _wait_for(latest.is_file, 240, f"the first checkpoint of job {job_id}\n{_job_report(run_dir, tmp_path)}")
-        assert _job_field(job_id, "JobState") == "RUNNING", _job_report(run_dir, tmp_path)
-        signal = _run(["scancel", "--batch", "--signal=USR1", job_id])
+        wait_for(latest.is_file, 240, f"the first checkpoint of job {job_id}\n{job_report(run_dir, tmp_path)}")
+        assert job_field(job_id, "JobState") == "RUNNING", job_report(run_dir, tmp_path)
+        signal = run_command(["scancel", "--batch", "--signal=USR1", job_id])
         assert signal.returncode == 0, signal.stderr
-        _wait_for(lambda: _job_field(job_id, "Restarts") == "1", 60, "the requeue")
+        wait_for(lambda: job_field(job_id, "Restarts") == "1", 60, "the requeue")
         # A requeued job waits ~2 minutes (BeginTime) before it starts again, long enough for the
         # first start's batch step to report its end. We release it early, so wait for that report
         # first: the end of an old batch step arriving after the new start would end the new one.
-        _wait_for(lambda: _job_field(job_id, "JobState") == "PENDING", 60, "the job to be pending")
-        _wait_for(lambda: not _batch_step_running(job_id), 60, "the first batch step to end")
+        wait_for(lambda: job_field(job_id, "JobState") == "PENDING", 60, "the job to be pending")
+        wait_for(lambda: not batch_step_running(job_id), 60, "the first batch step to end")
         time.sleep(1)
-        _run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
-        _wait_for(lambda: _job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the job")
+        run_command(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+        wait_for(lambda: job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the job")
     finally:
-        _run(["scancel", job_id])
-    report = _job_report(run_dir, tmp_path)
-    assert _job_field(job_id, "JobState") == "COMPLETED", report
+        run_command(["scancel", job_id])
+    report = job_report(run_dir, tmp_path)
+    assert job_field(job_id, "JobState") == "COMPLETED", report
     log = (run_dir / "logs" / f"slurm-{job_id}-0.log").read_text()
     assert "USR1 (time limit near): asking the trainer to save a checkpoint and stop" in log, report
     assert f"stopped by request {run_dir}/STOP (Slurm sent USR1 to job {job_id}: its time limit is near)" in log, report
@@ -184,33 +136,33 @@ def test_the_same_job_submitted_twice_the_second_is_refused(slurm_cluster, toy_d
     starts, so that it is still mid-run however long the second takes to start. (`--exclusive=user`
     overrides the script's `--exclusive`, so that both jobs fit on the one node at once.)"""
     run_dir = tmp_path / "run"
-    overrides = _cpu_overrides(toy_data, run_dir, "train.max_steps=20", "train.log_every=1")
+    overrides = cpu_overrides(toy_data, run_dir, "train.max_steps=20", "train.log_every=1")
     submit = ["sbatch", "--parsable", "--nodes=1", "--gres=none", "--cpus-per-task=1", "--exclusive=user"]
     submit += [f"--output={tmp_path}/slurm-%j.out", "slurm/pretrain.sh", *overrides]
-    first = _run(submit, env=_job_env()).stdout.strip().split(";")[0]
+    first = run_command(submit, env=job_env()).stdout.strip().split(";")[0]
     second = ""
     try:
-        _wait_for(
+        wait_for(
             lambda: (run_dir / "metrics.jsonl").is_file(),
             240,
-            f"job {first} to train\n{_job_report(run_dir, tmp_path)}",
+            f"job {first} to train\n{job_report(run_dir, tmp_path)}",
         )
-        assert _run(["scancel", "--signal=STOP", first]).returncode == 0
-        second = _run(submit, env=_job_env()).stdout.strip().split(";")[0]
-        _wait_for(lambda: _job_field(second, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 240, f"job {second}")
-        assert _job_field(first, "JobState") == "STOPPED"  # alive, holding the run dir
-        assert _run(["scancel", "--signal=CONT", first]).returncode == 0
-        _wait_for(lambda: _job_field(first, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 240, f"job {first}")
+        assert run_command(["scancel", "--signal=STOP", first]).returncode == 0
+        second = run_command(submit, env=job_env()).stdout.strip().split(";")[0]
+        wait_for(lambda: job_field(second, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 240, f"job {second}")
+        assert job_field(first, "JobState") == "STOPPED"  # alive, holding the run dir
+        assert run_command(["scancel", "--signal=CONT", first]).returncode == 0
+        wait_for(lambda: job_field(first, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 240, f"job {first}")
     finally:
-        _run(["scancel", first, *([second] if second else [])])
-    report = _job_report(run_dir, tmp_path)
-    assert _job_field(second, "JobState") == "FAILED", report
+        run_command(["scancel", first, *([second] if second else [])])
+    report = job_report(run_dir, tmp_path)
+    assert job_field(second, "JobState") == "FAILED", report
     refused = (run_dir / "logs" / f"slurm-{second}-0.log").read_text()
     lines = [line for line in refused.splitlines() if "vlm-train: error:" in line]
     assert len(lines) == 1, refused
     assert f"run.dir={run_dir} is in use by Slurm job {first} on host {socket.gethostname()}, pid " in lines[0]
     assert ", started 20" in lines[0], lines[0]
-    assert _job_field(first, "JobState") == "COMPLETED", report
+    assert job_field(first, "JobState") == "COMPLETED", report
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, 21)), report
 
 
@@ -219,10 +171,10 @@ def test_a_stop_that_cannot_be_requeued_fails_the_job_and_holds_its_dependents(s
     (train.max_minutes) with a checkpoint, MAX_REQUEUES=0 refuses the requeue, and the job ends
     FAILED with 75, so that a stage 2 submitted with --dependency=afterok never starts."""
     run_dir = tmp_path / "run"
-    overrides = _cpu_overrides(
+    overrides = cpu_overrides(
         toy_data, run_dir, "train.max_steps=600", "train.max_minutes=0.4", "train.stop_margin_s=2", "train.log_every=1"
     )
-    env = {**_job_env(), "MAX_REQUEUES": "0", "VLM_TRAIN_SLOW_DATA_S": "0.25"}
+    env = {**job_env(), "MAX_REQUEUES": "0", "VLM_TRAIN_SLOW_DATA_S": "0.25"}
     submit = [
         "sbatch",
         "--parsable",
@@ -231,18 +183,18 @@ def test_a_stop_that_cannot_be_requeued_fails_the_job_and_holds_its_dependents(s
         "--cpus-per-task=2",
         f"--output={tmp_path}/slurm-%j.out",
     ]
-    stage1 = _run([*submit, "slurm/pretrain.sh", *overrides], env=env).stdout.strip().split(";")[0]
-    stage2 = _run(
+    stage1 = run_command([*submit, "slurm/pretrain.sh", *overrides], env=env).stdout.strip().split(";")[0]
+    stage2 = run_command(
         [*submit, f"--dependency=afterok:{stage1}", f"--wrap=touch {tmp_path}/stage2-ran"], env=env
     ).stdout.strip()
     try:
-        _wait_for(lambda: _job_field(stage1, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 240, f"job {stage1}")
-        _wait_for(lambda: _job_field(stage2, "Reason") == "DependencyNeverSatisfied", 60, "the dependency verdict")
+        wait_for(lambda: job_field(stage1, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 240, f"job {stage1}")
+        wait_for(lambda: job_field(stage2, "Reason") == "DependencyNeverSatisfied", 60, "the dependency verdict")
     finally:
-        _run(["scancel", stage1, stage2])
-    report = _job_report(run_dir, tmp_path)
-    assert (_job_field(stage1, "JobState"), _job_field(stage1, "ExitCode")) == ("FAILED", "75:0"), report
-    assert _job_field(stage1, "Restarts") == "0", report
+        run_command(["scancel", stage1, stage2])
+    report = job_report(run_dir, tmp_path)
+    assert (job_field(stage1, "JobState"), job_field(stage1, "ExitCode")) == ("FAILED", "75:0"), report
+    assert job_field(stage1, "Restarts") == "0", report
     log = (run_dir / "logs" / f"slurm-{stage1}-0.log").read_text()
     assert "stopped by the deadline (train.max_minutes=0.4: " in log, report
     assert "not requeueing: this job was already requeued 0 times (MAX_REQUEUES=0)" in log, report
@@ -255,7 +207,7 @@ def test_a_stop_that_cannot_be_requeued_fails_the_job_and_holds_its_dependents(s
 def test_srun_tasks_use_slurm_variables(slurm_cluster, toy_data, tmp_path):
     """One task per process without torchrun: launch_env's Slurm branch joins 2 srun tasks."""
     run_dir = tmp_path / "run"
-    overrides = " ".join(_cpu_overrides(toy_data, run_dir, "train.max_steps=3", "train.log_every=1"))
+    overrides = " ".join(cpu_overrides(toy_data, run_dir, "train.max_steps=3", "train.log_every=1"))
     show = "from vlm_train.parallel.launch_env import launch_env; print('launch', launch_env(), flush=True)"
     script = (
         f"{sys.executable} -c {shlex.quote(show)}; "  # the batch shell: not a rank of the step
@@ -263,15 +215,15 @@ def test_srun_tasks_use_slurm_variables(slurm_cluster, toy_data, tmp_path):
         f"srun --ntasks=2 --cpus-per-task=1 {sys.executable} -m vlm_train.train {overrides}"
     )
     submit = ["sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%j.out"]
-    result = _run([*submit, f"--wrap={script}"], env=_job_env())
+    result = run_command([*submit, f"--wrap={script}"], env=job_env())
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.strip().split(";")[0]
     try:
-        _wait_for(lambda: _job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the job")
+        wait_for(lambda: job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the job")
     finally:
-        _run(["scancel", job_id])
+        run_command(["scancel", job_id])
     out = (tmp_path / f"slurm-{job_id}.out").read_text()
-    assert _job_field(job_id, "JobState") == "COMPLETED", out
+    assert job_field(job_id, "JobState") == "COMPLETED", out
     envs = sorted(line.removeprefix("launch ") for line in out.splitlines() if line.startswith("launch "))
     host, port = socket.gethostname().split(".")[0], 20000 + int(job_id) % 10000
     assert [e for e in envs if "source='slurm'" in e] == [
@@ -286,7 +238,7 @@ def test_srun_tasks_use_slurm_variables(slurm_cluster, toy_data, tmp_path):
 
 @pytest.mark.parametrize("nodelist", ["vm", "a,b", "dgx[001-003]", "n[08-10,12]", "rack[1-2]-n[01-02],login[7]"])
 def test_nodelist_parser_matches_scontrol(slurm_cluster, nodelist):
-    shown = _run(["scontrol", "show", "hostnames", nodelist])
+    shown = run_command(["scontrol", "show", "hostnames", nodelist])
     assert shown.returncode == 0, shown.stderr
     assert expand_nodelist(nodelist) == shown.stdout.split()
 
@@ -297,9 +249,9 @@ def test_bad_override_fails_fast_from_any_directory(slurm_cluster, tmp_path):
     command = ["sbatch", "--wait", "--nodes=1", "--gres=none", "--cpus-per-task=2", f"--output={tmp_path}/slurm-%j.out"]
     command += [str(REPO / "slurm" / "finetune.sh"), "experiment=toy", "no.such_key=1"]
     try:
-        result = subprocess.run(command, cwd=tmp_path, env=_job_env(), capture_output=True, text=True, timeout=300)
+        result = subprocess.run(command, cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as err:
-        _cancel_submitted(err.stdout)
+        cancel_submitted(err.stdout)
         pytest.fail("the job did not end in 300 s")
     out = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert result.returncode != 0, out

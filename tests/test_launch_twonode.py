@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import REPO, read_metrics, step_losses, torchrun
-from tests.test_launch_slurm import _batch_step_running, _job_env, _job_field, _job_report, _run, _wait_for
+from tests.slurm_helpers import (
+    batch_step_running,
+    cpu_overrides,
+    job_env,
+    job_field,
+    job_report,
+    run_command,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
@@ -26,31 +35,22 @@ TRAINING = (f"train.max_steps={STEPS}", "train.precision=fp32", "train.log_every
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    _run(["bash", str(CLUSTER), "down"])  # a one-node cluster of another module, if any
-    up = _run(["bash", str(CLUSTER), "up", "--nodes", "2"], timeout=900)
+    run_command(["bash", str(CLUSTER), "down"])  # a one-node cluster of another module, if any
+    up = run_command(["bash", str(CLUSTER), "up", "--nodes", "2"], timeout=900)
     if up.returncode != 0:
-        _run(["bash", str(CLUSTER), "down"])
+        run_command(["bash", str(CLUSTER), "down"])
         pytest.fail(f"could not start the two-node Slurm cluster:\n{up.stdout}{up.stderr}", pytrace=False)
     yield
-    down = _run(["bash", str(CLUSTER), "down"])
+    down = run_command(["bash", str(CLUSTER), "down"])
     assert down.returncode == 0, down.stdout + down.stderr
 
 
 def _overrides(toy_data: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "experiment=toy",
-        f"run.dir={run_dir}",
-        f"data.synthetic_dir={toy_data}",
-        "train.micro_batch_size=4",
-        "train.eval=false",
-        "data.num_workers=1",
-        *TRAINING,
-        *extra,
-    ]
+    return cpu_overrides(toy_data, run_dir, *TRAINING, *extra)
 
 
 def _finished(job_id: str) -> bool:
-    return _job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    return job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
 
 
 def test_two_nodes_stop_at_the_time_limit_requeue_and_resume_bit_identical(two_nodes, toy_data, tmp_path):
@@ -73,30 +73,33 @@ def test_two_nodes_stop_at_the_time_limit_requeue_and_resume_bit_identical(two_n
     # Each start stops itself once a step, a save and 75 s no longer fit in its 120 s, about 45 s
     # after it began; a slow loader (1 s a step) makes sure that is mid-run.
     overrides = _overrides(toy_data, run_dir, "train.stop_margin_s=75")
-    env = {**_job_env(), "VLM_TRAIN_SLOW_DATA_S": "0.25"}
+    env = {**job_env(), "VLM_TRAIN_SLOW_DATA_S": "0.25"}
     submit = ["sbatch", "--parsable", "--nodes=2", "--gres=none", "--cpus-per-task=2", "--time=2"]
     submit += ["--signal=B:USR1@1", f"--output={tmp_path}/slurm-%j.out", "slurm/pretrain.sh", *overrides]
-    result = _run(submit, env=env)
+    result = run_command(submit, env=env)
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.strip().split(";")[0]
     try:
-        _wait_for(lambda: _job_field(job_id, "Restarts") == "1" or _finished(job_id), 240, "the deadline stop")
+        wait_for(lambda: job_field(job_id, "Restarts") == "1" or _finished(job_id), 240, "the deadline stop")
         # A requeued job waits ~2 minutes (BeginTime): once the first batch step has ended, start it now.
-        _wait_for(lambda: _job_field(job_id, "JobState") == "PENDING", 60, "the job to be pending")
-        _wait_for(lambda: not _batch_step_running(job_id), 60, "the first batch step to end")
+        wait_for(lambda: job_field(job_id, "JobState") == "PENDING", 60, "the job to be pending")
+        wait_for(lambda: not batch_step_running(job_id), 60, "the first batch step to end")
         time.sleep(1)
-        _run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+        run_command(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
         second_log = run_dir / "logs" / f"slurm-{job_id}-1.log"
-        _wait_for(lambda: _second_start_ended(second_log), 240, "the second start")
+        wait_for(lambda: _second_start_ended(second_log), 240, "the second start")
     finally:
-        _run(["scancel", job_id])
-    report = _job_report(run_dir, tmp_path)
+        run_command(["scancel", job_id])
+    report = job_report(run_dir, tmp_path)
     first = (run_dir / "logs" / f"slurm-{job_id}-0.log").read_text()
     second = second_log.read_text()
     assert f"job {job_id} start 1: 2 node(s) x 1 worker(s) (torchrun), rendezvous 10.77.0.2:" in first, report
     assert "stopped by the deadline (the job's time limit: " in first, report
     assert "USR1" not in first, report
     assert f"requeueing job {job_id} (requeue 1 of at most 20)" in first, report
+    job_end = _logged_time(first, "time limit: the job ends ", "; the trainer")
+    saved_and_ended = _logged_time(first, "[vlm-slurm ", "] training stopped before the end")
+    assert saved_and_ended < job_end, (saved_and_ended, job_end)  # the stop's step, save and exit fit
     stopped_at = int(first.split("stopped by the deadline")[1].split("after step ")[1].split(",")[0])
     assert 1 <= stopped_at < STEPS, stopped_at
     assert f"job {job_id} start 2: 2 node(s)" in second, report
@@ -107,6 +110,13 @@ def test_two_nodes_stop_at_the_time_limit_requeue_and_resume_bit_identical(two_n
     assert steps == list(range(1, steps[-1] + 1)) and steps[-1] > stopped_at, report  # each step once
     expected = step_losses(reference_dir)
     assert {r["step"]: r["loss"] for r in records} == {s: expected[s] for s in steps}
+
+
+def _logged_time(log: str, before: str, after: str) -> datetime:
+    """The time in the log line holding `before`<time>`after` (both in the batch node's local time)."""
+    line = next(line for line in log.splitlines() if before in line and after in line)
+    stamp = line.split(before, 1)[1].split(after, 1)[0].strip()
+    return datetime.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S")
 
 
 def _second_start_ended(log: Path) -> bool:
@@ -120,8 +130,8 @@ def test_one_slurm_task_per_worker_across_two_nodes(two_nodes, toy_data, tmp_pat
     run_dir = tmp_path / "run"
     submit = ["sbatch", "--wait", "--nodes=2", "--gres=none", "--cpus-per-task=2", f"--output={tmp_path}/slurm-%j.out"]
     submit += ["slurm/pretrain.sh", *_overrides(toy_data, run_dir, "train.max_steps=3")]
-    result = _run(submit, timeout=300, env={**_job_env(), "LAUNCHER": "srun"})
-    report = _job_report(run_dir, tmp_path)
+    result = run_command(submit, timeout=300, env={**job_env(), "LAUNCHER": "srun"})
+    report = job_report(run_dir, tmp_path)
     assert result.returncode == 0, report
     (log,) = (run_dir / "logs").glob("slurm-*-0.log")
     assert "2 node(s) x 1 worker(s) (srun), rendezvous 10.77.0.2:" in log.read_text(), report

@@ -1,4 +1,4 @@
-"""The test suite's own shape: test modules share code through tests/helpers.py (plain helpers) and
+"""The test suite's own shape: test modules share code through tests/helpers.py and tests/slurm_helpers.py (plain helpers) and
 tests/conftest.py (fixtures), never by importing each other, so one module can move or change
 without breaking another."""
 
@@ -37,5 +37,5 @@ def test_no_test_module_imports_another():
         if (modules := imported_test_modules(path))
     }
     assert not offenders, (
-        f"test modules importing other test modules (move the shared code to tests/helpers.py): {offenders}"
+        f"test modules importing other test modules (move the shared code to a helper module such as tests/helpers.py): {offenders}"
     )
