@@ -200,6 +200,57 @@ def test_vlm_convert_from_hf_gives_pieces_vlm_train_builds_again(family, tmp_pat
         )
 
 
+def test_idefics2_takes_its_processors_split_padded_multi_image_batches(tmp_path):
+    """Idefics2's image processor output as is: images split into 4 crops + the whole, padded to the
+    batch's largest ([B, images, 3, H, W] with `pixel_attention_mask`), a sample with two images
+    next to one with one (all-zero padding images). Logits equal transformers' both directions."""
+    import numpy as np
+    from transformers import Idefics2ForConditionalGeneration, Idefics2ImageProcessorPil
+
+    torch.manual_seed(0)
+    hf_model, latents = tiny_idefics2()
+    hf_model.eval().save_pretrained(tmp_path / "hf")
+    rng = np.random.default_rng(0)
+    images = [[rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sample] for sample in SPLIT_SIZES]
+    processor = Idefics2ImageProcessorPil(do_image_splitting=True, size={"longest_edge": 56, "shortest_edge": 28})
+    inputs = dict(processor(images, return_tensors="pt"))
+    assert inputs["pixel_values"].shape[:2] == (2, 10) and not inputs["pixel_attention_mask"].all()
+    slots = [[IMAGE_TOKEN] * (5 * latents * len(sample)) for sample in SPLIT_SIZES]  # 5 views per image
+    rows = [[11, 12, *slots[0], 13], [14, *slots[1], 15, 16, 17]]
+    input_ids = torch.tensor([row + [0] * (len(rows[0]) - len(row)) for row in rows])
+    with torch.no_grad():
+        reference = hf_model(input_ids=input_ids, **inputs).logits
+        ours = from_hf(tmp_path / "hf").eval()
+        torch.testing.assert_close(ours(input_ids=input_ids, **inputs).logits, reference, rtol=0, atol=1e-4)
+        unmasked = {**inputs, "pixel_attention_mask": torch.ones_like(inputs["pixel_attention_mask"])}
+        assert (ours(input_ids=input_ids, **unmasked).logits - reference).abs().max() > 1e-4  # the mask matters
+    to_hf(ours, tmp_path / "exported")
+    reloaded = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "exported").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=input_ids, **inputs).logits, reference, rtol=0, atol=1e-4)
+
+
+SPLIT_SIZES = [[(40, 90), (70, 30)], [(50, 50)]]  # (height, width) per image, per sample
+
+
+def test_inputs_a_model_cannot_read_are_one_line_errors(tmp_path):
+    """A LLaVA model given Idefics2-style padded images, or AnyRes image_sizes, says why in one line."""
+    torch.manual_seed(0)
+    hf_model, tokens = tiny_llava()
+    hf_model.save_pretrained(tmp_path / "hf")
+    ours = from_hf(tmp_path / "hf").eval()
+    pixel_values, input_ids = inputs(tokens)
+    padded = torch.ones(2, 28, 28, dtype=torch.long)
+    padded[:, :, 20:] = 0
+    with pytest.raises(ValueError, match="a clip tower cannot mask") as raised:
+        ours(pixel_values, input_ids, pixel_attention_mask=padded)
+    assert "\n" not in str(raised.value)
+    with pytest.raises(ValueError, match="image_sizes are for AnyRes models"):
+        ours(pixel_values, input_ids, image_sizes=torch.tensor([[28, 28], [28, 28]]))
+    with pytest.raises(ValueError, match="expected \\[images, 3, H, W\\]"):
+        ours(pixel_values[None, None], input_ids)
+
+
 def test_unknown_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(ConfigError, match="'gpt2' model"):

@@ -37,6 +37,7 @@ def presets() -> dict[str, list[str]]:
 # id: (total parameters within a factor of two, connector class, image-token slots per image)
 EXPECTED = {
     "experiment=toy": (5.8e5, "MLPConnector", 9),
+    "experiment=toy-anyres": (5.8e5, "MLPConnector", 24),  # a 48 px image: base view + 1 x 2 tiles unpadded
     "experiment=llava15-7b-stage1": (7.06e9, "MLPConnector", 576),
     "experiment=llava15-7b-stage2": (7.06e9, "MLPConnector", 576),
     "vision=clip-tiny": (5.8e5, "MLPConnector", 9),
@@ -57,6 +58,7 @@ EXPECTED = {
     "connector_size=toy_ln_adapter": (5.6e5, "LNAdapterConnector", 9),
     "connector_size=toy_cross_attention": (8.3e5, "CrossAttentionConnector", 1),
     "data=toy": (5.8e5, "MLPConnector", 9),
+    "data=toy-anyres": (5.8e5, "MLPConnector", 9),
     "data=llava-pretrain": (5.8e5, "MLPConnector", 9),
     "data=llava-instruct": (5.8e5, "MLPConnector", 9),
     "parallel=default": (5.8e5, "MLPConnector", 9),

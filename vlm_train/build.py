@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from vlm_train.config import Config
+from vlm_train.config import Config, VisionConfig
 from vlm_train.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 from vlm_train.errors import ConfigError
-from vlm_train.models import VisionLanguageModel, build_connector, build_llm, build_vision_tower
+from vlm_train.models import VisionLanguageModel, VisionTower, build_connector, build_llm, build_vision_tower
+from vlm_train.models.anyres import AnyResLayout
 from vlm_train.models.connectors import load_connector_weights
 
 
@@ -28,7 +29,8 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
     connector = build_connector(
         cfg.connector, vision_dim=vision.hidden_size, llm_dim=llm.hidden_size, num_patches=vision.num_features
     )
-    model = VisionLanguageModel(vision, connector, llm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    anyres = build_anyres(cfg.vision, vision, llm.hidden_size)
+    model = VisionLanguageModel(vision, connector, llm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), anyres)
     if cfg.connector.path:  # after attaching (cross_attention's blocks exist then), before TP splits them
         load_connector_weights(connector, cfg.connector.path)
     if cfg.llm.backend == "megatron":
@@ -39,6 +41,8 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
     vision_frozen = cfg.vision.freeze or connector.freezes_llm()
     for module, frozen in ((vision, vision_frozen), (llm, llm_frozen), (connector, cfg.connector.freeze)):
         _set_trainable(module, not frozen)
+    if anyres is not None:  # its image_newline is part of the bridge: it trains with the connector
+        _set_trainable(anyres, not cfg.connector.freeze)
     # Never trained: tower parts no gradient reaches (ZeRO would wait for it), fixed connector parts.
     for param in vision.unused_parameters() + connector.fixed_parameters():
         param.requires_grad_(False)
@@ -46,6 +50,29 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
         raise ConfigError("vision, llm and connector are all frozen: nothing would train")
     _enable_activation_checkpointing(model, cfg)
     return model
+
+
+def build_anyres(cfg: VisionConfig, tower: VisionTower, llm_dim: int) -> AnyResLayout | None:
+    """vision.anyres: LLaVA-NeXT's tiling (`anyres`) or OneVision's (`anyres_max_N`), or None."""
+    if cfg.anyres is None:
+        return None
+    max_tiles = None
+    if cfg.anyres != "anyres":
+        count = cfg.anyres.removeprefix("anyres_max_")
+        if not cfg.anyres.startswith("anyres_max_") or not count.isdigit() or int(count) < 1:
+            raise ConfigError(
+                f"vision.anyres={cfg.anyres}: use anyres (LLaVA-NeXT) or anyres_max_N (OneVision), N >= 1"
+            )
+        max_tiles = int(count)
+    if any(len(grid) != 2 or min(grid) < 1 for grid in cfg.anyres_grids) or not cfg.anyres_grids:
+        raise ConfigError(f"vision.anyres_grids={cfg.anyres_grids}: give [rows, columns] pairs of at least 1")
+    grid = tower.image_size // tower.patch_size
+    if tower.num_features != grid * grid:
+        raise ConfigError(
+            "vision.anyres stitches patch grids: the tower must give its patches only (vision.drop_cls=true)"
+        )
+    pinpoints = [[rows * tower.image_size, columns * tower.image_size] for rows, columns in cfg.anyres_grids]
+    return AnyResLayout(pinpoints, tower.image_size, grid, llm_dim, max_tiles)
 
 
 def _enable_activation_checkpointing(model: VisionLanguageModel, cfg: Config) -> None:

@@ -37,6 +37,11 @@ class VisionConfig:
     drop_cls: bool = True  # drop the CLS token where the tower has one (CLIP)
     freeze: bool = False
     activation_checkpointing: bool = False  # recompute each layer in backward (HF gradient checkpointing)
+    # AnyRes tiling: null (one image_size view) | anyres (LLaVA-NeXT) | anyres_max_N (LLaVA-OneVision:
+    # feature maps over N tiles' worth of tokens are shrunk bilinearly)
+    anyres: str | None = None
+    # tile grids (rows, columns) an image may be resized to; LLaVA-NeXT's pinpoints / image_size
+    anyres_grids: list[list[int]] = field(default_factory=lambda: [[1, 2], [2, 1], [2, 2], [1, 3], [3, 1]])
 
 
 @dataclass
@@ -162,6 +167,7 @@ class DataConfig:
     synthetic_dir: str | None = None  # generate the toy scenes here when `urls` matches nothing
     synthetic_train: int = 20000  # toy scenes to generate (train split)
     synthetic_eval: int = 400  # toy scenes to generate (held-out split)
+    synthetic_layout: str = "square"  # square (48 px scenes) | sizes (several aspect ratios, small objects)
     # plain (LLaVA stage 1) | vicuna_v1 (LLaVA-1.5) | hf (the tokenizer's chat_template) | chat (the toy's)
     template: str = "chat"
     image_aspect_ratio: str = "crop"  # crop (short side, centre crop) | pad (LLaVA's expand2square) | resize
@@ -272,6 +278,7 @@ _CHOICES = {
     "train.grad_reduce_dtype": ("fp32", "bf16"),
     "train.optimizer": ("adamw", "sgd"),
     "data.image_aspect_ratio": ("crop", "pad", "resize"),
+    "data.synthetic_layout": ("square", "sizes"),
     "wandb.mode": ("disabled", "offline", "online"),
     "run.lock": ("fcntl", "heartbeat", "off"),
 }

@@ -114,10 +114,18 @@ def _train(cfg: Config, layout, device) -> None:
 
 
 def image_transform(model):
-    """The tower's own preprocessing (size, mean, std), for training and evaluation alike."""
-    from vlm_train.data.preprocess import ImageTransform
+    """The tower's own preprocessing (size, mean, std), for training and evaluation alike; with
+    AnyRes, LLaVA-NeXT's tiling (the model normalises the uint8 tiles with the tower's stats)."""
+    from vlm_train.data.preprocess import AnyResTransform, ImageTransform
 
+    if model.anyres is not None:
+        return AnyResTransform(model.vision.image_size, tuple(map(tuple, model.anyres.grid_pinpoints)))
     return ImageTransform(model.vision.image_size, model.vision.image_mean, model.vision.image_std)
+
+
+def image_tokens(model):
+    """Visual-token slots per image: a number, or with AnyRes a function of the image's size."""
+    return model.anyres.num_tokens if model.anyres is not None else model.num_image_tokens
 
 
 def build_batches(cfg: Config, tokenizer, model, layout, device):
@@ -129,7 +137,7 @@ def build_batches(cfg: Config, tokenizer, model, layout, device):
         cfg.data,
         tokenizer,
         image_transform(model),
-        model.num_image_tokens,
+        image_tokens(model),
         dp_rank=layout.dp_rank,
         dp_size=layout.dp,
         batch_size=cfg.train.micro_batch_size,
@@ -144,7 +152,7 @@ def evaluate_run(trainer, cfg: Config, tokenizer, transform) -> None:
 
     assert cfg.data.eval_urls  # the caller checked
     model = trainer.engine.module
-    encoder = SampleEncoder(cfg.data, tokenizer, transform, model.num_image_tokens)
+    encoder = SampleEncoder(cfg.data, tokenizer, transform, image_tokens(model))
     records = read_eval_records(cfg.data.eval_urls, cfg.data.eval_samples)
     results = evaluate(
         model,
@@ -184,7 +192,7 @@ def prepare_synthetic_data(cfg: Config, rank: int) -> None:
         from vlm_train.data.synthetic import generate
 
         print(f"generating synthetic scenes in {synthetic_dir}", flush=True)
-        generate(synthetic_dir, train=data.synthetic_train, eval=data.synthetic_eval)
+        generate(synthetic_dir, train=data.synthetic_train, eval=data.synthetic_eval, layout=data.synthetic_layout)
     dist.barrier()
     expand_urls(data.urls)  # a pattern that matches nothing fails here, before any model is built
     if data.eval_urls and cfg.train.eval:

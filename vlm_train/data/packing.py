@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from vlm_train.data.templates import Encoded
+from vlm_train.data.templates import Encoded, image_sizes_of
 from vlm_train.models.vlm import IGNORE_INDEX
 
 
@@ -56,4 +56,5 @@ def collate_packed(
         "attention_mask": segments,
         "labels": labels,
         "keys": [samples[i][0] for i in order],
+        **image_sizes_of([samples[i][2] for i in order]),
     }

@@ -22,7 +22,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from itertools import islice
 from pathlib import Path
@@ -35,10 +35,18 @@ from vlm_train.config import DataConfig
 from vlm_train.data.batches import TrainBatches, modality_batches
 from vlm_train.data.packing import collate_packed
 from vlm_train.data.position import DataLayout, Position, ceil_div, worker_start
-from vlm_train.data.preprocess import ImageTransform
+from vlm_train.data.preprocess import AnyResTransform, ImageTransform
 from vlm_train.data.reader import SkippedSample, Slice, read_slice
 from vlm_train.data.sources import MixSchedule, Source, expand_urls, shard_sizes, slot_slices
-from vlm_train.data.templates import ConversationError, Encoded, check_template, encode, truncate
+from vlm_train.data.templates import (
+    ConversationError,
+    Encoded,
+    ImageCountError,
+    check_template,
+    encode,
+    image_sizes_of,
+    truncate,
+)
 from vlm_train.data.transfer import PixelSlots, cat_for_transfer, to_wire
 from vlm_train.models.vlm import IGNORE_INDEX
 
@@ -76,13 +84,25 @@ SLOW_DATA_ENV = "VLM_TRAIN_SLOW_DATA_S"  # tests: seconds a loader sleeps per sa
 
 
 class SampleEncoder:
-    """Raw WebDataset sample -> (key, pixels [I,3,S,S], Encoded), or `SkippedSample` with the reason."""
+    """Raw WebDataset sample -> (key, pixels [I,3,S,S], Encoded), or `SkippedSample` with the reason.
 
-    def __init__(self, cfg: DataConfig, tokenizer, transform: ImageTransform, image_tokens: int):
+    `image_tokens` is the visual-token slots per image, or with AnyRes (an `AnyResTransform`,
+    pixels [tiles, 3, S, S]) a function of the image's (height, width): the images are then decoded
+    before the text is encoded, and `Encoded.image_sizes` carries their sizes to the model.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer,
+        transform: ImageTransform | AnyResTransform,
+        image_tokens: int | Callable[[tuple[int, int]], int],
+    ):
         self.cfg = cfg
         self.tokenizer = tokenizer
-        # crop | pad | resize, and JPEG draft decoding: the data's call
-        self.transform = replace(transform, aspect_ratio=cfg.image_aspect_ratio, jpeg_draft=cfg.jpeg_draft)
+        if isinstance(transform, ImageTransform):  # crop | pad | resize, and JPEG drafts: the data's call
+            transform = replace(transform, aspect_ratio=cfg.image_aspect_ratio, jpeg_draft=cfg.jpeg_draft)
+        self.transform = transform
         self.image_tokens = image_tokens
         self.image_keys = cfg.image_key.split(";")
         self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -98,6 +118,8 @@ class SampleEncoder:
         key = raw.get("__key__", "?")
         if self.extra_seconds:
             time.sleep(self.extra_seconds)
+        if callable(self.image_tokens):
+            return self.encode_sized(raw, key, self.image_tokens)
         try:
             turns = self.conversation(raw)
             encoded = encode(turns, self.tokenizer, self.cfg.template, self.image_tokens)
@@ -109,10 +131,34 @@ class SampleEncoder:
             pixels = self.images(self.image_members(raw))
         except (ValueError, OSError, SyntaxError, Image.DecompressionBombError) as err:
             return _skip("bad_image", key, f"image does not decode ({err})")
-        if encoded.num_images != pixels.shape[0]:
-            return _skip(
-                "image_token_mismatch", key, f"{encoded.num_images} <image> markers for {pixels.shape[0]} images"
-            )
+        return self.fitted(key, pixels, encoded, pixels.shape[0])
+
+    def encode_sized(
+        self, raw: dict, key: str, tokens_of: Callable[[tuple[int, int]], int]
+    ) -> tuple[str, torch.Tensor, Encoded] | SkippedSample:
+        """AnyRes: the images first (their sizes decide their token counts), then the text."""
+        try:
+            decoded = [self.decode(blob) for blob in self.image_members(raw)]
+        except (ValueError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+            return _skip("bad_image", key, f"image does not decode ({err})")
+        sizes = [size for _, size in decoded]
+        try:
+            turns = self.conversation(raw)
+            encoded = encode(turns, self.tokenizer, self.cfg.template, [tokens_of(size) for size in sizes])
+        except ImageCountError:
+            return _skip("image_token_mismatch", key, f"more <image> markers than the {len(sizes)} images")
+        except ConversationError as err:
+            return _skip("bad_conversation", key, str(err))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            return _skip("missing_field", key, f"no usable '{self.cfg.text_key}' field ({err})")
+        pixels = torch.cat([tiles for tiles, _ in decoded]) if decoded else self.pixels(None)
+        return self.fitted(key, pixels, replace(encoded, image_sizes=sizes), len(sizes))
+
+    def fitted(self, key: str, pixels: torch.Tensor, encoded: Encoded, images: int):
+        """The sample cut to data.max_length, or a skip when its markers and images disagree or it
+        cannot be cut."""
+        if encoded.num_images != images:
+            return _skip("image_token_mismatch", key, f"{encoded.num_images} <image> markers for {images} images")
         fitted = truncate(encoded, self.cfg.max_length, self.image_token_id)
         if fitted is None:
             return _skip("too_long", key, f"longer than data.max_length={self.cfg.max_length} without cutting images")
@@ -147,10 +193,17 @@ class SampleEncoder:
         return torch.cat([self.pixels(blob) for blob in blobs]) if blobs else self.pixels(None)
 
     def pixels(self, image_bytes: bytes | None) -> torch.Tensor:
+        """[1, 3, S, S] (AnyRes: [tiles, 3, S, S]); [0, 3, S, S] without an image."""
         if image_bytes is None:
             return torch.empty(0, 3, self.transform.size, self.transform.size, dtype=torch.uint8)
+        return self.decode(image_bytes)[0]
+
+    def decode(self, image_bytes: bytes) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One image's tower inputs [1 or tiles, 3, S, S] and its (height, width)."""
         with Image.open(io.BytesIO(image_bytes)) as image:
-            return self.transform(image).unsqueeze(0)
+            size = (image.height, image.width)
+            pixels = self.transform(image)
+            return (pixels if pixels.dim() == 4 else pixels.unsqueeze(0)), size
 
 
 def document_turns(texts: list[str | None]) -> list[dict]:
@@ -184,6 +237,7 @@ def collate(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int, cat=t
         "attention_mask": attention_mask,
         "labels": labels,
         "keys": [key for key, _, _ in samples],
+        **image_sizes_of([enc for _, _, enc in samples]),
     }
 
 
@@ -194,7 +248,7 @@ def _placeholder(sample: tuple[str, torch.Tensor, Encoded] | None, pad_id: int, 
     if sample is None:
         return "skipped:", torch.empty(0, 3, size, size, dtype=torch.uint8), Encoded([pad_id], [IGNORE_INDEX], 0)
     key, pixels, enc = sample
-    return f"skipped:{key}", pixels, Encoded(enc.input_ids, [IGNORE_INDEX] * len(enc.labels), enc.num_images)
+    return f"skipped:{key}", pixels, replace(enc, labels=[IGNORE_INDEX] * len(enc.labels))
 
 
 class ShardStream(IterableDataset):
@@ -420,8 +474,8 @@ def build_sources(cfg: DataConfig, slots: int, batch_size: int) -> list[Source]:
 def build_train_batches(
     cfg: DataConfig,
     tokenizer,
-    transform: ImageTransform,
-    image_tokens: int,
+    transform: ImageTransform | AnyResTransform,
+    image_tokens: int | Callable[[tuple[int, int]], int],
     *,
     dp_rank: int,
     dp_size: int,

@@ -123,3 +123,49 @@ class ImageTransform:
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [..., 3, S, S] -> the float pixels the tower expects (as VisionTower.normalize)."""
         return normalize_pixels(pixels, self.mean, self.std)
+
+
+@dataclass(frozen=True)
+class AnyResTransform:
+    """PIL image -> uint8 tiles [1 + R*C, 3, S, S] as LLaVA-NeXT's and LLaVA-OneVision's image
+    processors make them (the same pixels, tests/test_anyres.py): first the whole image resized to
+    S x S (the base view), then the image resized to fit the best of `grid_pinpoints` (height,
+    width) keeping its aspect ratio, centred on black, and cut into S x S tiles row by row."""
+
+    size: int
+    grid_pinpoints: tuple[tuple[int, int], ...]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        from transformers.image_processing_utils import select_best_resolution
+
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        width, height = image.size
+        target_h, target_w = select_best_resolution((height, width), [list(p) for p in self.grid_pinpoints])
+        fitted_h, fitted_w = fit_inside((height, width), (target_h, target_w))
+        fitted = image.resize((fitted_w, fitted_h), Image.Resampling.BICUBIC)
+        canvas = Image.new("RGB", (target_w, target_h), (0, 0, 0))
+        canvas.paste(fitted, ((target_w - fitted_w) // 2, (target_h - fitted_h) // 2))
+        base = (
+            image
+            if image.size == (self.size, self.size)
+            else image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        )
+        grid_HWC = pixels_view(canvas)
+        side = self.size
+        tiles = [
+            grid_HWC[top : top + side, left : left + side]
+            for top in range(0, target_h, side)
+            for left in range(0, target_w, side)
+        ]
+        return torch.stack([pixels_view(base), *tiles]).permute(0, 3, 1, 2)
+
+
+def fit_inside(size_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int]:
+    """The (height, width) an image takes inside `target_hw` keeping its aspect ratio (rounded up,
+    as transformers' get_patch_output_size)."""
+    (height, width), (target_h, target_w) = size_hw, target_hw
+    scale_w, scale_h = target_w / width, target_h / height  # scale first: the same float rounding
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_h), target_w
+    return target_h, min(math.ceil(width * scale_h), target_w)

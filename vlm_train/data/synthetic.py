@@ -6,6 +6,11 @@ the accuracy of guessing). `--objects 2` makes scenes that also need binding of 
 the JSON in LLaVA's conversation format) plus a `manifest.json` of sample counts.
 
     python -m vlm_train.data.synthetic --out data/toy --train 20000 --eval 400
+
+`--layout sizes` renders each scene at one of several aspect ratios and sizes (SIZES: 48 to 144
+px a side) with a small object (6-9 px), for AnyRes (experiment=toy-anyres): a centre crop to the
+tower's 48 px loses the object when it sits outside the middle, and a downscale shrinks it to a
+few pixels; tiles at the image's own resolution keep it whole.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 CELL = 16  # pixels per grid cell; the image is 3 x 3 cells
+SIZES = ((48, 144), (144, 48), (96, 96), (48, 96), (96, 48))  # (height, width) of `--layout sizes` scenes
+LAYOUTS = ("square", "sizes")
 QUESTION_KINDS = ("caption", "color", "shape", "position")
 # Accuracy of a uniform guess over each question's answers (captions: effectively zero).
 CHANCE = {"caption": 0.0, "color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "position": 1 / len(POSITIONS)}
@@ -52,15 +59,34 @@ def render(scene: list[dict], rng: random.Random) -> Image.Image:
         size = rng.randint(10, 13)
         x0 = (obj["cell"] % 3) * CELL + rng.randint(0, CELL - size)
         y0 = (obj["cell"] // 3) * CELL + rng.randint(0, CELL - size)
-        box = (x0, y0, x0 + size - 1, y0 + size - 1)
-        fill = COLORS[obj["color"]]
-        if obj["shape"] == "circle":
-            draw.ellipse(box, fill=fill)
-        elif obj["shape"] == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(x0 + size // 2, y0), (x0, y0 + size - 1), (x0 + size - 1, y0 + size - 1)], fill=fill)
+        _draw_shape(draw, obj, x0, y0, size)
     return image
+
+
+def render_sized(scene: list[dict], rng: random.Random, size_hw: tuple[int, int]) -> Image.Image:
+    """`scene` on a `size_hw` canvas cut into 3 x 3 cells, each object small (6-9 px) in its cell."""
+    height, width = size_hw
+    shade = rng.randint(225, 255)
+    image = Image.new("RGB", (width, height), (shade, shade, shade))
+    draw = ImageDraw.Draw(image)
+    for obj in scene:
+        size = rng.randint(6, 9)
+        cell_w, cell_h = width // 3, height // 3
+        x0 = (obj["cell"] % 3) * cell_w + rng.randint(0, cell_w - size)
+        y0 = (obj["cell"] // 3) * cell_h + rng.randint(0, cell_h - size)
+        _draw_shape(draw, obj, x0, y0, size)
+    return image
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, obj: dict, x0: int, y0: int, size: int) -> None:
+    box = (x0, y0, x0 + size - 1, y0 + size - 1)
+    fill = COLORS[obj["color"]]
+    if obj["shape"] == "circle":
+        draw.ellipse(box, fill=fill)
+    elif obj["shape"] == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(x0 + size // 2, y0), (x0, y0 + size - 1), (x0 + size - 1, y0 + size - 1)], fill=fill)
 
 
 def caption(scene: list[dict]) -> str:
@@ -80,8 +106,9 @@ def question(scene: list[dict], kind: str, rng: random.Random) -> tuple[str, str
     return f"where is the {obj['color']} {obj['shape']} ?", POSITIONS[obj["cell"]]
 
 
-def make_sample(rng: random.Random, max_objects: int = 1) -> tuple[bytes, dict]:
-    """PNG bytes and a LLaVA-style record with one question of a random kind about the image.
+def make_sample(rng: random.Random, max_objects: int = 1, layout: str = "square") -> tuple[bytes, dict]:
+    """PNG bytes and a LLaVA-style record with one question of a random kind about the image
+    (`layout`: square 48 px scenes, or `sizes`: see the module docstring).
 
     One question per image: with several, earlier answers would give later ones away in text
     ("which shape is red?" after "red"), and the model would learn to copy instead of to look.
@@ -91,11 +118,17 @@ def make_sample(rng: random.Random, max_objects: int = 1) -> tuple[bytes, dict]:
     q, a = question(scene, kind, rng)
     conversations = [{"from": "human", "value": f"<image>\n{q}", "kind": kind}, {"from": "gpt", "value": a}]
     buffer = io.BytesIO()
-    render(scene, rng).save(buffer, format="PNG")
+    if layout == "sizes":
+        size_hw = rng.choice(SIZES)
+        render_sized(scene, rng, size_hw).save(buffer, format="PNG")
+    else:
+        render(scene, rng).save(buffer, format="PNG")
     return buffer.getvalue(), {"conversations": conversations, "scene": scene}
 
 
-def write_split(out: Path, split: str, count: int, shard_size: int, seed: int, max_objects: int) -> dict[str, int]:
+def write_split(
+    out: Path, split: str, count: int, shard_size: int, seed: int, max_objects: int, layout: str = "square"
+) -> dict[str, int]:
     """Write `count` samples as `<split>-NNNNNN.tar` shards; returns {shard name: samples}."""
     import webdataset as wds  # lazy: it imports torch (seconds); the rest of this module does not
 
@@ -106,18 +139,28 @@ def write_split(out: Path, split: str, count: int, shard_size: int, seed: int, m
         n = min(shard_size, count - start)
         with wds.TarWriter(str(out / name)) as sink:
             for i in range(start, start + n):
-                png, record = make_sample(rng, max_objects)
+                png, record = make_sample(rng, max_objects, layout)
                 sink.write({"__key__": f"{split}-{i:08d}", "png": png, "json": json.dumps(record).encode()})
         counts[name] = n
     return counts
 
 
-def generate(out: str | Path, train: int, eval: int, shards: int = 10, seed: int = 0, max_objects: int = 1) -> Path:
+def generate(
+    out: str | Path,
+    train: int,
+    eval: int,
+    shards: int = 10,
+    seed: int = 0,
+    max_objects: int = 1,
+    layout: str = "square",
+) -> Path:
     """Write the train split in `shards` shards and the held-out split in one, plus a manifest."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    counts = write_split(out, "train", train, -(-train // shards), seed, max_objects)
-    counts |= write_split(out, "eval", eval, max(eval, 1), seed, max_objects)
+    counts = write_split(out, "train", train, -(-train // shards), seed, max_objects, layout)
+    counts |= write_split(out, "eval", eval, max(eval, 1), seed, max_objects, layout)
     manifest = {"shards": counts, "total": sum(counts.values())}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return out
@@ -131,8 +174,9 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--objects", type=int, default=1, help="at most this many objects per scene (1-3)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="square", help="square 48 px scenes, or several sizes")
     args = parser.parse_args()
-    out = generate(args.out, args.train, args.eval, args.shards, args.seed, args.objects)
+    out = generate(args.out, args.train, args.eval, args.shards, args.seed, args.objects, args.layout)
     print(f"wrote {args.train} train and {args.eval} held-out scenes to {out}")
 
 

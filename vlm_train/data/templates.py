@@ -21,8 +21,10 @@ goes and becomes `image_tokens` copies of the tokenizer's `<image>` id (never su
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
 
 from vlm_train.data.tokenizer import IMAGE_TOKEN
 from vlm_train.errors import ConfigError
@@ -45,22 +47,28 @@ class ConversationError(ValueError):
     """A conversation the template cannot encode (turns that do not alternate, a template mismatch)."""
 
 
+class ImageCountError(ConversationError):
+    """More `<image>` markers than per-image token counts were given (images in the sample)."""
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
     labels: list[int]
     num_images: int
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) per image, AnyRes only
 
 
 def encode_conversation(
-    turns: list[dict], tokenizer, template: str, image_tokens: int, add_generation_prompt: bool = False
+    turns: list[dict], tokenizer, template: str, image_tokens: int | Sequence[int], add_generation_prompt: bool = False
 ) -> tuple[list[int], list[int]]:
     """What a conversation becomes for training: `(input_ids, labels)`, labels `-100` where no loss.
 
     `turns`: LLaVA-style `[{"from": "human", "value": "<image>\\nWhat is it?"}, {"from": "gpt",
     "value": "A cat."}, ...]`, alternating human/gpt from a human turn (`plain` also takes documents:
     any order). `template`: plain | vicuna_v1 | hf | chat. Each `<image>` becomes `image_tokens`
-    copies of the tokenizer's `<image>` id. With `add_generation_prompt` the turns end on a human
+    copies of the tokenizer's `<image>` id (a sequence: one count per image, in order, as AnyRes
+    images of different sizes need). With `add_generation_prompt` the turns end on a human
     turn and the ids end where the answer would start (labels all -100). Raises `ValueError` for a
     conversation the template cannot encode. Example:
 
@@ -73,7 +81,7 @@ def encode_conversation(
 
 
 def encode(
-    turns: list[dict], tokenizer, template: str, image_tokens: int, add_generation_prompt: bool = False
+    turns: list[dict], tokenizer, template: str, image_tokens: int | Sequence[int], add_generation_prompt: bool = False
 ) -> Encoded:
     """`encode_conversation`, with the number of images (the pipeline checks it against the sample's)."""
     if template not in RENDERERS:
@@ -104,20 +112,27 @@ def check_turns(turns: list[dict], template: str, add_generation_prompt: bool) -
         raise ConversationError(f"{what}; got {' -> '.join(roles) or 'no turns'}")
 
 
-def expand_images(ids: list[int], labels: list[int], image_id: int, image_tokens: int) -> Encoded:
-    """Each image id -> `image_tokens` image ids without labels."""
+def expand_images(ids: list[int], labels: list[int], image_id: int, image_tokens: int | Sequence[int]) -> Encoded:
+    """Each image id -> `image_tokens` image ids without labels (per image, when a sequence)."""
     out_ids: list[int] = []
     out_labels: list[int] = []
     num_images = 0
     for token, label in zip(ids, labels):
         if token == image_id:
+            count = image_tokens if isinstance(image_tokens, int) else _count_of(image_tokens, num_images)
             num_images += 1
-            out_ids += [image_id] * image_tokens
-            out_labels += [IGNORE_INDEX] * image_tokens
+            out_ids += [image_id] * count
+            out_labels += [IGNORE_INDEX] * count
         else:
             out_ids.append(token)
             out_labels.append(label)
     return Encoded(out_ids, out_labels, num_images)
+
+
+def _count_of(counts: Sequence[int], image: int) -> int:
+    if image >= len(counts):
+        raise ImageCountError(f"more <image> markers than the sample's {len(counts)} images")
+    return counts[image]
 
 
 def tokenize_with_images(text: str, tokenizer, image_id: int) -> list[int]:
@@ -308,6 +323,13 @@ def check_template(tokenizer, template: str) -> None:
         )
 
 
+def image_sizes_of(encoded: list[Encoded]) -> dict:
+    """{"image_sizes": [I, 2]} for AnyRes samples (each image's height and width, in slot order);
+    nothing for fixed-size images."""
+    sizes = [size for enc in encoded for size in enc.image_sizes]
+    return {"image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2)} if sizes else {}
+
+
 def truncate(encoded: Encoded, max_length: int, image_token_id: int) -> Encoded | None:
     """Cut text beyond `max_length`; None when that would cut into visual tokens or leave no answer."""
     if len(encoded.input_ids) <= max_length:
@@ -317,4 +339,4 @@ def truncate(encoded: Encoded, max_length: int, image_token_id: int) -> Encoded 
         return None
     if all(label == IGNORE_INDEX for label in labels):
         return None
-    return Encoded(ids, labels, encoded.num_images)
+    return replace(encoded, input_ids=ids, labels=labels)

@@ -1,6 +1,8 @@
 """Hugging Face <-> vlm_train, for the families that made each connector famous:
 
     LlavaForConditionalGeneration      <-> mlp        (CLIP/SigLIP tower, Llama-family decoder)
+    LlavaNextForConditionalGeneration  <-> mlp + AnyRes tiles (vision.anyres)
+    LlavaOnevisionForConditionalGeneration <-> mlp + AnyRes, anyres_max_N
     Blip2ForConditionalGeneration      <-> qformer    (BLIP-2 ViT, OPT decoder)
     Idefics2ForConditionalGeneration   <-> perceiver  (Idefics2 ViT, Mistral decoder)
 
@@ -21,21 +23,28 @@ from torch import nn
 
 from vlm_train.errors import ConfigError
 from vlm_train.models import CausalLM, VisionLanguageModel, VisionTower
+from vlm_train.models.anyres import AnyResLayout
 from vlm_train.models.connectors.mlp import MLPConnector
 from vlm_train.models.connectors.perceiver import PerceiverConnector
 from vlm_train.models.connectors.qformer import QFormerConnector
 
 if TYPE_CHECKING:
-    from transformers import LlavaProcessor, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import LlavaProcessor, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 
 def from_hf(path: str | Path) -> VisionLanguageModel:
-    """Import a local HF checkpoint directory of a LLaVA, BLIP-2 or Idefics2 model."""
+    """Import a local HF checkpoint directory of a LLaVA(-NeXT/-OneVision), BLIP-2 or Idefics2 model."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"{path} has no config.json: give a local Hugging Face checkpoint directory")
     model_type = json.loads(config_file.read_text()).get("model_type")
-    importers = {"llava": _from_llava, "blip-2": _from_blip2, "idefics2": _from_idefics2}
+    importers = {
+        "llava": _from_llava,
+        "llava_next": _from_llava,
+        "llava_onevision": _from_llava,
+        "blip-2": _from_blip2,
+        "idefics2": _from_idefics2,
+    }
     if model_type not in importers:
         raise ConfigError(f"{path} is a '{model_type}' model; vlm_train imports {', '.join(importers)}")
     return importers[model_type](path)
@@ -67,7 +76,9 @@ def to_hf(
     hf_model.save_pretrained(path)
     if tokenizer is None:
         return
-    if exporter is _to_llava:
+    if exporter is _to_llava and model.anyres is not None:
+        save_anyres_processor(model, tokenizer, template, path)
+    elif exporter is _to_llava:
         llava_processor(model, tokenizer, template, image_aspect_ratio).save_pretrained(path)
     else:
         tokenizer.save_pretrained(path)
@@ -103,10 +114,20 @@ def _hf_decoder(model: VisionLanguageModel) -> PreTrainedModel:
 # --- LLaVA <-> mlp -----------------------------------------------------------------------------
 
 
-def _from_llava(path) -> VisionLanguageModel:
-    from transformers import LlavaForConditionalGeneration
+_LLAVA_CLASSES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+}
 
-    hf = LlavaForConditionalGeneration.from_pretrained(path, torch_dtype=torch.float32)
+
+def _from_llava(path) -> VisionLanguageModel:
+    """LLaVA-1.5, and LLaVA-NeXT / LLaVA-OneVision with their AnyRes layout and `image_newline`."""
+    import transformers
+
+    model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+    hf_class = getattr(transformers, _LLAVA_CLASSES[model_type])
+    hf = hf_class.from_pretrained(path, torch_dtype=torch.float32)
     config = hf.config
     if config.projector_hidden_act != "gelu" or not isinstance(config.vision_feature_layer, int):
         raise ConfigError("vlm_train imports LLaVA projectors with GELU and one vision feature layer")
@@ -120,30 +141,67 @@ def _from_llava(path) -> VisionLanguageModel:
     connector = MLPConnector(tower.hidden_size, config.text_config.hidden_size, depth=2, num_patches=tower.num_features)
     connector[0], connector[2] = projector.linear_1, projector.linear_2
     llm = _causal_lm(config.text_config, hf.model.language_model, hf.lm_head)
-    return VisionLanguageModel(tower, connector, llm, config.image_token_id)
+    anyres = None
+    if model_type != "llava":
+        anyres = _anyres_layout(config, tower, max_tiles=_max_tiles(getattr(config, "vision_aspect_ratio", None)))
+        anyres.image_newline = hf.model.image_newline
+    video_token_id = getattr(config, "video_token_id", None)  # LLaVA-OneVision's
+    return VisionLanguageModel(tower, connector, llm, config.image_token_id, anyres, video_token_id)
+
+
+def _anyres_layout(config, tower: VisionTower, max_tiles: int | None) -> AnyResLayout:
+    grid = tower.image_size // tower.patch_size
+    if tower.num_features != grid * grid:
+        raise ConfigError("AnyRes stitches patch grids: the tower's features must be its patches only (drop CLS)")
+    return AnyResLayout(config.image_grid_pinpoints, tower.image_size, grid, config.text_config.hidden_size, max_tiles)
+
+
+def _max_tiles(vision_aspect_ratio: str | None) -> int | None:
+    """OneVision's "anyres_max_N" -> N; LLaVA-NeXT (no such field) -> None."""
+    if vision_aspect_ratio is None:
+        return None
+    if not vision_aspect_ratio.startswith("anyres_max_"):
+        raise ConfigError(f"vision_aspect_ratio={vision_aspect_ratio}: vlm_train imports anyres_max_N")
+    return int(vision_aspect_ratio.removeprefix("anyres_max_"))
 
 
 def _to_llava(model: VisionLanguageModel) -> PreTrainedModel:
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    """LLaVA without AnyRes, LLaVA-NeXT with it, LLaVA-OneVision with anyres_max_N."""
+    import transformers
 
-    connector, decoder = model.connector, _hf_decoder(model)
+    connector, decoder, anyres = model.connector, _hf_decoder(model), model.anyres
     assert isinstance(connector, MLPConnector), "to_hf picks the exporter by the connector's type"
     if len(connector) != 3 or not isinstance(connector[1], nn.GELU):
         raise ConfigError("LLaVA's projector is Linear-GELU-Linear: export an mlp connector of depth 2")
-    config = LlavaConfig(
+    fields = dict(
         vision_config=model.vision.hf_model.config.to_dict(),
         text_config=decoder.config.to_dict(),
-        image_token_id=model.image_token_id,
         vision_feature_layer=model.vision.select_layer,
         vision_feature_select_strategy="default" if model.vision.drop_cls else "full",
         projector_hidden_act="gelu",
         multimodal_projector_bias=connector[0].bias is not None,
     )
+    if anyres is None:
+        config = transformers.LlavaConfig(**fields, image_token_id=model.image_token_id)
+    elif anyres.max_tiles is None:
+        config = transformers.LlavaNextConfig(
+            **fields, image_token_index=model.image_token_id, image_grid_pinpoints=anyres.grid_pinpoints
+        )
+    else:
+        config = transformers.LlavaOnevisionConfig(
+            **fields,
+            image_token_index=model.image_token_id,
+            image_grid_pinpoints=anyres.grid_pinpoints,
+            vision_aspect_ratio=f"anyres_max_{anyres.max_tiles}",
+            **({"video_token_index": model.video_token_id} if model.video_token_id is not None else {}),
+        )
     with torch.device("meta"):
-        hf = LlavaForConditionalGeneration(config)
+        hf = getattr(transformers, _LLAVA_CLASSES[config.model_type])(config)
     hf.model.vision_tower = model.vision.hf_model
     hf.model.multi_modal_projector.linear_1, hf.model.multi_modal_projector.linear_2 = connector[0], connector[2]
     hf.model.language_model, hf.lm_head = decoder.model, decoder.lm_head
+    if anyres is not None:
+        hf.model.image_newline = anyres.image_newline
     return hf
 
 
@@ -336,3 +394,55 @@ def llava_processor(
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=int(HAS_CLS[vision.family]),  # the CLS token, dropped by "default"
     )
+
+
+def save_anyres_processor(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase, template: str, path) -> None:
+    """LLaVA-NeXT's (or OneVision's) processor for an AnyRes model: the tiles AnyResTransform makes
+    (normalised with the tower's stats) and `anyres.num_tokens` image tokens per image.
+
+    transformers builds a LlavaOnevisionProcessor only with torchvision (its video processor);
+    without it the image processor and the tokenizer (with the chat template) are saved on their
+    own, which `AutoImageProcessor` and `AutoTokenizer` load."""
+    import transformers
+    from transformers.utils import is_torchvision_available
+
+    from vlm_train.data.tokenizer import IMAGE_TOKEN
+    from vlm_train.models.vision import HAS_CLS
+
+    vision, anyres = model.vision, model.anyres
+    assert anyres is not None, "only AnyRes models export an AnyRes processor"
+    size = {"height": vision.image_size, "width": vision.image_size}
+    images = dict(
+        size=size,
+        crop_size=size,
+        image_grid_pinpoints=anyres.grid_pinpoints,
+        image_mean=list(vision.image_mean),
+        image_std=list(vision.image_std),
+    )
+    text = dict(
+        tokenizer=tokenizer,
+        vision_feature_select_strategy="default" if vision.drop_cls else "full",
+        chat_template=chat_template(template, tokenizer),
+        image_token=IMAGE_TOKEN,
+    )
+    processor: ProcessorMixin
+    if anyres.max_tiles is None:
+        processor = transformers.LlavaNextProcessor(
+            image_processor=transformers.LlavaNextImageProcessorPil(**images),
+            patch_size=vision.patch_size,
+            num_additional_image_tokens=int(HAS_CLS[vision.family]),  # the CLS token, dropped by "default"
+            **text,
+        )
+    elif is_torchvision_available():
+        processor = transformers.LlavaOnevisionProcessor(
+            image_processor=transformers.LlavaOnevisionImageProcessorPil(**images),
+            num_image_tokens=anyres.tile_grid**2,
+            vision_aspect_ratio=f"anyres_max_{anyres.max_tiles}",
+            **text,
+        )
+    else:
+        transformers.LlavaOnevisionImageProcessorPil(**images).save_pretrained(path)
+        tokenizer.chat_template = text["chat_template"]
+        tokenizer.save_pretrained(path)
+        return
+    processor.save_pretrained(path)

@@ -47,6 +47,7 @@ class VisionTower(nn.Module):
         config = hf_model.config
         self.hidden_size: int = config.hidden_size
         self.image_size: int = config.image_size
+        self.patch_size: int = config.patch_size
         patches = (config.image_size // config.patch_size) ** 2
         self.num_features: int = patches + int(HAS_CLS[family] and not self.drop_cls)  # tokens per image
         self.image_mean, self.image_std = IMAGE_STATS[family]
@@ -69,7 +70,13 @@ class VisionTower(nn.Module):
         """uint8 pixels, as the data loader sends them -> the floats this tower expects."""
         return normalize_pixels(pixels_ICHW, self.image_mean, self.image_std)
 
-    def forward(self, pixels_ICHW: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels_ICHW: torch.Tensor, patch_mask_IHW: torch.Tensor | None = None) -> torch.Tensor:
+        """`patch_mask_IHW` (True: the patch holds image, not padding) is read by Idefics2's tower,
+        the one family that takes images padded to a common size."""
+        if patch_mask_IHW is not None:
+            if self.family != "idefics2":
+                raise ValueError(f"pixel_attention_mask marks padded pixels, which a {self.family} tower cannot mask")
+            return self.hf_model(pixel_values=pixels_ICHW, patch_attention_mask=patch_mask_IHW).last_hidden_state
         if self.family in USES_LAST_HIDDEN_STATE:
             features_IPDv = self.hf_model(pixel_values=pixels_ICHW).last_hidden_state
         else:

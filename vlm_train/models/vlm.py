@@ -1,7 +1,8 @@
 """VisionLanguageModel: vision tower -> connector -> causal LM, in plain PyTorch.
 
-Legend: B batch, T tokens, I images in the batch, C/H/W pixels, P patches per image,
-N visual tokens per image, Dv tower width, Dl decoder width, V vocabulary.
+Legend: B batch, T tokens, I images (or AnyRes tiles) in the batch, C/H/W pixels, P patches per
+image, N visual tokens per image, X visual tokens of the batch, Dv tower width, Dl decoder width,
+V vocabulary.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlm_train.errors import ConfigError
+from vlm_train.models.anyres import AnyResLayout
 from vlm_train.models.connectors.base import Connector, Placement
 from vlm_train.models.decoder import IGNORE_INDEX, Decoder, token_cross_entropy
+from vlm_train.models.images import Images, anyres_images, padded_images
 from vlm_train.models.vision import VisionTower
 
 __all__ = ["IGNORE_INDEX", "VLMOutput", "VisionLanguageModel", "token_cross_entropy"]
@@ -36,20 +40,47 @@ class VisionLanguageModel(nn.Module):
 
     `input_ids` carry one `image_token_id` per visual-token slot (N per image, in image order),
     as Hugging Face processors expand `<image>`; `pixel_values` holds the batch's images in the
-    order their slots appear, [I, C, H, W].
+    order their slots appear, in one of the layouts Hugging Face processors produce:
+
+    - [I, C, H, W]: one tower-sized image each (LLaVA, BLIP-2);
+    - [B, I, C, H, W] with `pixel_attention_mask` [B, I, H, W] (Idefics2): images padded to the
+      batch's largest, all-zero padding images dropped, padded patches masked in tower and resampler;
+    - with `anyres` (LLaVA-NeXT, LLaVA-OneVision): tiles [I, T, C, H, W] (or concatenated,
+      [sum T, C, H, W]) and `image_sizes` [I, 2], each image's (height, width) before tiling; its
+      visual-token count then depends on that size (`anyres.num_tokens`). OneVision's
+      `batch_num_images` (images per sample) reads the images of multi-image samples untiled.
     """
 
-    def __init__(self, vision: VisionTower, connector: Connector[Any], llm: Decoder, image_token_id: int):
+    def __init__(
+        self,
+        vision: VisionTower,
+        connector: Connector[Any],
+        llm: Decoder,
+        image_token_id: int,
+        anyres: AnyResLayout | None = None,
+        video_token_id: int | None = None,
+    ):
         super().__init__()
         self.vision = vision
         self.connector = connector
         self.llm = llm
         self.image_token_id = image_token_id
+        if anyres is not None and connector.placement != Placement.SEQUENCE:
+            raise ConfigError(
+                "AnyRes tiling needs a connector that puts visual tokens in the sequence, not cross-attention"
+            )
+        self.anyres = anyres
+        self.video_token_id = video_token_id
+        if video_token_id is not None and anyres is None:
+            raise ConfigError("video frames are laid out as LLaVA-OneVision does: the model needs vision.anyres")
         connector.attach(llm)
 
     @property
     def num_image_tokens(self) -> int:
-        """Image-token slots the text must carry per image (visual tokens, or 1 for cross-attention)."""
+        """Image-token slots the text must carry per image (visual tokens, or 1 for cross-attention);
+        with AnyRes, those of a tower-sized image (others: `anyres.num_tokens(size)`)."""
+        if self.anyres is not None:
+            return self.anyres.num_tokens((self.vision.image_size, self.vision.image_size))
         return self.connector.num_tokens
 
     def forward(
@@ -58,12 +89,18 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
     ) -> VLMOutput:
+        images = self.images(pixel_values, image_sizes, pixel_attention_mask, batch_num_images)
         slots_BT = input_ids == self.image_token_id
         if self.connector.placement == Placement.SEQUENCE:
-            embeds_BTDl, media_IMDl = self.embed(pixel_values, input_ids), None
+            embeds_BTDl, media_IMDl = self.embed(images, input_ids), None
+            embeds_BTDl = self.embed_videos(embeds_BTDl, pixel_values_videos, input_ids)
         else:
-            embeds_BTDl, media_IMDl = self.llm.embed(input_ids), self.encode_images_or_blank(pixel_values, slots_BT)
+            embeds_BTDl, media_IMDl = self.llm.embed(input_ids), self.encode_images_or_blank(images, slots_BT)
         with self.connector.conditioned(slots_BT, media_IMDl):
             logits_BTV = self.llm(embeds_BTDl, attention_mask)
         # A tensor-parallel decoder returns its rank's vocabulary slice: it gathers the whole
@@ -73,41 +110,93 @@ class VisionLanguageModel(nn.Module):
         loss_sum, count = self.llm.token_cross_entropy(logits_BTV, labels)
         return VLMOutput(logits_BTV, loss=loss_sum / count.clamp(min=1), loss_sum=loss_sum, num_label_tokens=count)
 
-    def embed(self, pixel_values: torch.Tensor | None, input_ids_BT: torch.Tensor) -> torch.Tensor:
+    def images(
+        self,
+        pixel_values: torch.Tensor | None,
+        image_sizes: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
+    ) -> Images | None:
+        """The batch's images as the tower takes them (None without images); see the class docstring."""
+        if pixel_values is None or pixel_values.numel() == 0:
+            return None
+        if self.anyres is not None:
+            return anyres_images(self.anyres, pixel_values, image_sizes, batch_num_images)
+        if image_sizes is not None or batch_num_images is not None:
+            raise ValueError(
+                "image_sizes are for AnyRes models (LLaVA-NeXT/OneVision); this model reads one tile per image"
+            )
+        return padded_images(pixel_values, pixel_attention_mask, self.vision.patch_size)
+
+    def embed(self, images: Images | None, input_ids_BT: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the visual tokens in the image-token slots."""
         embeds_BTDl = self.llm.embed(input_ids_BT)
         slots_BT = input_ids_BT == self.image_token_id
-        visual_INDl = self.encode_images_or_blank(pixel_values, slots_BT)
+        visual_XDl = self.visual_tokens(self.encode_images_or_blank(images, slots_BT), images)
         if not slots_BT.any():
-            return embeds_BTDl + 0.0 * visual_INDl.sum()
-        self._check_slots(visual_INDl, slots_BT)
-        flat_visual = visual_INDl.reshape(-1, visual_INDl.shape[-1]).to(embeds_BTDl.dtype)
-        return embeds_BTDl.masked_scatter(slots_BT.unsqueeze(-1), flat_visual)
+            return embeds_BTDl + 0.0 * visual_XDl.sum()
+        if visual_XDl.shape[0] != int(slots_BT.sum()):
+            raise ValueError(
+                f"{len(images.pixels) if images else 0} images give {visual_XDl.shape[0]} visual tokens but input_ids "
+                f"hold {int(slots_BT.sum())} image-token slots ({self.num_image_tokens} per tower-sized image expected)"
+            )
+        return embeds_BTDl.masked_scatter(slots_BT.unsqueeze(-1), visual_XDl.to(embeds_BTDl.dtype))
 
-    def encode_images_or_blank(self, pixel_values: torch.Tensor | None, slots_BT: torch.Tensor) -> torch.Tensor:
-        """Connector outputs for the batch's images. Without images, those of one blank image:
-        under ZeRO-3 every rank must gather the same parameters, or a rank without images hangs
-        the others (its output is then used with weight zero)."""
-        if pixel_values is not None and pixel_values.shape[0] > 0:
-            return self.encode_images(pixel_values)
+    def embed_videos(
+        self, embeds_BTDl: torch.Tensor, videos_VFCHW: torch.Tensor | None, input_ids_BT: torch.Tensor
+    ) -> torch.Tensor:
+        """LLaVA-OneVision's videos [V, F, C, H, W] into the video-token slots (`anyres.pack_video`)."""
+        if videos_VFCHW is None or videos_VFCHW.numel() == 0:
+            if self.video_token_id is not None and bool((input_ids_BT == self.video_token_id).any()):
+                raise ValueError("input_ids hold video tokens but no pixel_values_videos were given")
+            return embeds_BTDl
+        if self.video_token_id is None or self.anyres is None:
+            raise ValueError("pixel_values_videos are for LLaVA-OneVision models; this model reads no video")
+        if videos_VFCHW.dim() != 5:
+            raise ValueError(
+                f"pixel_values_videos of shape {list(videos_VFCHW.shape)}: expected [videos, frames, 3, H, W]"
+            )
+        videos, frames = videos_VFCHW.shape[:2]
+        frames_VFNDl = self.encode_images(videos_VFCHW.flatten(0, 1)).unflatten(0, (videos, frames))
+        visual_XDl = torch.cat([self.anyres.pack_video(video) for video in frames_VFNDl])
+        slots_BT = input_ids_BT == self.video_token_id
+        if visual_XDl.shape[0] != int(slots_BT.sum()):
+            raise ValueError(
+                f"{videos} videos of {frames} frames give {visual_XDl.shape[0]} visual tokens but input_ids hold "
+                f"{int(slots_BT.sum())} video-token slots"
+            )
+        return embeds_BTDl.masked_scatter(slots_BT.unsqueeze(-1), visual_XDl.to(embeds_BTDl.dtype))
+
+    def visual_tokens(self, tokens_INDl: torch.Tensor, images: Images | None) -> torch.Tensor:
+        """The connector's tokens per tower input [I, N, Dl] -> the sequence's visual tokens [X, Dl],
+        in slot order (with AnyRes: each image's tiles packed into its own layout)."""
+        if self.anyres is None:
+            return tokens_INDl.reshape(-1, tokens_INDl.shape[-1])
+        if images is None:  # the blank tile: its base view and newline, so every parameter takes part
+            return self.anyres.pack(tokens_INDl.expand(2, -1, -1), (1, 1), tiled=False)
+        per_image = tokens_INDl.split(images.tiles)
+        return torch.cat(
+            [self.anyres.pack(tiles, size, tiled) for tiles, size, tiled in zip(per_image, images.sizes, images.tiled)]
+        )
+
+    def encode_images_or_blank(self, images: Images | None, slots_BT: torch.Tensor) -> torch.Tensor:
+        """Connector outputs for the batch's images (or tiles). Without images, those of one blank
+        image: under ZeRO-3 every rank must gather the same parameters, or a rank without images
+        hangs the others (its output is then used with weight zero)."""
+        if images is not None:
+            return self.encode_images(images.pixels, images.patch_mask)
         if slots_BT.any():
             raise ValueError("input_ids hold image tokens but no pixel_values were given")
         size = self.vision.image_size
         return self.encode_images(torch.zeros(1, 3, size, size, device=slots_BT.device))
 
-    def encode_images(self, pixels_ICHW: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, pixels_ICHW: torch.Tensor, patch_mask_IHW: torch.Tensor | None = None) -> torch.Tensor:
         tower_dtype = next(self.vision.parameters()).dtype
         tower_trains = any(p.requires_grad for p in self.vision.parameters())
         if pixels_ICHW.dtype == torch.uint8:  # as the data loader sends them (data/preprocess.py)
             pixels_ICHW = self.vision.normalize(pixels_ICHW)
         with torch.set_grad_enabled(tower_trains and torch.is_grad_enabled()):
-            features_IPDv = self.vision(pixels_ICHW.to(tower_dtype))
-        return self.connector(features_IPDv)
-
-    def _check_slots(self, visual_INDl: torch.Tensor, slots_BT: torch.Tensor) -> None:
-        num_visual = visual_INDl.shape[0] * visual_INDl.shape[1]
-        if num_visual != int(slots_BT.sum()):
-            raise ValueError(
-                f"{visual_INDl.shape[0]} images give {num_visual} visual tokens but input_ids hold "
-                f"{int(slots_BT.sum())} image-token slots ({self.num_image_tokens} per image expected)"
-            )
+            features_IPDv = self.vision(pixels_ICHW.to(tower_dtype), patch_mask_IHW)
+        if patch_mask_IHW is None:
+            return self.connector(features_IPDv)
+        return self.connector.masked(features_IPDv, patch_mask_IHW.flatten(1))

@@ -8,7 +8,7 @@ in step; the counts are summed across ranks.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -20,24 +20,30 @@ from vlm_train.data.templates import encode_conversation
 @dataclass
 class Question:
     kind: str
-    pixels: torch.Tensor  # [1, 3, S, S]
+    pixels: torch.Tensor  # [1, 3, S, S] (AnyRes: [tiles, 3, S, S]; [0, 3, S, S] without an image)
     prompt: list[int]
     answer: str
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # the image's (height, width), AnyRes only
 
 
 def questions_of(raw: dict, encoder: SampleEncoder) -> list[Question]:
     """Each human turn of a held-out sample, asked alone about its image."""
     turns = encoder.conversation(raw)
     image_bytes = next((raw[k] for k in encoder.image_keys if k in raw), None)
-    pixels = encoder.pixels(image_bytes)
+    pixels, sizes = encoder.pixels(None), []
+    if image_bytes is not None:
+        pixels, size = encoder.decode(image_bytes)
+        sizes = [size]
+    counts = [encoder.image_tokens(s) for s in sizes] if callable(encoder.image_tokens) else encoder.image_tokens
     questions = []
     for ask, reply in zip(turns[0::2], turns[1::2]):
         text = ask["value"].replace("<image>", "").strip()
         turn = [{"from": "human", "value": f"<image>\n{text}" if pixels.shape[0] else text}]
         prompt, _ = encode_conversation(  # the training template, ending where the answer starts
-            turn, encoder.tokenizer, encoder.cfg.template, encoder.image_tokens, add_generation_prompt=True
+            turn, encoder.tokenizer, encoder.cfg.template, counts, add_generation_prompt=True
         )
-        questions.append(Question(ask.get("kind", "answer"), pixels, prompt, reply["value"]))
+        kept_sizes = sizes if callable(encoder.image_tokens) else []  # sizes go to AnyRes models only
+        questions.append(Question(ask.get("kind", "answer"), pixels, prompt, reply["value"], kept_sizes))
     return questions
 
 
@@ -50,8 +56,10 @@ def greedy_generate(
     eos_id: int,
     pad_id: int,
     device: torch.device,
+    image_sizes: torch.Tensor | None = None,
 ) -> list[list[int]]:
-    """Greedy answers for right-padded prompts (full recompute per token: short answers)."""
+    """Greedy answers for right-padded prompts (full recompute per token: short answers);
+    `image_sizes` [I, 2] for an AnyRes model."""
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     width = int(lengths.max()) + max_new_tokens
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -64,7 +72,7 @@ def greedy_generate(
         if not _anyone_active(finished, device):
             break
         mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
-        logits = model(pixels, ids, attention_mask=mask).logits
+        logits = model(pixels, ids, attention_mask=mask, image_sizes=image_sizes).logits
         step_logits = logits[rows, lengths - 1]
         step_logits[:, model.image_token_id] = float("-inf")  # an image slot needs pixels: never generated
         next_ids = step_logits.argmax(-1)
@@ -129,11 +137,13 @@ def _add_loss(model, chunk, encoder, sums, device) -> None:
     if not chunk:
         return
     batch = collate(chunk, encoder.tokenizer.pad_token_id)
+    sizes = batch.get("image_sizes")
     out = model(
         batch["pixel_values"].to(device),
         batch["input_ids"].to(device),
         batch["attention_mask"].to(device),
         batch["labels"].to(device),
+        image_sizes=sizes.to(device) if sizes is not None else None,
     )
     sums["loss_sum"] += float(out.loss_sum)
     sums["loss_tokens"] += float(out.num_label_tokens)
@@ -142,6 +152,7 @@ def _add_loss(model, chunk, encoder, sums, device) -> None:
 def _add_accuracy(model, questions: list[Question], encoder, max_new_tokens, sums, device) -> None:
     tokenizer = encoder.tokenizer
     pixels = torch.cat([q.pixels for q in questions]).to(device)
+    sizes = [size for q in questions for size in q.sizes]
     answers = greedy_generate(
         model,
         pixels,
@@ -150,6 +161,7 @@ def _add_accuracy(model, questions: list[Question], encoder, max_new_tokens, sum
         tokenizer.eos_token_id,
         tokenizer.pad_token_id,
         device,
+        image_sizes=torch.tensor(sizes, device=device) if sizes else None,
     )
     for question, answer_ids in zip(questions, answers):
         said = " ".join(tokenizer.decode(answer_ids, skip_special_tokens=True).split())

@@ -236,8 +236,9 @@ class Trainer:
         return wait, visual
 
     def model_inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
-        names = ("pixel_values", "input_ids", "attention_mask", "labels")
-        return tuple(batch[name].to(self.device, non_blocking=True) for name in names)
+        """The model's positional inputs; AnyRes batches add `image_sizes`."""
+        names = ("pixel_values", "input_ids", "attention_mask", "labels", "image_sizes")
+        return tuple(batch[name].to(self.device, non_blocking=True) for name in names if name in batch)
 
     def log_step(self, loss: float, samples: int, tokens: int, elapsed: float) -> None:
         slowest_wait, most_visual = self.slowest_ranks()

@@ -76,6 +76,10 @@ class Connector(nn.Module, ABC, Generic[ConfigT]):
     def from_config(cls, cfg: ConfigT, vision_dim: int, llm_dim: int, num_patches: int) -> Connector[ConfigT]:
         """Build from the connector's own config section; widths come from the built tower and LLM."""
 
+    def masked(self, features_IPDv: torch.Tensor, patch_mask_IP: torch.Tensor) -> torch.Tensor:
+        """The connector's output when some patches are padding (`patch_mask_IP` False there)."""
+        raise ValueError(f"a {type(self).__name__} cannot skip padded patches: give images without padding")
+
     def attach(self, llm: Decoder) -> None:
         """Install hooks on the decoder; the default connector needs none."""
 

@@ -47,6 +47,11 @@ class PerceiverConnector(Connector[PerceiverConnectorConfig]):
         return cls(projection, Idefics2PerceiverResampler._from_config(config), cfg.num_latents)
 
     def forward(self, features_IPDv: torch.Tensor) -> torch.Tensor:
+        return self.masked(
+            features_IPDv, torch.ones(features_IPDv.shape[:2], dtype=torch.bool, device=features_IPDv.device)
+        )
+
+    def masked(self, features_IPDv: torch.Tensor, patch_mask_IP: torch.Tensor) -> torch.Tensor:
+        """Latents attend to the image's patches only (Idefics2's images padded to a common size)."""
         context_IPDl = self.modality_projection(features_IPDv)
-        patch_mask_IP = torch.ones(features_IPDv.shape[:2], dtype=torch.long, device=features_IPDv.device)
         return self.perceiver_resampler(context=context_IPDl, attention_mask=patch_mask_IP)
