@@ -395,3 +395,94 @@ def test_toy_anyres_experiment_generates_sized_scenes_and_trains(tmp_path):
     assert sizes == set(SIZES)
     records = read_metrics(run_dir)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3] and any("eval_accuracy" in r for r in records)
+
+
+# --- the visual-token budget and images too large to decode ---
+
+
+def anyres_batches(model, pattern: str, *overrides: str):
+    from tests.helpers import TOKENIZER
+    from vlm_train import compose
+    from vlm_train.data.pipeline import build_train_batches
+    from vlm_train.train import image_tokens, image_transform
+
+    cfg = compose(["experiment=toy", f"data.urls={pattern}", "data.num_workers=0", "data.max_length=256", *overrides])
+    return build_train_batches(
+        cfg.data, TOKENIZER, image_transform(model), image_tokens(model), dp_rank=0, dp_size=1, batch_size=4, seed=0
+    )
+
+
+@pytest.mark.parametrize("policy", ["downscale", "drop"])
+def test_samples_over_the_visual_token_budget_are_downscaled_or_dropped(policy, tmp_path):
+    """data.max_visual_tokens=30: with downscale every image sample is kept, read smaller (its
+    sizes and slots shrink to fit); with drop the samples over it are counted skips."""
+    from tests.helpers import TOKENIZER, toy_model
+    from vlm_train.data.pipeline import REASON_INDEX
+
+    model = toy_model("vision.anyres=anyres", tokenizer=TOKENIZER)
+    over = [size for size in ANYRES_SIZES if model.anyres.num_tokens(size) > 30]
+    assert 2 <= len(over) < len(ANYRES_SIZES)
+    batches = anyres_batches(
+        model, anyres_shard(tmp_path / "data"), "data.max_visual_tokens=30", f"data.over_visual_budget={policy}"
+    )
+    kept, skipped = [], 0
+    for batch in islice(batches, 2):
+        skipped += int(batch["skipped_by_reason"][REASON_INDEX["visual_budget"]])
+        starts = 0
+        for row, key in enumerate(batch["keys"]):
+            slots = int((batch["input_ids"][row] == model.image_token_id).sum())
+            if key.startswith("a") and slots:
+                kept.append((int(key[1:]), tuple(batch["image_sizes"][starts].tolist()), slots))
+                starts += 1
+            assert slots <= 30 or key.startswith("skipped")
+    if policy == "drop":
+        assert skipped == len(over) and {ANYRES_SIZES[i] for i, _, _ in kept}.isdisjoint(over)
+    else:
+        assert skipped == 0 and len(kept) == len(ANYRES_SIZES)
+        shrunk = {ANYRES_SIZES[i]: size for i, size, _ in kept if size != ANYRES_SIZES[i]}
+        assert set(shrunk) == set(over)
+        for (height, width), (new_h, new_w) in shrunk.items():
+            assert new_h < height and new_w < width and abs(new_w / new_h - width / height) < 0.2 * width / height
+
+
+def bomb_png(height: int, width: int) -> bytes:
+    """A PNG whose header says `height` x `width` (a decompression bomb's size) over one row of data."""
+    import struct
+    import zlib
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = zlib.compress(b"\0" + b"\0" * 3 * min(width, 16))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", row) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("anyres", [False, True])
+def test_a_decompression_bomb_and_an_image_sample_over_budget_are_counted_skips(anyres, tmp_path):
+    """A 20000 x 20000 PNG is refused from its header (PIL's decompression-bomb limit), never
+    decoded: a counted bad_image. Without AnyRes (fixed tokens per image) a sample with more
+    images than the budget holds cannot be downscaled: a counted visual_budget skip."""
+    from tests.helpers import TOKENIZER, conversation, toy_model, write_tar
+    from vlm_train.data.pipeline import REASON_INDEX
+
+    model = toy_model(*(["vision.anyres=anyres"] if anyres else []), tokenizer=TOKENIZER)
+    samples = [
+        {"__key__": "bomb", "png": bomb_png(20000, 20000), "json": conversation("<image>\nwhat ?", "red")},
+        {"__key__": "ok", "png": png(48, 48, 1), "json": conversation("<image>\nwhat color is the circle ?", "red")},
+        {
+            "__key__": "four",
+            **{f"{i}.png": png(48, 48, i) for i in range(4)},
+            "json": conversation("<image> <image> <image> <image> what ?", "red"),
+        },
+        {"__key__": "ok2", "png": png(48, 48, 2), "json": conversation("<image>\nwhat color is the circle ?", "red")},
+    ]
+    (tmp_path / "data").mkdir()
+    write_tar(tmp_path / "data" / "part-000.tar", samples)
+    budget = model.num_image_tokens * 2  # one image fits, four do not (even shrunk: every image keeps a base view)
+    batches = anyres_batches(model, str(tmp_path / "data" / "part-{000..000}.tar"), f"data.max_visual_tokens={budget}")
+    batch = next(batches)
+    counts = batch["skipped_by_reason"]
+    assert int(counts[REASON_INDEX["bad_image"]]) == 1 and int(counts[REASON_INDEX["visual_budget"]]) == 1
+    assert sorted(k for k in batch["keys"] if not k.startswith("skipped")) == ["ok", "ok2"]

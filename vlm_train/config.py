@@ -174,6 +174,8 @@ class DataConfig:
     jpeg_draft: bool = False  # decode large JPEGs at 1/2-1/8 size before the resize: faster, inexact
     group_by_modality_length: bool = False  # batches of image samples and of text-only samples (LLaVA's sampler)
     max_length: int = 128  # tokens per sample, visual tokens included; text is truncated first
+    max_visual_tokens: int | None = None  # visual tokens per sample; over it: see over_visual_budget
+    over_visual_budget: str = "downscale"  # downscale (AnyRes: images shrunk until they fit) | drop (counted skip)
     num_workers: int = 2  # DataLoader workers per rank
     shuffle_block: int = 512  # samples shuffled together within a worker's stream
     image_key: str = "png;jpg;jpeg;webp"
@@ -279,6 +281,7 @@ _CHOICES = {
     "train.optimizer": ("adamw", "sgd"),
     "data.image_aspect_ratio": ("crop", "pad", "resize"),
     "data.synthetic_layout": ("square", "sizes"),
+    "data.over_visual_budget": ("downscale", "drop"),
     "wandb.mode": ("disabled", "offline", "online"),
     "run.lock": ("fcntl", "heartbeat", "off"),
 }

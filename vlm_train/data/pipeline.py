@@ -70,6 +70,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "image_token_mismatch",  # <image> markers != images in the sample
     "empty_shard",  # a shard without samples (counted once per epoch; takes no batch position)
     "bad_conversation",  # turns that do not alternate human/gpt, or that data.template cannot encode
+    "visual_budget",  # more visual tokens than data.max_visual_tokens (dropped, or no downscale fits)
 )
 REASON_INDEX = {reason: index for index, reason in enumerate(SKIP_REASONS)}
 
@@ -136,9 +137,15 @@ class SampleEncoder:
     def encode_sized(
         self, raw: dict, key: str, tokens_of: Callable[[tuple[int, int]], int]
     ) -> tuple[str, torch.Tensor, Encoded] | SkippedSample:
-        """AnyRes: the images first (their sizes decide their token counts), then the text."""
+        """AnyRes: the images first (their sizes decide their token counts, and data.max_visual_tokens
+        may shrink them), then the text."""
+        blobs = self.image_members(raw)
         try:
-            decoded = [self.decode(blob) for blob in self.image_members(raw)]
+            sizes = [self.size_of(blob) for blob in blobs]
+            fitting = self.within_budget(sizes, tokens_of)
+            if fitting is None:
+                return _skip("visual_budget", key, self.over_budget(sum(map(tokens_of, sizes))))
+            decoded = [self.decode(blob, size) for blob, size in zip(blobs, fitting)]
         except (ValueError, OSError, SyntaxError, Image.DecompressionBombError) as err:
             return _skip("bad_image", key, f"image does not decode ({err})")
         sizes = [size for _, size in decoded]
@@ -154,11 +161,37 @@ class SampleEncoder:
         pixels = torch.cat([tiles for tiles, _ in decoded]) if decoded else self.pixels(None)
         return self.fitted(key, pixels, replace(encoded, image_sizes=sizes), len(sizes))
 
+    def within_budget(
+        self, sizes: list[tuple[int, int]], tokens_of: Callable[[tuple[int, int]], int]
+    ) -> list[tuple[int, int]] | None:
+        """The image sizes to read the sample at: as they are when their visual tokens fit
+        data.max_visual_tokens; else (over_visual_budget=downscale) all shrunk by the largest factor
+        in steps of 10% that fits; None when dropped or when nothing fits."""
+        budget = self.cfg.max_visual_tokens
+        if budget is None or sum(map(tokens_of, sizes)) <= budget:
+            return sizes
+        if self.cfg.over_visual_budget == "drop":
+            return None
+        factor = 1.0
+        while factor > 0.01:
+            factor *= 0.9
+            scaled = [(max(1, round(h * factor)), max(1, round(w * factor))) for h, w in sizes]
+            if sum(map(tokens_of, scaled)) <= budget:
+                return scaled
+        return None
+
+    def over_budget(self, tokens: int) -> str:
+        how = "dropped" if self.cfg.over_visual_budget == "drop" else "no downscale fits"
+        return f"{tokens} visual tokens over data.max_visual_tokens={self.cfg.max_visual_tokens} ({how})"
+
     def fitted(self, key: str, pixels: torch.Tensor, encoded: Encoded, images: int):
-        """The sample cut to data.max_length, or a skip when its markers and images disagree or it
-        cannot be cut."""
+        """The sample cut to data.max_length, or a skip when its markers and images disagree, its
+        visual tokens are over data.max_visual_tokens, or it cannot be cut."""
         if encoded.num_images != images:
             return _skip("image_token_mismatch", key, f"{encoded.num_images} <image> markers for {images} images")
+        visual = encoded.input_ids.count(self.image_token_id)
+        if self.cfg.max_visual_tokens is not None and visual > self.cfg.max_visual_tokens:
+            return _skip("visual_budget", key, self.over_budget(visual))
         fitted = truncate(encoded, self.cfg.max_length, self.image_token_id)
         if fitted is None:
             return _skip("too_long", key, f"longer than data.max_length={self.cfg.max_length} without cutting images")
@@ -198,12 +231,21 @@ class SampleEncoder:
             return torch.empty(0, 3, self.transform.size, self.transform.size, dtype=torch.uint8)
         return self.decode(image_bytes)[0]
 
-    def decode(self, image_bytes: bytes) -> tuple[torch.Tensor, tuple[int, int]]:
-        """One image's tower inputs [1 or tiles, 3, S, S] and its (height, width)."""
-        with Image.open(io.BytesIO(image_bytes)) as image:
-            size = (image.height, image.width)
+    def decode(self, image_bytes: bytes, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One image's tower inputs [1 or tiles, 3, S, S] and its (height, width), resized (bicubic)
+        to `size` first when given and different (a downscale to the visual-token budget)."""
+        with Image.open(io.BytesIO(image_bytes)) as opened:
+            image = opened
+            if size is not None and size != (image.height, image.width):
+                image = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
             pixels = self.transform(image)
-            return (pixels if pixels.dim() == 4 else pixels.unsqueeze(0)), size
+            return (pixels if pixels.dim() == 4 else pixels.unsqueeze(0)), (image.height, image.width)
+
+    @staticmethod
+    def size_of(image_bytes: bytes) -> tuple[int, int]:
+        """(height, width) from the image's header, without decoding its pixels."""
+        with Image.open(io.BytesIO(image_bytes)) as image:
+            return image.height, image.width
 
 
 def document_turns(texts: list[str | None]) -> list[dict]:
