@@ -8,9 +8,9 @@ the JSON in LLaVA's conversation format) plus a `manifest.json` of sample counts
     python -m vlm_train.data.synthetic --out data/toy --train 20000 --eval 400
 
 `--layout sizes` renders each scene at one of several aspect ratios and sizes (SIZES: 48 to 144
-px a side) with a small object (6-9 px), for AnyRes (experiment=toy-anyres): a centre crop to the
-tower's 48 px loses the object when it sits outside the middle, and a downscale shrinks it to a
-few pixels; tiles at the image's own resolution keep it whole.
+px a side) with an object as small as the square scenes' (10-13 px), for AnyRes
+(experiment=toy-anyres): a centre crop to the tower's 48 px loses the object when it sits outside
+the middle and halves it otherwise; tiles at the image's own resolution keep it whole.
 """
 
 from __future__ import annotations
@@ -64,13 +64,14 @@ def render(scene: list[dict], rng: random.Random) -> Image.Image:
 
 
 def render_sized(scene: list[dict], rng: random.Random, size_hw: tuple[int, int]) -> Image.Image:
-    """`scene` on a `size_hw` canvas cut into 3 x 3 cells, each object small (6-9 px) in its cell."""
+    """`scene` on a `size_hw` canvas cut into 3 x 3 cells, each object as small as in the square
+    scenes (10-13 px) anywhere in its cell: small next to the canvas."""
     height, width = size_hw
     shade = rng.randint(225, 255)
     image = Image.new("RGB", (width, height), (shade, shade, shade))
     draw = ImageDraw.Draw(image)
     for obj in scene:
-        size = rng.randint(6, 9)
+        size = rng.randint(10, 13)
         cell_w, cell_h = width // 3, height // 3
         x0 = (obj["cell"] % 3) * cell_w + rng.randint(0, cell_w - size)
         y0 = (obj["cell"] // 3) * cell_h + rng.randint(0, cell_h - size)
