@@ -64,17 +64,20 @@ def render(scene: list[dict], rng: random.Random) -> Image.Image:
 
 
 def render_sized(scene: list[dict], rng: random.Random, size_hw: tuple[int, int]) -> Image.Image:
-    """`scene` on a `size_hw` canvas cut into 3 x 3 cells, each object as small as in the square
-    scenes (10-13 px) anywhere in its cell: small next to the canvas."""
+    """`scene` on a `size_hw` canvas (multiples of 3 cells of CELL px a side): each object as in the
+    square scenes (10-13 px inside one CELL x CELL cell), in a random cell of its third of the canvas
+    (its `cell`: top left ... bottom right), so it is small next to the canvas."""
     height, width = size_hw
     shade = rng.randint(225, 255)
     image = Image.new("RGB", (width, height), (shade, shade, shade))
     draw = ImageDraw.Draw(image)
+    per_third_x, per_third_y = width // CELL // 3, height // CELL // 3
     for obj in scene:
         size = rng.randint(10, 13)
-        cell_w, cell_h = width // 3, height // 3
-        x0 = (obj["cell"] % 3) * cell_w + rng.randint(0, cell_w - size)
-        y0 = (obj["cell"] // 3) * cell_h + rng.randint(0, cell_h - size)
+        column = (obj["cell"] % 3) * per_third_x + rng.randrange(per_third_x)
+        row = (obj["cell"] // 3) * per_third_y + rng.randrange(per_third_y)
+        x0 = column * CELL + rng.randint(0, CELL - size)
+        y0 = row * CELL + rng.randint(0, CELL - size)
         _draw_shape(draw, obj, x0, y0, size)
     return image
 
