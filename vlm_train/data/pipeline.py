@@ -16,19 +16,14 @@ equal batches) and counted by reason in `batch["skipped_by_reason"]`, an int64 t
 from __future__ import annotations
 
 import copy
-import io
-import json
 import logging
-import os
 import random
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlm_train.config import DataConfig
@@ -37,24 +32,27 @@ from vlm_train.data.packing import collate_packed
 from vlm_train.data.position import DataLayout, Position, ceil_div, worker_start
 from vlm_train.data.preprocess import AnyResTransform, ImageTransform
 from vlm_train.data.reader import SkippedSample, Slice, read_slice
-from vlm_train.data.sources import MixSchedule, Source, expand_urls, shard_sizes, slot_slices
-from vlm_train.data.templates import (
-    ConversationError,
-    Encoded,
-    ImageCountError,
-    check_template,
-    encode,
-    image_sizes_of,
-    truncate,
+from vlm_train.data.samples import (
+    REASON_INDEX,
+    SKIP_REASONS,
+    SLOW_DATA_ENV,
+    SampleEncoder,
+    collate,
+    placeholder,
+    skipped,
 )
+from vlm_train.data.sources import MixSchedule, Source, expand_urls, shard_sizes, slot_slices
 from vlm_train.data.transfer import PixelSlots, cat_for_transfer, to_wire
-from vlm_train.models.vlm import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-__all__ = [
+__all__ = [  # the samples module's names too: callers take the pipeline's whole API from here
+    "REASON_INDEX",
     "SKIP_REASONS",
+    "SLOW_DATA_ENV",
+    "SampleEncoder",
     "SkippedSample",
+    "collate",
     "Slice",
     "TrainBatches",
     "build_train_batches",
@@ -62,235 +60,11 @@ __all__ = [
     "shard_sizes",
 ]
 
-SKIP_REASONS: tuple[str, ...] = (
-    "corrupt_tar",  # a truncated or corrupt tar member, or a shard shorter than its declared size
-    "bad_image",  # image bytes that do not decode
-    "missing_field",  # no (or malformed) text field: data.text_key
-    "too_long",  # longer than data.max_length even after cutting text (visual tokens are never cut)
-    "image_token_mismatch",  # <image> markers != images in the sample
-    "empty_shard",  # a shard without samples (counted once per epoch; takes no batch position)
-    "bad_conversation",  # turns that do not alternate human/gpt, or that data.template cannot encode
-    "visual_budget",  # more visual tokens than data.max_visual_tokens (dropped, or no downscale fits)
-)
-REASON_INDEX = {reason: index for index, reason in enumerate(SKIP_REASONS)}
-
 
 def read_raw(slices: list[Slice], hints: dict | None = None) -> Iterator[dict | SkippedSample]:
     """Undecoded samples ({"__key__", ext: bytes}) of each slice, in order; `SkippedSample` for unreadable ones."""
     for piece in slices:
         yield from read_slice(piece, hints)
-
-
-SLOW_DATA_ENV = "VLM_TRAIN_SLOW_DATA_S"  # tests: seconds a loader sleeps per sample (a deliberately slow loader)
-
-
-class SampleEncoder:
-    """Raw WebDataset sample -> (key, pixels [I,3,S,S], Encoded), or `SkippedSample` with the reason.
-
-    `image_tokens` is the visual-token slots per image, or with AnyRes (an `AnyResTransform`,
-    pixels [tiles, 3, S, S]) a function of the image's (height, width): the images are then decoded
-    before the text is encoded, and `Encoded.image_sizes` carries their sizes to the model.
-    """
-
-    def __init__(
-        self,
-        cfg: DataConfig,
-        tokenizer,
-        transform: ImageTransform | AnyResTransform,
-        image_tokens: int | Callable[[tuple[int, int]], int],
-    ):
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        if isinstance(transform, ImageTransform):  # crop | pad | resize, and JPEG drafts: the data's call
-            transform = replace(transform, aspect_ratio=cfg.image_aspect_ratio, jpeg_draft=cfg.jpeg_draft)
-        self.transform = transform
-        self.image_tokens = image_tokens
-        self.image_keys = cfg.image_key.split(";")
-        self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-        check_template(tokenizer, cfg.template)  # at start-up: data.template=hf needs a chat template
-        self.extra_seconds = float(os.environ.get(SLOW_DATA_ENV, "0"))
-
-    def __call__(self, raw: dict) -> tuple[str, torch.Tensor, Encoded] | None:
-        """The encoded sample, or None for a bad one (logged)."""
-        result = self.encode(raw)
-        return None if isinstance(result, SkippedSample) else result
-
-    def encode(self, raw: dict) -> tuple[str, torch.Tensor, Encoded] | SkippedSample:
-        key = raw.get("__key__", "?")
-        if self.extra_seconds:
-            time.sleep(self.extra_seconds)
-        if callable(self.image_tokens):
-            return self.encode_sized(raw, key, self.image_tokens)
-        try:
-            turns = self.conversation(raw)
-            encoded = encode(turns, self.tokenizer, self.cfg.template, self.image_tokens)
-        except ConversationError as err:
-            return _skip("bad_conversation", key, str(err))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            return _skip("missing_field", key, f"no usable '{self.cfg.text_key}' field ({err})")
-        try:
-            pixels = self.images(self.image_members(raw))
-        except (ValueError, OSError, SyntaxError, Image.DecompressionBombError) as err:
-            return _skip("bad_image", key, f"image does not decode ({err})")
-        return self.fitted(key, pixels, encoded, pixels.shape[0])
-
-    def encode_sized(
-        self, raw: dict, key: str, tokens_of: Callable[[tuple[int, int]], int]
-    ) -> tuple[str, torch.Tensor, Encoded] | SkippedSample:
-        """AnyRes: the images first (their sizes decide their token counts, and data.max_visual_tokens
-        may shrink them), then the text."""
-        blobs = self.image_members(raw)
-        try:
-            sizes = [self.size_of(blob) for blob in blobs]
-            fitting = self.within_budget(sizes, tokens_of)
-            if fitting is None:
-                return _skip("visual_budget", key, self.over_budget(sum(map(tokens_of, sizes))))
-            decoded = [self.decode(blob, size) for blob, size in zip(blobs, fitting)]
-        except (ValueError, OSError, SyntaxError, Image.DecompressionBombError) as err:
-            return _skip("bad_image", key, f"image does not decode ({err})")
-        sizes = [size for _, size in decoded]
-        try:
-            turns = self.conversation(raw)
-            encoded = encode(turns, self.tokenizer, self.cfg.template, [tokens_of(size) for size in sizes])
-        except ImageCountError:
-            return _skip("image_token_mismatch", key, f"more <image> markers than the {len(sizes)} images")
-        except ConversationError as err:
-            return _skip("bad_conversation", key, str(err))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            return _skip("missing_field", key, f"no usable '{self.cfg.text_key}' field ({err})")
-        pixels = torch.cat([tiles for tiles, _ in decoded]) if decoded else self.pixels(None)
-        return self.fitted(key, pixels, replace(encoded, image_sizes=sizes), len(sizes))
-
-    def within_budget(
-        self, sizes: list[tuple[int, int]], tokens_of: Callable[[tuple[int, int]], int]
-    ) -> list[tuple[int, int]] | None:
-        """The image sizes to read the sample at: as they are when their visual tokens fit
-        data.max_visual_tokens; else (over_visual_budget=downscale) all shrunk by the largest factor
-        in steps of 10% that fits; None when dropped or when nothing fits."""
-        budget = self.cfg.max_visual_tokens
-        if budget is None or sum(map(tokens_of, sizes)) <= budget:
-            return sizes
-        if self.cfg.over_visual_budget == "drop":
-            return None
-        factor = 1.0
-        while factor > 0.01:
-            factor *= 0.9
-            scaled = [(max(1, round(h * factor)), max(1, round(w * factor))) for h, w in sizes]
-            if sum(map(tokens_of, scaled)) <= budget:
-                return scaled
-        return None
-
-    def over_budget(self, tokens: int) -> str:
-        how = "dropped" if self.cfg.over_visual_budget == "drop" else "no downscale fits"
-        return f"{tokens} visual tokens over data.max_visual_tokens={self.cfg.max_visual_tokens} ({how})"
-
-    def fitted(self, key: str, pixels: torch.Tensor, encoded: Encoded, images: int):
-        """The sample cut to data.max_length, or a skip when its markers and images disagree, its
-        visual tokens are over data.max_visual_tokens, or it cannot be cut."""
-        if encoded.num_images != images:
-            return _skip("image_token_mismatch", key, f"{encoded.num_images} <image> markers for {images} images")
-        visual = encoded.input_ids.count(self.image_token_id)
-        if self.cfg.max_visual_tokens is not None and visual > self.cfg.max_visual_tokens:
-            return _skip("visual_budget", key, self.over_budget(visual))
-        fitted = truncate(encoded, self.cfg.max_length, self.image_token_id)
-        if fitted is None:
-            return _skip("too_long", key, f"longer than data.max_length={self.cfg.max_length} without cutting images")
-        return key, pixels, fitted
-
-    def conversation(self, raw: dict) -> list[dict]:
-        if self.cfg.text_key == "json" and "json" in raw:
-            record = json.loads(raw["json"])
-            if "conversations" not in record and "texts" in record:
-                return document_turns(record["texts"])
-            return record["conversations"]
-        if self.cfg.text_key in raw:  # a caption: image-caption corpora (LAION/CC style)
-            return [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": raw[self.cfg.text_key].decode()}]
-        raise KeyError(f"no '{self.cfg.text_key}' field")
-
-    def image_members(self, raw: dict) -> list[bytes]:
-        """The sample's images in order: `<key>.<ext>` (one image), or `<key>.<n>.<ext>` with n = 0, 1, ...
-        (several: interleaved documents, multi-image conversations)."""
-        numbered = []
-        for name, value in raw.items():
-            index, _, ext = name.partition(".")
-            if index.isdigit() and ext in self.image_keys:
-                numbered.append((int(index), value))
-        if numbered:
-            return [value for _, value in sorted(numbered)]
-        return [raw[k] for k in self.image_keys if k in raw][:1]
-
-    def images(self, blobs: list[bytes]) -> torch.Tensor:
-        """Pixels [I, 3, S, S] of the sample's images (I = 0 for a text-only sample)."""
-        if len(blobs) == 1:
-            return self.pixels(blobs[0])  # a cat of one would copy it once more
-        return torch.cat([self.pixels(blob) for blob in blobs]) if blobs else self.pixels(None)
-
-    def pixels(self, image_bytes: bytes | None) -> torch.Tensor:
-        """[1, 3, S, S] (AnyRes: [tiles, 3, S, S]); [0, 3, S, S] without an image."""
-        if image_bytes is None:
-            return torch.empty(0, 3, self.transform.size, self.transform.size, dtype=torch.uint8)
-        return self.decode(image_bytes)[0]
-
-    def decode(self, image_bytes: bytes, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-        """One image's tower inputs [1 or tiles, 3, S, S] and its (height, width), resized (bicubic)
-        to `size` first when given and different (a downscale to the visual-token budget)."""
-        with Image.open(io.BytesIO(image_bytes)) as opened:
-            image = opened
-            if size is not None and size != (image.height, image.width):
-                image = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
-            pixels = self.transform(image)
-            return (pixels if pixels.dim() == 4 else pixels.unsqueeze(0)), (image.height, image.width)
-
-    @staticmethod
-    def size_of(image_bytes: bytes) -> tuple[int, int]:
-        """(height, width) from the image's header, without decoding its pixels."""
-        with Image.open(io.BytesIO(image_bytes)) as image:
-            return image.height, image.width
-
-
-def document_turns(texts: list[str | None]) -> list[dict]:
-    """An interleaved document (MMC4/OBELICS style: `texts[i]` is None where the i-th item is an
-    image) as turns: each image a human turn `<image>` (no labels), each text an answer turn. With
-    data.template=plain this is the document itself: image tokens, then text, labels on the text."""
-    return [{"from": "human", "value": "<image>"} if t is None else {"from": "gpt", "value": t} for t in texts]
-
-
-def _skip(reason: str, key: str, why: str) -> SkippedSample:
-    log.warning("skipping sample %s: %s", key, why)
-    return SkippedSample(reason, key)
-
-
-def collate(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int, cat=torch.cat) -> dict:
-    """Right-padded batch: pixel_values [I,3,S,S] (concatenated by `cat`), input_ids/attention_mask/labels
-    [B,T], keys."""
-    length = max(len(enc.input_ids) for _, _, enc in samples)
-    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
-    ids, targets = input_ids.numpy(), labels.numpy()  # numpy reads a list of ints ~5x faster than torch.tensor
-    for row, (_, _, enc) in enumerate(samples):
-        n = len(enc.input_ids)
-        ids[row, :n] = enc.input_ids
-        targets[row, :n] = enc.labels
-        attention_mask[row, :n] = 1
-    return {
-        "pixel_values": cat([pixels for _, pixels, _ in samples]),
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "keys": [key for key, _, _ in samples],
-        **image_sizes_of([enc for _, _, enc in samples]),
-    }
-
-
-def _placeholder(sample: tuple[str, torch.Tensor, Encoded] | None, pad_id: int, size: int) -> tuple:
-    """Stands in for a skipped sample so every rank still runs full batches (unequal batch counts
-    hang the collectives): a copy of a good sample whose labels are all masked, so it adds nothing
-    to the loss or the token count; a one-token text when the stream has no good sample yet."""
-    if sample is None:
-        return "skipped:", torch.empty(0, 3, size, size, dtype=torch.uint8), Encoded([pad_id], [IGNORE_INDEX], 0)
-    key, pixels, enc = sample
-    return f"skipped:{key}", pixels, replace(enc, labels=[IGNORE_INDEX] * len(enc.labels))
 
 
 class ShardStream(IterableDataset):
@@ -422,7 +196,7 @@ class ShardStream(IterableDataset):
         self, raw_batch: list[dict | SkippedSample], counts: torch.Tensor, fallback, hints: list | None = None
     ) -> tuple[dict, tuple]:
         encoded = [
-            self.encoder.encode(item) if isinstance(item, dict) else _skip(item.reason, item.key, "unreadable")
+            self.encoder.encode(item) if isinstance(item, dict) else skipped(item.reason, item.key, "unreadable")
             for item in raw_batch
         ]
         fallback = next((e for e in encoded if not isinstance(e, SkippedSample)), fallback)
@@ -430,7 +204,7 @@ class ShardStream(IterableDataset):
         for item in encoded:
             if isinstance(item, SkippedSample):
                 counts[REASON_INDEX[item.reason]] += 1
-                item = _placeholder(fallback, self.pad_id, self.encoder.transform.size)
+                item = placeholder(fallback, self.pad_id, self.encoder.transform.size)
             samples.append(item)
         cat = self.pixel_slots.cat if self.pixel_slots is not None else cat_for_transfer
         if self.packing:

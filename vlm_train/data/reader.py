@@ -39,7 +39,7 @@ class Slice:
 @dataclass(frozen=True)
 class SkippedSample:
     """A training sample that could not be used (the pipeline puts a masked placeholder in its
-    place): `reason` is one of pipeline.SKIP_REASONS. Not shard_records.RejectedRecord, a record
+    place): `reason` is one of samples.SKIP_REASONS. Not shard_records.RejectedRecord, a record
     the converter left out of the shards."""
 
     reason: str
