@@ -486,3 +486,30 @@ def test_a_decompression_bomb_and_an_image_sample_over_budget_are_counted_skips(
     counts = batch["skipped_by_reason"]
     assert int(counts[REASON_INDEX["bad_image"]]) == 1 and int(counts[REASON_INDEX["visual_budget"]]) == 1
     assert sorted(k for k in batch["keys"] if not k.startswith("skipped")) == ["ok", "ok2"]
+
+
+@pytest.mark.parametrize("connector", ["perceiver", "qformer", "cross_attention"])
+def test_anyres_with_a_connector_that_is_not_per_patch_is_refused_in_one_line(connector):
+    from vlm_train import build_model, compose
+    from vlm_train.errors import ConfigError
+
+    cfg = compose(["experiment=toy", f"connector={connector}", "vision.anyres=anyres"])
+    with pytest.raises(ConfigError, match="AnyRes lays out one visual token per patch") as refused:
+        build_model(cfg)
+    assert "\n" not in str(refused.value)
+
+
+def test_anyres_with_the_ln_adapter_trains_a_step():
+    """The other per-patch connector: a forward and backward with AnyRes batches of two sizes."""
+    from tests.helpers import TOKENIZER, toy_model
+
+    model = toy_model("vision.anyres=anyres", "connector=ln_adapter", tokenizer=TOKENIZER)
+    sizes = [(30, 100), (70, 70)]
+    tiles = torch.randint(0, 256, (sum(model.anyres.tiles_of(s) for s in sizes), 3, 48, 48), dtype=torch.uint8)
+    input_ids = token_rows([[model.anyres.num_tokens(s) for s in sizes]])
+    input_ids[input_ids == IMAGE_TOKEN] = model.image_token_id
+    labels = input_ids.clone()
+    labels[input_ids == model.image_token_id] = -100
+    out = model(tiles, input_ids, labels=labels, image_sizes=torch.tensor(sizes))
+    out.loss.backward()
+    assert model.anyres.image_newline.grad is not None and model.anyres.image_newline.grad.abs().sum() > 0

@@ -65,9 +65,10 @@ class VisionLanguageModel(nn.Module):
         self.connector = connector
         self.llm = llm
         self.image_token_id = image_token_id
-        if anyres is not None and connector.placement != Placement.SEQUENCE:
+        if anyres is not None and not (connector.per_patch and connector.num_tokens == anyres.tile_grid**2):
             raise ConfigError(
-                "AnyRes tiling needs a connector that puts visual tokens in the sequence, not cross-attention"
+                "AnyRes lays out one visual token per patch: use a per-patch connector (mlp, ln_adapter), "
+                f"not {type(connector).__name__}"
             )
         self.anyres = anyres
         self.video_token_id = video_token_id
@@ -173,7 +174,7 @@ class VisionLanguageModel(nn.Module):
         if self.anyres is None:
             return tokens_INDl.reshape(-1, tokens_INDl.shape[-1])
         if images is None:  # the blank tile: its base view and newline, so every parameter takes part
-            return self.anyres.pack(tokens_INDl.expand(2, -1, -1), (1, 1), tiled=False)
+            return self.anyres.pack(tokens_INDl, (1, 1), tiled=False)
         per_image = tokens_INDl.split(images.tiles)
         return torch.cat(
             [self.anyres.pack(tiles, size, tiled) for tiles, size, tiled in zip(per_image, images.sizes, images.tiled)]

@@ -38,6 +38,7 @@ class ImageAffine(nn.Module):
 
 class LNAdapterConnector(Connector[LNAdapterConnectorConfig]):
     config_class = LNAdapterConnectorConfig
+    per_patch = True
 
     def __init__(self, vision_dim: int, llm_dim: int, num_patches: int, train_projection: bool, modality_norms: bool):
         super().__init__()

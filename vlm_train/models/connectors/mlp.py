@@ -16,6 +16,7 @@ class MLPConnector(Connector[MLPConnectorConfig], nn.Sequential):
     """
 
     config_class = MLPConnectorConfig
+    per_patch = True
 
     def __init__(self, vision_dim: int, llm_dim: int, depth: int, num_patches: int):
         layers: list[nn.Module] = [nn.Linear(vision_dim, llm_dim)]
