@@ -345,15 +345,18 @@ def test_onevision_token_counts_are_its_processors(tmp_path):
     from types import SimpleNamespace
 
     from PIL import Image
-    from transformers import AutoImageProcessor
+    from transformers import AutoImageProcessor, AutoTokenizer
     from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
     from tests.helpers import TOKENIZER, toy_model
+    from vlm_train.interop.hf import chat_template
     from vlm_train.train import image_transform
 
     model = toy_model("vision.anyres=anyres_max_2", tokenizer=TOKENIZER).eval()
     to_hf(model, tmp_path / "hf", TOKENIZER, template="chat")
     image_processor = AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template == chat_template("chat", TOKENIZER)
+    assert not getattr(TOKENIZER, "chat_template", None)  # the caller's tokenizer is left as it was
     counter = SimpleNamespace(
         image_processor=image_processor, num_image_tokens=model.anyres.tile_grid**2, vision_aspect_ratio="anyres_max_2"
     )

@@ -442,7 +442,7 @@ def save_anyres_processor(model: VisionLanguageModel, tokenizer: PreTrainedToken
         )
     else:
         transformers.LlavaOnevisionImageProcessorPil(**images).save_pretrained(path)
-        tokenizer.chat_template = text["chat_template"]
         tokenizer.save_pretrained(path)
+        (Path(path) / "chat_template.jinja").write_text(text["chat_template"])  # AutoTokenizer reads it
         return
     processor.save_pretrained(path)
