@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from vlm_train.config import Config, VisionConfig
-from vlm_train.data.tokenizer import IMAGE_TOKEN, load_tokenizer
+from vlm_train.data.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, load_tokenizer
 from vlm_train.errors import ConfigError
 from vlm_train.models import VisionLanguageModel, VisionTower, build_connector, build_llm, build_vision_tower
 from vlm_train.models.anyres import AnyResLayout
@@ -23,14 +23,17 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
         from vlm_train.parallel.tensor_parallel import ACTIVATION_CHECKPOINTING_REFUSED
 
         raise ConfigError(ACTIVATION_CHECKPOINTING_REFUSED)  # before building: no test proves it there
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.llm)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.llm, video=cfg.data.video)
     vision = build_vision_tower(cfg.vision)
     llm = _build_decoder(cfg, len(tokenizer), layout)
     connector = build_connector(
         cfg.connector, vision_dim=vision.hidden_size, llm_dim=llm.hidden_size, num_patches=vision.num_features
     )
     anyres = build_anyres(cfg.vision, vision, llm.hidden_size)
-    model = VisionLanguageModel(vision, connector, llm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), anyres)
+    video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN) if cfg.data.video else None
+    model = VisionLanguageModel(
+        vision, connector, llm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), anyres, video_token_id
+    )
     if cfg.connector.path:  # after attaching (cross_attention's blocks exist then), before TP splits them
         load_connector_weights(connector, cfg.connector.path)
     if cfg.llm.backend == "megatron":

@@ -167,7 +167,7 @@ class DataConfig:
     synthetic_dir: str | None = None  # generate the toy scenes here when `urls` matches nothing
     synthetic_train: int = 20000  # toy scenes to generate (train split)
     synthetic_eval: int = 400  # toy scenes to generate (held-out split)
-    synthetic_layout: str = "square"  # square (48 px scenes) | sizes (several aspect ratios, small objects)
+    synthetic_layout: str = "square"  # square (48 px scenes) | sizes (several aspect ratios, small objects) | video
     # plain (LLaVA stage 1) | vicuna_v1 (LLaVA-1.5) | hf (the tokenizer's chat_template) | chat (the toy's)
     template: str = "chat"
     image_aspect_ratio: str = "crop"  # crop (short side, centre crop) | pad (LLaVA's expand2square) | resize
@@ -175,7 +175,14 @@ class DataConfig:
     group_by_modality_length: bool = False  # batches of image samples and of text-only samples (LLaVA's sampler)
     max_length: int = 128  # tokens per sample, visual tokens included; text is truncated first
     max_visual_tokens: int | None = None  # visual tokens per sample; over it: see over_visual_budget
-    over_visual_budget: str = "downscale"  # downscale (AnyRes: images shrunk until they fit) | drop (counted skip)
+    over_visual_budget: str = "downscale"  # downscale (images shrunk, videos' frames cut, until they fit) | drop
+    # Video (docs/video.md): samples with a `<video>` marker and a video file (data.video_key) or frame sequence
+    # (`<key>.frame.<n>.png`); the tokenizer gains `<video>`; needs vision.anyres (LLaVA-OneVision's layout).
+    video: bool = False
+    max_frames: int = 32  # frames read per video, evenly spread (LLaVA-Video's frames_upbound)
+    video_key: str = "mp4;webm;mkv;mov;avi"
+    decode_timeout_s: float = 30.0  # a video that takes longer to decode is a counted skip (decode_timeout)
+    video_timestamps: bool = False  # LLaVA-Video's time instruction (duration, frame times) before the question
     num_workers: int = 2  # DataLoader workers per rank
     shuffle_block: int = 512  # samples shuffled together within a worker's stream
     image_key: str = "png;jpg;jpeg;webp"
@@ -280,7 +287,7 @@ _CHOICES = {
     "train.grad_reduce_dtype": ("fp32", "bf16"),
     "train.optimizer": ("adamw", "sgd"),
     "data.image_aspect_ratio": ("crop", "pad", "resize"),
-    "data.synthetic_layout": ("square", "sizes"),
+    "data.synthetic_layout": ("square", "sizes", "video"),
     "data.over_visual_budget": ("downscale", "drop"),
     "wandb.mode": ("disabled", "offline", "online"),
     "run.lock": ("fcntl", "heartbeat", "off"),
@@ -366,6 +373,12 @@ def _validate_data(cfg: Config) -> None:
         raise ConfigError("data.weight and every data.mixture weight must be positive")
     if data.samples_per_shard is not None and data.samples_per_shard < 1:
         raise ConfigError(f"data.samples_per_shard={data.samples_per_shard} must be at least 1")
+    if data.video and cfg.vision.anyres is None:
+        raise ConfigError(
+            "data.video=true lays frames out as LLaVA-OneVision does: set vision.anyres (e.g. anyres_max_9)"
+        )
+    if data.max_frames < 1 or not data.decode_timeout_s > 0:
+        raise ConfigError(f"data.max_frames={data.max_frames} must be at least 1 and data.decode_timeout_s positive")
     if data.packing and cfg.connector.name == "cross_attention":
         raise ConfigError("data.packing needs a connector whose visual tokens sit in the sequence, not cross_attention")
     if data.packing and (cfg.llm.backend == "megatron" or cfg.parallel.tensor_parallel > 1):

@@ -72,7 +72,7 @@ def rebuild_trained_model(folder: Path):
     from vlm_train.training.frozen import check_rebuilt_frozen_weights
 
     cfg = load_yaml(folder / "config.yaml")
-    tokenizer = load_tokenizer(cfg.llm)
+    tokenizer = load_tokenizer(cfg.llm, video=cfg.data.video)
     seed_everything(cfg.run.seed)  # a randomly initialised frozen part is rebuilt exactly
     if cfg.llm.backend == "megatron":
         from vlm_train.interop.tp_checkpoint import CheckpointReaders, load_tp_checkpoint

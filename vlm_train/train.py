@@ -94,7 +94,7 @@ def _train(cfg: Config, layout, device) -> None:
     mpu = layout.build_groups(cfg.run.seed)  # TP and DP groups, once (megatron backend); DeepSpeed's mpu
     check_fits_and_report(cfg, layout, device)  # refuses a layout whose model states cannot fit
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
-    tokenizer = load_tokenizer(cfg.llm)
+    tokenizer = load_tokenizer(cfg.llm, video=cfg.data.video)
     model = build_model(cfg, tokenizer, layout)
     batches = build_batches(cfg, tokenizer, model, layout, device)
     flops = TrainingFlops.of(model)  # before DeepSpeed: ZeRO-3 empties partitioned parameters
@@ -128,6 +128,11 @@ def image_tokens(model):
     return model.anyres.num_tokens if model.anyres is not None else model.num_image_tokens
 
 
+def video_tokens(model):
+    """Visual-token slots per video as a function of its frames (None: the model reads no video)."""
+    return model.anyres.video_tokens if model.video_token_id is not None and model.anyres is not None else None
+
+
 def build_batches(cfg: Config, tokenizer, model, layout, device):
     """This rank's training batches, exactly as the trainer reads them (the benchmarks take theirs
     from here too, so that a key the trainer needs cannot go missing from theirs)."""
@@ -138,6 +143,7 @@ def build_batches(cfg: Config, tokenizer, model, layout, device):
         tokenizer,
         image_transform(model),
         image_tokens(model),
+        video_tokens=video_tokens(model),
         dp_rank=layout.dp_rank,
         dp_size=layout.dp,
         batch_size=cfg.train.micro_batch_size,
@@ -152,7 +158,7 @@ def evaluate_run(trainer, cfg: Config, tokenizer, transform) -> None:
 
     assert cfg.data.eval_urls  # the caller checked
     model = trainer.engine.module
-    encoder = SampleEncoder(cfg.data, tokenizer, transform, image_tokens(model))
+    encoder = SampleEncoder(cfg.data, tokenizer, transform, image_tokens(model), video_tokens(model))
     records = read_eval_records(cfg.data.eval_urls, cfg.data.eval_samples)
     results = evaluate(
         model,
@@ -189,10 +195,15 @@ def prepare_synthetic_data(cfg: Config, rank: int) -> None:
     synthetic_dir = data.synthetic_dir
     wanted = synthetic_dir and data.urls.startswith(str(synthetic_dir))
     if synthetic_dir and wanted and rank == 0 and not (Path(synthetic_dir) / "manifest.json").is_file():
-        from vlm_train.data.synthetic import generate
+        from vlm_train.data import synthetic, synthetic_video
 
-        print(f"generating synthetic scenes in {synthetic_dir}", flush=True)
-        generate(synthetic_dir, train=data.synthetic_train, eval=data.synthetic_eval, layout=data.synthetic_layout)
+        print(f"generating synthetic {data.synthetic_layout} data in {synthetic_dir}", flush=True)
+        if data.synthetic_layout == "video":
+            synthetic_video.generate(synthetic_dir, train=data.synthetic_train, eval=data.synthetic_eval)
+        else:
+            synthetic.generate(
+                synthetic_dir, train=data.synthetic_train, eval=data.synthetic_eval, layout=data.synthetic_layout
+            )
     dist.barrier()
     expand_urls(data.urls)  # a pattern that matches nothing fails here, before any model is built
     if data.eval_urls and cfg.train.eval:

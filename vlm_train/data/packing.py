@@ -31,7 +31,7 @@ def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def collate_packed(
-    samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int, max_length: int, cat=torch.cat
+    samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int, max_length: int, cat=torch.cat, video_cat=torch.cat
 ) -> dict:
     """Packed batch: input_ids/labels [R,T], attention_mask [R,T] of segment numbers, pixel_values in
     the order the image slots appear row by row (concatenated by `cat`), keys in the same order."""
@@ -56,5 +56,5 @@ def collate_packed(
         "attention_mask": segments,
         "labels": labels,
         "keys": [samples[i][0] for i in order],
-        **image_sizes_of([samples[i][2] for i in order]),
+        **image_sizes_of([samples[i][2] for i in order], video_cat),
     }

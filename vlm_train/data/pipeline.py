@@ -208,9 +208,9 @@ class ShardStream(IterableDataset):
             samples.append(item)
         cat = self.pixel_slots.cat if self.pixel_slots is not None else cat_for_transfer
         if self.packing:
-            batch = collate_packed(samples, self.pad_id, self.encoder.cfg.max_length, cat)
+            batch = collate_packed(samples, self.pad_id, self.encoder.cfg.max_length, cat, cat_for_transfer)
         else:
-            batch = collate(samples, self.pad_id, cat)
+            batch = collate(samples, self.pad_id, cat, cat_for_transfer)
         if self.pixel_slots is not None:
             batch["pixel_slot"] = self.pixel_slots.slot_of(batch["pixel_values"])
         batch["resume_hints"] = list(self.block_starts.values()) if hints is None else hints
@@ -293,6 +293,7 @@ def build_train_batches(
     transform: ImageTransform | AnyResTransform,
     image_tokens: int | Callable[[tuple[int, int]], int],
     *,
+    video_tokens: Callable[[int], int] | None = None,
     dp_rank: int,
     dp_size: int,
     batch_size: int,
@@ -303,7 +304,7 @@ def build_train_batches(
     workers = max(cfg.num_workers, 1)
     stream = ShardStream(
         build_sources(cfg, dp_size * workers, batch_size),
-        SampleEncoder(cfg, tokenizer, transform, image_tokens),
+        SampleEncoder(cfg, tokenizer, transform, image_tokens, video_tokens),
         tokenizer.pad_token_id,
         dp_rank=dp_rank,
         dp_size=dp_size,

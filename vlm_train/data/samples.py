@@ -1,5 +1,6 @@
-"""One WebDataset sample -> what a batch row needs: `SampleEncoder` decodes its images, encodes
-its conversation with the data template, and fits it to data.max_length and data.max_visual_tokens;
+"""One WebDataset sample -> what a batch row needs: `SampleEncoder` decodes its images (and video,
+data/video.py), encodes its conversation with the data template, and fits it to data.max_length
+and data.max_visual_tokens;
 `collate` makes the right-padded batch. A sample that cannot be used becomes a `SkippedSample`
 with one of SKIP_REASONS (the pipeline counts it and puts a masked placeholder in its place).
 """
@@ -29,6 +30,17 @@ from vlm_train.data.templates import (
     image_sizes_of,
     truncate,
 )
+from vlm_train.data.tokenizer import VIDEO_TOKEN
+from vlm_train.data.video import (
+    DEFAULT_FPS,
+    FRAME_PREFIX,
+    Clip,
+    DecodeTimeout,
+    VideoError,
+    VideoReader,
+    VideoSource,
+    time_instruction,
+)
 from vlm_train.models.vlm import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -42,6 +54,8 @@ SKIP_REASONS: tuple[str, ...] = (
     "empty_shard",  # a shard without samples (counted once per epoch; takes no batch position)
     "bad_conversation",  # turns that do not alternate human/gpt, or that data.template cannot encode
     "visual_budget",  # more visual tokens than data.max_visual_tokens (dropped, or no downscale fits)
+    "bad_video",  # a video that does not decode, is truncated or has no frames; or one while data.video=false
+    "decode_timeout",  # a video whose decode ran past data.decode_timeout_s
 )
 REASON_INDEX = {reason: index for index, reason in enumerate(SKIP_REASONS)}
 
@@ -55,6 +69,7 @@ class SampleEncoder:
     `image_tokens` is the visual-token slots per image, or with AnyRes (an `AnyResTransform`,
     pixels [tiles, 3, S, S]) a function of the image's (height, width): the images are then decoded
     before the text is encoded, and `Encoded.image_sizes` carries their sizes to the model.
+    `video_tokens` (data.video) is a video's visual-token slots as a function of its frame count.
     """
 
     def __init__(
@@ -63,6 +78,7 @@ class SampleEncoder:
         tokenizer,
         transform: ImageTransform | AnyResTransform,
         image_tokens: int | Callable[[tuple[int, int]], int],
+        video_tokens: Callable[[int], int] | None = None,
     ):
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -72,6 +88,14 @@ class SampleEncoder:
         self.image_tokens = image_tokens
         self.image_keys = cfg.image_key.split(";")
         self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+        self.video_tokens = video_tokens
+        self.video_keys = cfg.video_key.split(";")
+        self.visual_ids = [self.image_token_id]
+        if cfg.video:
+            if video_tokens is None:
+                raise ValueError("data.video needs the model's tokens per video (an AnyRes model with a video token)")
+            self.visual_ids.append(tokenizer.convert_tokens_to_ids(VIDEO_TOKEN))
+        self.video_reader = VideoReader(transform.size, cfg.decode_timeout_s)
         check_template(tokenizer, cfg.template)  # at start-up: data.template=hf needs a chat template
         self.extra_seconds = float(os.environ.get(SLOW_DATA_ENV, "0"))
 
@@ -84,6 +108,8 @@ class SampleEncoder:
         key = raw.get("__key__", "?")
         if self.extra_seconds:
             time.sleep(self.extra_seconds)
+        if not self.cfg.video and self.video_of(raw) is not None:
+            return skipped("bad_video", key, "a video sample, but data.video=false")
         if callable(self.image_tokens):
             return self.encode_sized(raw, key, self.image_tokens)
         try:
@@ -102,62 +128,108 @@ class SampleEncoder:
     def encode_sized(
         self, raw: dict, key: str, tokens_of: Callable[[tuple[int, int]], int]
     ) -> tuple[str, torch.Tensor, Encoded] | SkippedSample:
-        """AnyRes: the images first (their sizes decide their token counts, and data.max_visual_tokens
-        may shrink them), then the text."""
-        blobs = self.image_members(raw)
-        try:
-            sizes = [self.size_of(blob) for blob in blobs]
-            fitting = self.within_budget(sizes, tokens_of)
-            if fitting is None:
-                return skipped("visual_budget", key, self.over_budget(sum(map(tokens_of, sizes))))
-            decoded = [self.decode(blob, size) for blob, size in zip(blobs, fitting)]
-        except (ValueError, OSError, SyntaxError, Image.DecompressionBombError) as err:
-            return skipped("bad_image", key, f"image does not decode ({err})")
+        """AnyRes and video: the media first (image sizes and frame counts decide their token counts,
+        and data.max_visual_tokens may shrink them), then the text."""
+        media = self.read_media(raw, key, tokens_of)
+        if isinstance(media, SkippedSample):
+            return media
+        decoded, clips = media
         sizes = [size for _, size in decoded]
+        frames = [clip.frames.shape[0] for clip in clips]
         try:
-            turns = self.conversation(raw)
-            encoded = encode(turns, self.tokenizer, self.cfg.template, [tokens_of(size) for size in sizes])
-        except ImageCountError:
-            return skipped("image_token_mismatch", key, f"more <image> markers than the {len(sizes)} images")
+            turns = self.with_time_instruction(self.conversation(raw), clips)
+            video_tokens = [self.video_tokens(n) for n in frames] if self.video_tokens else []
+            encoded = encode(
+                turns, self.tokenizer, self.cfg.template, [tokens_of(s) for s in sizes], video_tokens=video_tokens
+            )
+        except ImageCountError as err:
+            return skipped("image_token_mismatch", key, str(err))
         except ConversationError as err:
             return skipped("bad_conversation", key, str(err))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             return skipped("missing_field", key, f"no usable '{self.cfg.text_key}' field ({err})")
         pixels = torch.cat([tiles for tiles, _ in decoded]) if decoded else self.pixels(None)
-        return self.fitted(key, pixels, replace(encoded, image_sizes=sizes), len(sizes))
+        videos = torch.cat([clip.frames for clip in clips]) if clips else None
+        encoded = replace(encoded, image_sizes=sizes, videos=videos, video_frames=frames)
+        return self.fitted(key, pixels, encoded, len(sizes), len(clips))
+
+    def read_media(
+        self, raw: dict, key: str, tokens_of: Callable[[tuple[int, int]], int]
+    ) -> tuple[list[tuple[torch.Tensor, tuple[int, int]]], list[Clip]] | SkippedSample:
+        """The sample's images (tiles, size) and video clips, at the sizes and frame counts that fit
+        data.max_visual_tokens."""
+        blobs, video = self.image_members(raw), self.video_of(raw)
+        try:
+            sizes = [self.size_of(blob) for blob in blobs]
+            frames = [min(self.video_reader.frame_count(video), self.cfg.max_frames)] if video else []
+            fitting = self.within_budget(sizes, frames, tokens_of)
+            if fitting is None:
+                return skipped("visual_budget", key, self.over_budget(self.visual_count(sizes, frames, tokens_of)))
+            decoded = [self.decode(blob, size) for blob, size in zip(blobs, fitting[0])]
+            clips = [self.video_reader.read(video, count) for count in fitting[1]] if video else []
+        except VideoError as err:
+            return skipped("bad_video", key, f"video: {err}")
+        except DecodeTimeout as err:
+            return skipped("decode_timeout", key, str(err))
+        except (ValueError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+            return skipped("bad_image", key, f"image does not decode ({err})")
+        return decoded, clips
+
+    def visual_count(self, sizes: list[tuple[int, int]], frames: list[int], tokens_of) -> int:
+        video_tokens = self.video_tokens or (lambda count: 0)
+        return sum(map(tokens_of, sizes)) + sum(map(video_tokens, frames))
 
     def within_budget(
-        self, sizes: list[tuple[int, int]], tokens_of: Callable[[tuple[int, int]], int]
-    ) -> list[tuple[int, int]] | None:
-        """The image sizes to read the sample at: as they are when their visual tokens fit
-        data.max_visual_tokens; else (over_visual_budget=downscale) all shrunk by the largest factor
-        in steps of 10% that fits; None when dropped or when nothing fits."""
+        self, sizes: list[tuple[int, int]], frames: list[int], tokens_of: Callable[[tuple[int, int]], int]
+    ) -> tuple[list[tuple[int, int]], list[int]] | None:
+        """The image sizes and video frame counts to read the sample at: as they are when their visual
+        tokens fit data.max_visual_tokens; else (over_visual_budget=downscale) the videos' frames cut,
+        by 10% steps down to one, then the images all shrunk by the largest factor in steps of 10%
+        that fits; None when dropped or when nothing fits."""
         budget = self.cfg.max_visual_tokens
-        if budget is None or sum(map(tokens_of, sizes)) <= budget:
-            return sizes
+        if budget is None or self.visual_count(sizes, frames, tokens_of) <= budget:
+            return sizes, frames
         if self.cfg.over_visual_budget == "drop":
             return None
+        for fewer in fewer_frames(frames):
+            if self.visual_count(sizes, fewer, tokens_of) <= budget:
+                return sizes, fewer
+        single = [1] * len(frames)
         factor = 1.0
         while factor > 0.01:
             factor *= 0.9
             scaled = [(max(1, round(h * factor)), max(1, round(w * factor))) for h, w in sizes]
-            if sum(map(tokens_of, scaled)) <= budget:
-                return scaled
+            if self.visual_count(scaled, single, tokens_of) <= budget:
+                return scaled, single
         return None
+
+    def with_time_instruction(self, turns: list[dict], clips: list[Clip]) -> list[dict]:
+        """data.video_timestamps: LLaVA-Video's time instruction after the `<video>` marker of the
+        first turn that has one (`"<video>\\n{instruction}\\n{the rest}"`, as its training code builds it)."""
+        if not (self.cfg.video_timestamps and len(clips) == 1):
+            return turns
+        index = next((i for i, turn in enumerate(turns) if VIDEO_TOKEN in turn["value"]), None)
+        if index is None:
+            return turns
+        rest = turns[index]["value"].replace(VIDEO_TOKEN, "")
+        value = f"{VIDEO_TOKEN}\n{time_instruction(clips[0])}\n{rest}"
+        return [*turns[:index], {**turns[index], "value": value}, *turns[index + 1 :]]
 
     def over_budget(self, tokens: int) -> str:
         how = "dropped" if self.cfg.over_visual_budget == "drop" else "no downscale fits"
         return f"{tokens} visual tokens over data.max_visual_tokens={self.cfg.max_visual_tokens} ({how})"
 
-    def fitted(self, key: str, pixels: torch.Tensor, encoded: Encoded, images: int):
-        """The sample cut to data.max_length, or a skip when its markers and images disagree, its
+    def fitted(self, key: str, pixels: torch.Tensor, encoded: Encoded, images: int, videos: int = 0):
+        """The sample cut to data.max_length, or a skip when its markers and media disagree, its
         visual tokens are over data.max_visual_tokens, or it cannot be cut."""
         if encoded.num_images != images:
             return skipped("image_token_mismatch", key, f"{encoded.num_images} <image> markers for {images} images")
-        visual = encoded.input_ids.count(self.image_token_id)
+        if encoded.num_videos != videos:
+            return skipped("image_token_mismatch", key, f"{encoded.num_videos} <video> markers for {videos} videos")
+        visual = sum(encoded.input_ids.count(visual_id) for visual_id in self.visual_ids)
         if self.cfg.max_visual_tokens is not None and visual > self.cfg.max_visual_tokens:
             return skipped("visual_budget", key, self.over_budget(visual))
-        fitted = truncate(encoded, self.cfg.max_length, self.image_token_id)
+        fitted = truncate(encoded, self.cfg.max_length, *self.visual_ids)
         if fitted is None:
             return skipped("too_long", key, f"longer than data.max_length={self.cfg.max_length} without cutting images")
         return key, pixels, fitted
@@ -183,6 +255,21 @@ class SampleEncoder:
         if numbered:
             return [value for _, value in sorted(numbered)]
         return [raw[k] for k in self.image_keys if k in raw][:1]
+
+    def video_of(self, raw: dict) -> VideoSource | None:
+        """The sample's video: a file (`<key>.mp4`, ... data.video_key), or a frame sequence
+        (`<key>.frame.<n>.<image ext>`, at the record's "fps"); None without one."""
+        file = next((raw[k] for k in self.video_keys if k in raw), None)
+        if file is not None:
+            return VideoSource(file=file)
+        frames = []
+        for name, value in raw.items():
+            index, _, ext = name.removeprefix(FRAME_PREFIX).partition(".")
+            if name.startswith(FRAME_PREFIX) and index.isdigit() and ext in self.image_keys:
+                frames.append((int(index), value))
+        if not frames:
+            return None
+        return VideoSource(frames=[value for _, value in sorted(frames)], fps=frame_rate(raw))
 
     def images(self, blobs: list[bytes]) -> torch.Tensor:
         """Pixels [I, 3, S, S] of the sample's images (I = 0 for a text-only sample)."""
@@ -213,6 +300,27 @@ class SampleEncoder:
             return image.height, image.width
 
 
+def fewer_frames(frames: list[int]) -> list[list[int]]:
+    """The frame counts cut by 10% steps (at least one frame each), largest first."""
+    cuts: list[list[int]] = []
+    factor = 1.0
+    while any(count > 1 for count in frames) and factor > 0.01:
+        factor *= 0.9
+        fewer = [max(1, int(count * factor)) for count in frames]
+        if not cuts or fewer != cuts[-1]:
+            cuts.append(fewer)
+    return cuts
+
+
+def frame_rate(raw: dict) -> float:
+    """A frame sequence's frames per second: the record's "fps" (LLaVA-Video's folders: 1)."""
+    try:
+        fps = float(json.loads(raw.get("json") or b"{}").get("fps", DEFAULT_FPS))
+    except (ValueError, TypeError, AttributeError):
+        return DEFAULT_FPS
+    return fps if fps > 0 else DEFAULT_FPS
+
+
 def document_turns(texts: list[str | None]) -> list[dict]:
     """An interleaved document (MMC4/OBELICS style: `texts[i]` is None where the i-th item is an
     image) as turns: each image a human turn `<image>` (no labels), each text an answer turn. With
@@ -225,9 +333,9 @@ def skipped(reason: str, key: str, why: str) -> SkippedSample:
     return SkippedSample(reason, key)
 
 
-def collate(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int, cat=torch.cat) -> dict:
+def collate(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int, cat=torch.cat, video_cat=torch.cat) -> dict:
     """Right-padded batch: pixel_values [I,3,S,S] (concatenated by `cat`), input_ids/attention_mask/labels
-    [B,T], keys."""
+    [B,T], keys; AnyRes image_sizes, and videos (`video_cat`): see templates.image_sizes_of."""
     length = max(len(enc.input_ids) for _, _, enc in samples)
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
@@ -244,7 +352,7 @@ def collate(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int, cat=t
         "attention_mask": attention_mask,
         "labels": labels,
         "keys": [key for key, _, _ in samples],
-        **image_sizes_of([enc for _, _, enc in samples]),
+        **image_sizes_of([enc for _, _, enc in samples], video_cat),
     }
 
 

@@ -21,12 +21,13 @@ goes and becomes `image_tokens` copies of the tokenizer's `<image>` id (never su
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from vlm_train.data.tokenizer import IMAGE_TOKEN
+from vlm_train.data.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 from vlm_train.errors import ConfigError
 from vlm_train.models.vlm import IGNORE_INDEX
 
@@ -48,7 +49,7 @@ class ConversationError(ValueError):
 
 
 class ImageCountError(ConversationError):
-    """More `<image>` markers than per-image token counts were given (images in the sample)."""
+    """More `<image>` (`<video>`) markers than per-image (per-video) token counts were given."""
 
 
 @dataclass
@@ -57,6 +58,9 @@ class Encoded:
     labels: list[int]
     num_images: int
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) per image, AnyRes only
+    num_videos: int = 0
+    videos: torch.Tensor | None = None  # the sample's video frames [F, 3, S, S] (data.video), in slot order
+    video_frames: list[int] = field(default_factory=list)  # frames per video
 
 
 def encode_conversation(
@@ -81,15 +85,34 @@ def encode_conversation(
 
 
 def encode(
-    turns: list[dict], tokenizer, template: str, image_tokens: int | Sequence[int], add_generation_prompt: bool = False
+    turns: list[dict],
+    tokenizer,
+    template: str,
+    image_tokens: int | Sequence[int],
+    add_generation_prompt: bool = False,
+    video_tokens: Sequence[int] = (),
 ) -> Encoded:
-    """`encode_conversation`, with the number of images (the pipeline checks it against the sample's)."""
+    """`encode_conversation`, with the number of images (the pipeline checks it against the sample's).
+    `<video>` markers (data.video) become `video_tokens[k]` copies of the `<video>` id for the k-th
+    video; templates place them as they place images (rendered as `<image>`, same length)."""
     if template not in RENDERERS:
         raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
     check_turns(turns, template, add_generation_prompt)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    media = media_kinds(turns)
+    if VIDEO_TOKEN in media:
+        turns = [{**turn, "value": turn["value"].replace(VIDEO_TOKEN, IMAGE_TOKEN)} for turn in turns]
     ids, labels = RENDERERS[template](turns, tokenizer, image_id, add_generation_prompt)
-    return expand_images(ids, labels, image_id, image_tokens)
+    video = (tokenizer.convert_tokens_to_ids(VIDEO_TOKEN), video_tokens) if VIDEO_TOKEN in media else None
+    return expand_images(ids, labels, image_id, image_tokens, media, video)
+
+
+MEDIA_MARKER = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
+
+
+def media_kinds(turns: list[dict]) -> list[str]:
+    """`<image>` and `<video>` markers in the order they appear (turn by turn)."""
+    return [m for turn in turns for m in MEDIA_MARKER.findall(turn["value"])]
 
 
 def check_turns(turns: list[dict], template: str, add_generation_prompt: bool) -> None:
@@ -112,27 +135,43 @@ def check_turns(turns: list[dict], template: str, add_generation_prompt: bool) -
         raise ConversationError(f"{what}; got {' -> '.join(roles) or 'no turns'}")
 
 
-def expand_images(ids: list[int], labels: list[int], image_id: int, image_tokens: int | Sequence[int]) -> Encoded:
-    """Each image id -> `image_tokens` image ids without labels (per image, when a sequence)."""
+def expand_images(
+    ids: list[int],
+    labels: list[int],
+    image_id: int,
+    image_tokens: int | Sequence[int],
+    media: Sequence[str] = (),
+    video: tuple[int, Sequence[int]] | None = None,
+) -> Encoded:
+    """Each image id -> `image_tokens` image ids without labels (per image, when a sequence). With
+    `media` (the markers in order) and `video` = (video id, tokens per video), the markers that are
+    videos become `video[1][k]` video ids for the k-th video instead."""
     out_ids: list[int] = []
     out_labels: list[int] = []
-    num_images = 0
+    num_images = num_videos = 0
     for token, label in zip(ids, labels):
-        if token == image_id:
-            count = image_tokens if isinstance(image_tokens, int) else _count_of(image_tokens, num_images)
-            num_images += 1
-            out_ids += [image_id] * count
-            out_labels += [IGNORE_INDEX] * count
-        else:
+        if token != image_id:
             out_ids.append(token)
             out_labels.append(label)
-    return Encoded(out_ids, out_labels, num_images)
+            continue
+        marker = num_images + num_videos
+        if video is not None and marker < len(media) and media[marker] == VIDEO_TOKEN:
+            slot, count = video[0], _count_of(video[1], num_videos, "videos")
+            num_videos += 1
+        else:
+            slot = image_id
+            count = image_tokens if isinstance(image_tokens, int) else _count_of(image_tokens, num_images)
+            num_images += 1
+        out_ids += [slot] * count
+        out_labels += [IGNORE_INDEX] * count
+    return Encoded(out_ids, out_labels, num_images, num_videos=num_videos)
 
 
-def _count_of(counts: Sequence[int], image: int) -> int:
-    if image >= len(counts):
-        raise ImageCountError(f"more <image> markers than the sample's {len(counts)} images")
-    return counts[image]
+def _count_of(counts: Sequence[int], index: int, what: str = "images") -> int:
+    if index >= len(counts):
+        marker = VIDEO_TOKEN if what == "videos" else IMAGE_TOKEN
+        raise ImageCountError(f"more {marker} markers than the sample's {len(counts)} {what}")
+    return counts[index]
 
 
 def tokenize_with_images(text: str, tokenizer, image_id: int) -> list[int]:
@@ -323,19 +362,29 @@ def check_template(tokenizer, template: str) -> None:
         )
 
 
-def image_sizes_of(encoded: list[Encoded]) -> dict:
-    """{"image_sizes": [I, 2]} for AnyRes samples (each image's height and width, in slot order);
-    nothing for fixed-size images."""
+VIDEO_INPUTS = ("pixel_values_videos", "video_frames")  # a video batch's model inputs (image_sizes_of)
+
+
+def image_sizes_of(encoded: list[Encoded], cat=torch.cat) -> dict:
+    """{"image_sizes": [I, 2]} for AnyRes samples (each image's height and width, in slot order;
+    nothing for fixed-size images); with videos, {"pixel_values_videos": [sum F, 3, S, S] (concatenated
+    by `cat`), "video_frames": [V]}."""
     sizes = [size for enc in encoded for size in enc.image_sizes]
-    return {"image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2)} if sizes else {}
+    media = {"image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2)} if sizes else {}
+    videos = [enc.videos for enc in encoded if enc.videos is not None]
+    if videos:
+        media["pixel_values_videos"] = cat(videos)
+        media["video_frames"] = torch.tensor([n for enc in encoded for n in enc.video_frames], dtype=torch.long)
+    return media
 
 
-def truncate(encoded: Encoded, max_length: int, image_token_id: int) -> Encoded | None:
-    """Cut text beyond `max_length`; None when that would cut into visual tokens or leave no answer."""
+def truncate(encoded: Encoded, max_length: int, *visual_ids: int) -> Encoded | None:
+    """Cut text beyond `max_length`; None when that would cut into visual tokens (`visual_ids`:
+    the image and video token ids) or leave no answer."""
     if len(encoded.input_ids) <= max_length:
         return encoded
     ids, labels = encoded.input_ids[:max_length], encoded.labels[:max_length]
-    if ids.count(image_token_id) != encoded.input_ids.count(image_token_id):
+    if any(ids.count(visual) != encoded.input_ids.count(visual) for visual in visual_ids):
         return None
     if all(label == IGNORE_INDEX for label in labels):
         return None

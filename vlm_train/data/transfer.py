@@ -88,6 +88,9 @@ def cat_for_transfer(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors, out=out)
 
 
+PIXELS = ("pixel_values", "pixel_values_videos")  # written into shared memory by the worker: sent as they are
+
+
 def to_wire(batch: dict) -> dict:
     """Worker side, before the batch crosses: every tensor but the pixels (token ids, masks, labels,
     counts: small) as a numpy array, which the pickler writes inline. A tensor would get a shared-
@@ -96,7 +99,7 @@ def to_wire(batch: dict) -> dict:
     In-process (no worker) the batch is left as it is."""
     if get_worker_info() is None:
         return batch
-    return {k: v.numpy() if isinstance(v, torch.Tensor) and k != "pixel_values" else v for k, v in batch.items()}
+    return {k: v.numpy() if isinstance(v, torch.Tensor) and k not in PIXELS else v for k, v in batch.items()}
 
 
 def from_wire(batch: dict) -> dict:

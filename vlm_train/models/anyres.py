@@ -39,6 +39,24 @@ class AnyResLayout(nn.Module):
         self.max_tiles = max_tiles
         self.image_newline = nn.Parameter(torch.randn(width) / math.sqrt(width))
 
+    def forward(
+        self,
+        tiles_XND: torch.Tensor | None,
+        images: list[tuple[int, tuple[int, int], bool]],
+        frames_FND: torch.Tensor | None = None,
+        frames_per_video: list[int] | tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A micro-batch's visual tokens: its images' (`images`: tiles, (height, width), tiled, each;
+        `pack`) and its videos' (`pack_video`), None where there are none. One call per forward, on
+        every rank: the call is what lets ZeRO-3's module hooks gather `image_newline`."""
+        image_XD = video_XD = None
+        if tiles_XND is not None:
+            per_image = tiles_XND.split([tiles for tiles, _, _ in images])
+            image_XD = torch.cat([self.pack(t, size, tiled) for t, (_, size, tiled) in zip(per_image, images)])
+        if frames_FND is not None:
+            video_XD = torch.cat([self.pack_video(frames) for frames in frames_FND.split(list(frames_per_video))])
+        return image_XD, video_XD
+
     def grid_of(self, size_hw: tuple[int, int]) -> tuple[int, int]:
         """Tile rows and columns of an image of `size_hw` (height, width) pixels."""
         from transformers.image_processing_utils import select_best_resolution

@@ -26,6 +26,28 @@ class Images:
     tiled: list[bool] = field(default_factory=list)
 
 
+@dataclass
+class Videos:
+    """A batch's video frames [sum F, C, H, W] (video k owns the next `counts[k]`)."""
+
+    frames: torch.Tensor
+    counts: list[int]
+
+
+def videos_of(pixels: torch.Tensor | None, frames_per_video: torch.Tensor | None) -> Videos | None:
+    """Hugging Face's [V, F, C, H, W], or the pipeline's [sum F, C, H, W] with frames per video [V]."""
+    if pixels is None or pixels.numel() == 0:
+        return None
+    if pixels.dim() == 5 and frames_per_video is None:
+        return Videos(pixels.flatten(0, 1), [pixels.shape[1]] * pixels.shape[0])
+    if pixels.dim() != 4 or frames_per_video is None or int(frames_per_video.sum()) != pixels.shape[0]:
+        raise ValueError(
+            f"pixel_values_videos of shape {list(pixels.shape)}: expected [videos, frames, 3, H, W], or "
+            "[frames, 3, H, W] with video_frames (frames per video) summing to its frames"
+        )
+    return Videos(pixels, [int(n) for n in frames_per_video.tolist()])
+
+
 def padded_images(pixels: torch.Tensor, pixel_mask: torch.Tensor | None, patch_size: int) -> Images:
     """[I, C, H, W], or Idefics2's [B, I, C, H, W] whose all-zero images pad samples with fewer
     images (dropped, as transformers drops them), with `pixel_mask` [B, I, H, W] / [I, H, W]."""

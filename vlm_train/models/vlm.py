@@ -17,7 +17,7 @@ from vlm_train.errors import ConfigError
 from vlm_train.models.anyres import AnyResLayout
 from vlm_train.models.connectors.base import Connector, Placement
 from vlm_train.models.decoder import IGNORE_INDEX, Decoder, token_cross_entropy
-from vlm_train.models.images import Images, anyres_images, padded_images
+from vlm_train.models.images import Images, Videos, anyres_images, padded_images, videos_of
 from vlm_train.models.vision import VisionTower
 
 __all__ = ["IGNORE_INDEX", "VLMOutput", "VisionLanguageModel", "token_cross_entropy"]
@@ -49,6 +49,10 @@ class VisionLanguageModel(nn.Module):
       [sum T, C, H, W]) and `image_sizes` [I, 2], each image's (height, width) before tiling; its
       visual-token count then depends on that size (`anyres.num_tokens`). OneVision's
       `batch_num_images` (images per sample) reads the images of multi-image samples untiled.
+
+    Videos (with AnyRes and a `video_token_id`, LLaVA-OneVision's layout: `anyres.pack_video`) fill
+    the video-token slots: `pixel_values_videos` [V, F, C, H, W], or frames [sum F, C, H, W] with
+    `video_frames` [V] (frames per video), as the data pipeline sends videos of different lengths.
     """
 
     def __init__(
@@ -94,12 +98,13 @@ class VisionLanguageModel(nn.Module):
         pixel_attention_mask: torch.Tensor | None = None,
         batch_num_images: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
+        video_frames: torch.Tensor | None = None,
     ) -> VLMOutput:
         images = self.images(pixel_values, image_sizes, pixel_attention_mask, batch_num_images)
+        videos = self.videos(pixel_values_videos, video_frames)
         slots_BT = input_ids == self.image_token_id
         if self.connector.placement == Placement.SEQUENCE:
-            embeds_BTDl, media_IMDl = self.embed(images, input_ids), None
-            embeds_BTDl = self.embed_videos(embeds_BTDl, pixel_values_videos, input_ids)
+            embeds_BTDl, media_IMDl = self.embed(images, input_ids, videos), None
         else:
             embeds_BTDl, media_IMDl = self.llm.embed(input_ids), self.encode_images_or_blank(images, slots_BT)
         with self.connector.conditioned(slots_BT, media_IMDl):
@@ -129,56 +134,72 @@ class VisionLanguageModel(nn.Module):
             )
         return padded_images(pixel_values, pixel_attention_mask, self.vision.patch_size)
 
-    def embed(self, images: Images | None, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the visual tokens in the image-token slots."""
+    def videos(self, pixel_values_videos: torch.Tensor | None, video_frames: torch.Tensor | None) -> Videos | None:
+        """The batch's videos (None without any); see the class docstring."""
+        videos = videos_of(pixel_values_videos, video_frames)
+        if videos is not None and (self.video_token_id is None or self.anyres is None):
+            raise ValueError("pixel_values_videos are for LLaVA-OneVision models; this model reads no video")
+        return videos
+
+    def embed(self, images: Images | None, input_ids_BT: torch.Tensor, videos: Videos | None = None) -> torch.Tensor:
+        """Token embeddings with the visual tokens in the image-token (and video-token) slots."""
         embeds_BTDl = self.llm.embed(input_ids_BT)
         slots_BT = input_ids_BT == self.image_token_id
-        visual_XDl = self.visual_tokens(self.encode_images_or_blank(images, slots_BT), images)
-        if not slots_BT.any():
-            return embeds_BTDl + 0.0 * visual_XDl.sum()
-        if visual_XDl.shape[0] != int(slots_BT.sum()):
-            raise ValueError(
-                f"{len(images.pixels) if images else 0} images give {visual_XDl.shape[0]} visual tokens but input_ids "
-                f"hold {int(slots_BT.sum())} image-token slots ({self.num_image_tokens} per tower-sized image expected)"
+        image_XDl, video_XDl = self.visual_tokens(*self.encode_media(images, videos, slots_BT), images, videos)
+        if image_XDl is not None:
+            embeds_BTDl = fill_slots(
+                embeds_BTDl,
+                slots_BT,
+                image_XDl,
+                f"{len(images.pixels) if images else 0} images",
+                f"image-token slots ({self.num_image_tokens} per tower-sized image expected)",
             )
-        return embeds_BTDl.masked_scatter(slots_BT.unsqueeze(-1), visual_XDl.to(embeds_BTDl.dtype))
-
-    def embed_videos(
-        self, embeds_BTDl: torch.Tensor, videos_VFCHW: torch.Tensor | None, input_ids_BT: torch.Tensor
-    ) -> torch.Tensor:
-        """LLaVA-OneVision's videos [V, F, C, H, W] into the video-token slots (`anyres.pack_video`)."""
-        if videos_VFCHW is None or videos_VFCHW.numel() == 0:
-            if self.video_token_id is not None and bool((input_ids_BT == self.video_token_id).any()):
+        elif slots_BT.any():
+            raise ValueError("input_ids hold image tokens but no pixel_values were given")
+        if self.video_token_id is None:
+            return embeds_BTDl
+        video_slots_BT = input_ids_BT == self.video_token_id
+        if video_XDl is None or videos is None:
+            if video_slots_BT.any():
                 raise ValueError("input_ids hold video tokens but no pixel_values_videos were given")
             return embeds_BTDl
-        if self.video_token_id is None or self.anyres is None:
-            raise ValueError("pixel_values_videos are for LLaVA-OneVision models; this model reads no video")
-        if videos_VFCHW.dim() != 5:
-            raise ValueError(
-                f"pixel_values_videos of shape {list(videos_VFCHW.shape)}: expected [videos, frames, 3, H, W]"
-            )
-        videos, frames = videos_VFCHW.shape[:2]
-        frames_VFNDl = self.encode_images(videos_VFCHW.flatten(0, 1)).unflatten(0, (videos, frames))
-        visual_XDl = torch.cat([self.anyres.pack_video(video) for video in frames_VFNDl])
-        slots_BT = input_ids_BT == self.video_token_id
-        if visual_XDl.shape[0] != int(slots_BT.sum()):
-            raise ValueError(
-                f"{videos} videos of {frames} frames give {visual_XDl.shape[0]} visual tokens but input_ids hold "
-                f"{int(slots_BT.sum())} video-token slots"
-            )
-        return embeds_BTDl.masked_scatter(slots_BT.unsqueeze(-1), visual_XDl.to(embeds_BTDl.dtype))
+        what = f"{len(videos.counts)} videos of {videos.counts} frames"
+        return fill_slots(embeds_BTDl, video_slots_BT, video_XDl, what, "video-token slots")
 
-    def visual_tokens(self, tokens_INDl: torch.Tensor, images: Images | None) -> torch.Tensor:
-        """The connector's tokens per tower input [I, N, Dl] -> the sequence's visual tokens [X, Dl],
-        in slot order (with AnyRes: each image's tiles packed into its own layout)."""
+    def visual_tokens(
+        self,
+        image_tokens_INDl: torch.Tensor | None,
+        frame_tokens_FNDl: torch.Tensor | None,
+        images: Images | None,
+        videos: Videos | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The connector's tokens per tower input -> the images' and the videos' visual tokens [X, Dl]
+        in slot order: each image's as they are, or with AnyRes each image's tiles packed into its
+        layout (without images: the blank tile's base view and newline, so every parameter takes
+        part) and each video's frames into OneVision's video layout, in one `anyres` call."""
         if self.anyres is None:
-            return tokens_INDl.reshape(-1, tokens_INDl.shape[-1])
-        if images is None:  # the blank tile: its base view and newline, so every parameter takes part
-            return self.anyres.pack(tokens_INDl, (1, 1), tiled=False)
-        per_image = tokens_INDl.split(images.tiles)
-        return torch.cat(
-            [self.anyres.pack(tiles, size, tiled) for tiles, size, tiled in zip(per_image, images.sizes, images.tiled)]
-        )
+            return (None if image_tokens_INDl is None else image_tokens_INDl.flatten(0, 1)), None
+        layout = [(1, (1, 1), False)] if images is None else list(zip(images.tiles, images.sizes, images.tiled))
+        return self.anyres(image_tokens_INDl, layout, frame_tokens_FNDl, videos.counts if videos else ())
+
+    def encode_media(
+        self, images: Images | None, videos: Videos | None, slots_BT: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Connector tokens of the batch's images (or tiles) and of its video frames, from one tower
+        call: under ZeRO-3 each call gathers the tower's parameters, so every rank must make the same
+        calls whatever its mix of images, video and text, or the ranks hang. Without either, a blank
+        image's tokens (`encode_images_or_blank`)."""
+        if videos is None:
+            return self.encode_images_or_blank(images, slots_BT), None
+        if images is None:
+            return None, self.encode_images(videos.frames)
+        if images.patch_mask is not None:
+            raise ValueError("padded images (pixel_attention_mask) and videos in one batch are not supported")
+        parts = [images.pixels, videos.frames]
+        if parts[0].dtype != parts[1].dtype:  # uint8 from the loader next to float from a processor
+            parts = [self.vision.normalize(p) if p.dtype == torch.uint8 else p for p in parts]
+        tokens_INDl = self.encode_images(torch.cat(parts))
+        return tokens_INDl[: len(images.pixels)], tokens_INDl[len(images.pixels) :]
 
     def encode_images_or_blank(self, images: Images | None, slots_BT: torch.Tensor) -> torch.Tensor:
         """Connector outputs for the batch's images (or tiles). Without images, those of one blank
@@ -201,3 +222,17 @@ class VisionLanguageModel(nn.Module):
         if patch_mask_IHW is None:
             return self.connector(features_IPDv)
         return self.connector.masked(features_IPDv, patch_mask_IHW.flatten(1))
+
+
+def fill_slots(
+    embeds_BTDl: torch.Tensor, slots_BT: torch.Tensor, visual_XDl: torch.Tensor, what: str, slots: str
+) -> torch.Tensor:
+    """`embeds_BTDl` with `visual_XDl` in its slots, in order; without slots, the visual tokens are
+    added with weight zero (so every parameter that made them still gets a gradient)."""
+    if not slots_BT.any():
+        return embeds_BTDl + 0.0 * visual_XDl.sum()
+    if visual_XDl.shape[0] != int(slots_BT.sum()):
+        raise ValueError(
+            f"{what} give {visual_XDl.shape[0]} visual tokens but input_ids hold {int(slots_BT.sum())} {slots}"
+        )
+    return embeds_BTDl.masked_scatter(slots_BT.unsqueeze(-1), visual_XDl.to(embeds_BTDl.dtype))

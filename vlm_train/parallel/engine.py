@@ -226,7 +226,7 @@ class TrainEngine:
     """The engine as the trainer and the checkpointer see it; DeepSpeed stays behind it.
 
     Training:
-        engine(*inputs)                 the model's forward (DeepSpeed's module wrapper)
+        engine(**inputs)                the model's forward (DeepSpeed's module wrapper)
         engine.backward(loss)           back-propagate one micro-batch (DeepSpeed scales by 1/grad_accum,
                                         accumulates, and reduces over data-parallel ranks at the step's
                                         last micro-batch)
@@ -296,8 +296,8 @@ class TrainEngine:
     def lr(self) -> float:
         return float(self._engine.get_lr()[0])
 
-    def __call__(self, *inputs: torch.Tensor) -> Any:
-        return self._engine(*inputs)
+    def __call__(self, *inputs: torch.Tensor, **named: torch.Tensor) -> Any:
+        return self._engine(*inputs, **named)
 
     def backward(self, loss: torch.Tensor) -> None:
         self._engine.backward(loss)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from vlm_train.data.pipeline import SampleEncoder, collate
-from vlm_train.data.templates import encode_conversation
+from vlm_train.data.templates import VIDEO_INPUTS, encode, encode_conversation
 
 
 @dataclass
@@ -24,11 +24,15 @@ class Question:
     prompt: list[int]
     answer: str
     sizes: list[tuple[int, int]] = field(default_factory=list)  # the image's (height, width), AnyRes only
+    video: torch.Tensor | None = None  # the sample's video frames [F, 3, S, S] (data.video)
 
 
 def questions_of(raw: dict, encoder: SampleEncoder) -> list[Question]:
-    """Each human turn of a held-out sample, asked alone about its image."""
+    """Each human turn of a held-out sample, asked alone about its image (or video)."""
     turns = encoder.conversation(raw)
+    video = encoder.video_of(raw) if encoder.cfg.video else None
+    if video is not None:
+        return _video_questions(raw, turns, encoder)
     image_bytes = next((raw[k] for k in encoder.image_keys if k in raw), None)
     pixels, sizes = encoder.pixels(None), []
     if image_bytes is not None:
@@ -47,6 +51,32 @@ def questions_of(raw: dict, encoder: SampleEncoder) -> list[Question]:
     return questions
 
 
+def _video_questions(raw: dict, turns: list[dict], encoder: SampleEncoder) -> list[Question]:
+    """A video sample's questions, each asked alone about its video (read as training reads it)."""
+    assert callable(encoder.image_tokens) and encoder.video_tokens is not None  # data.video: AnyRes
+    media = encoder.read_media(raw, raw.get("__key__", "?"), encoder.image_tokens)
+    if not isinstance(media, tuple) or len(media[1]) != 1 or media[0]:
+        return []  # a bad video (counted in training), or images with the video: not a question here
+    clip = media[1][0]
+    questions = []
+    for ask, reply in zip(turns[0::2], turns[1::2]):
+        text = ask["value"].replace("<video>", "").strip()
+        turn = encoder.with_time_instruction([{"from": "human", "value": f"<video>\n{text}"}], [clip])
+        encoded = encode(  # the training template, ending where the answer starts
+            turn,
+            encoder.tokenizer,
+            encoder.cfg.template,
+            [],
+            add_generation_prompt=True,
+            video_tokens=[encoder.video_tokens(len(clip.frames))],
+        )
+        pixels = encoder.pixels(None)
+        questions.append(
+            Question(ask.get("kind", "answer"), pixels, encoded.input_ids, reply["value"], [], clip.frames)
+        )
+    return questions
+
+
 @torch.no_grad()
 def greedy_generate(
     model,
@@ -57,9 +87,10 @@ def greedy_generate(
     pad_id: int,
     device: torch.device,
     image_sizes: torch.Tensor | None = None,
+    **videos: torch.Tensor,
 ) -> list[list[int]]:
     """Greedy answers for right-padded prompts (full recompute per token: short answers);
-    `image_sizes` [I, 2] for an AnyRes model."""
+    `image_sizes` [I, 2] for an AnyRes model, `videos`: pixel_values_videos and video_frames."""
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     width = int(lengths.max()) + max_new_tokens
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -72,7 +103,7 @@ def greedy_generate(
         if not _anyone_active(finished, device):
             break
         mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
-        logits = model(pixels, ids, attention_mask=mask, image_sizes=image_sizes).logits
+        logits = model(pixels, ids, attention_mask=mask, image_sizes=image_sizes, **videos).logits
         step_logits = logits[rows, lengths - 1]
         step_logits[:, model.image_token_id] = float("-inf")  # an image slot needs pixels: never generated
         next_ids = step_logits.argmax(-1)
@@ -137,14 +168,8 @@ def _add_loss(model, chunk, encoder, sums, device) -> None:
     if not chunk:
         return
     batch = collate(chunk, encoder.tokenizer.pad_token_id)
-    sizes = batch.get("image_sizes")
-    out = model(
-        batch["pixel_values"].to(device),
-        batch["input_ids"].to(device),
-        batch["attention_mask"].to(device),
-        batch["labels"].to(device),
-        image_sizes=sizes.to(device) if sizes is not None else None,
-    )
+    names = ("pixel_values", "input_ids", "attention_mask", "labels", "image_sizes", *VIDEO_INPUTS)
+    out = model(**{name: batch[name].to(device) for name in names if name in batch})
     sums["loss_sum"] += float(out.loss_sum)
     sums["loss_tokens"] += float(out.num_label_tokens)
 
@@ -153,6 +178,11 @@ def _add_accuracy(model, questions: list[Question], encoder, max_new_tokens, sum
     tokenizer = encoder.tokenizer
     pixels = torch.cat([q.pixels for q in questions]).to(device)
     sizes = [size for q in questions for size in q.sizes]
+    videos = [q.video for q in questions if q.video is not None]
+    video_inputs = {}
+    if videos:
+        video_inputs["pixel_values_videos"] = torch.cat(videos).to(device)
+        video_inputs["video_frames"] = torch.tensor([len(v) for v in videos], device=device)
     answers = greedy_generate(
         model,
         pixels,
@@ -162,6 +192,7 @@ def _add_accuracy(model, questions: list[Question], encoder, max_new_tokens, sum
         tokenizer.pad_token_id,
         device,
         image_sizes=torch.tensor(sizes, device=device) if sizes else None,
+        **video_inputs,
     )
     for question, answer_ids in zip(questions, answers):
         said = " ".join(tokenizer.decode(answer_ids, skip_special_tokens=True).split())

@@ -71,6 +71,7 @@ class TrainingFlops:
     llm_layers: int
     llm_width: int  # attention width: heads x head width
     multipliers: tuple[float, float, float]  # forward -> forward + backward, per component
+    slot_ids: tuple[int, ...] = ()  # sequence connectors: the image (and video) token ids, one per visual token
 
     @classmethod
     def of(cls, model: VisionLanguageModel) -> TrainingFlops:
@@ -95,20 +96,23 @@ class TrainingFlops:
                 _step_multiplier(connector_trains, gradient_crosses=tower_trains),
                 _step_multiplier(llm_trains, gradient_crosses=tower_trains or connector_trains),
             ),
+            slot_ids=_slot_ids(model) if sequence else (),
         )
 
     def __call__(self, batch: dict) -> float:
         seq_lengths = sample_lengths(batch["attention_mask"]).double()
         tokens, tokens_squared = float(seq_lengths.sum()), float((seq_lengths**2).sum())
-        pixel_values = batch.get("pixel_values")
-        images = max(int(pixel_values.shape[0]) if pixel_values is not None else 0, 1)
-        forward = self.forward_flops(images, tokens, tokens_squared)
+        forward = self.forward_flops(max(tower_inputs(batch), 1), tokens, tokens_squared)
         return sum(f * m for f, m in zip(forward, self.multipliers))
 
     def visual_tokens(self, batch: dict) -> int:
-        """Visual tokens of this micro-batch (what a rank's share of image work is measured in)."""
-        pixel_values = batch.get("pixel_values")
-        return (int(pixel_values.shape[0]) if pixel_values is not None else 0) * self.visual_per_image
+        """Visual tokens of this micro-batch (what a rank's share of image work is measured in): its
+        visual-token slots with a sequence connector (exact for AnyRes tiles and video frames), else
+        the media tokens its tower inputs give."""
+        if self.slot_ids:
+            input_ids = batch["input_ids"]
+            return int(sum(int((input_ids == slot).sum()) for slot in self.slot_ids))
+        return tower_inputs(batch) * self.visual_per_image
 
     def forward_flops(self, images: int, tokens: float, tokens_squared: float) -> tuple[float, float, float]:
         """Forward FLOPs of tower, connector and decoder for this many images and tokens."""
@@ -122,6 +126,15 @@ class TrainingFlops:
             )
         llm = 2.0 * self.llm_weights * tokens + self.llm_layers * 4.0 * tokens_squared * self.llm_width
         return tower, connector, llm
+
+
+def tower_inputs(batch: dict) -> int:
+    """Images (AnyRes: tiles) and video frames that go through the tower in this micro-batch."""
+    return sum(int(batch[key].shape[0]) for key in ("pixel_values", "pixel_values_videos") if key in batch)
+
+
+def _slot_ids(model: VisionLanguageModel) -> tuple[int, ...]:
+    return (model.image_token_id,) + ((model.video_token_id,) if model.video_token_id is not None else ())
 
 
 def sample_lengths(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from vlm_train.config import Config
 from vlm_train.data.pipeline import SKIP_REASONS, TrainBatches
+from vlm_train.data.templates import VIDEO_INPUTS
 from vlm_train.errors import DataError, TrainingDiverged
 from vlm_train.models.vlm import IGNORE_INDEX
 from vlm_train.parallel.engine import TrainEngine, resolve_precision
@@ -134,7 +135,7 @@ class Trainer:
         for index, mb in enumerate(micro_batches):
             with timer.phase("forward"):
                 # only the loss is kept: the output's logits [B, T, V] are freed before backward
-                mb_loss_sum = self.inject_fault(self.engine(*self.model_inputs(mb)).loss_sum)
+                mb_loss_sum = self.inject_fault(self.engine(**self.model_inputs(mb)).loss_sum)
             with timer.phase("backward"):
                 self.engine.backward(mb_loss_sum * scale)
             loss_sum += mb_loss_sum.detach().double()
@@ -235,10 +236,10 @@ class Trainer:
         wait, visual = local.tolist()
         return wait, visual
 
-    def model_inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
-        """The model's positional inputs; AnyRes batches add `image_sizes`."""
-        names = ("pixel_values", "input_ids", "attention_mask", "labels", "image_sizes")
-        return tuple(batch[name].to(self.device, non_blocking=True) for name in names if name in batch)
+    def model_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The model's inputs by name; AnyRes batches add `image_sizes`, video batches their frames."""
+        names = ("pixel_values", "input_ids", "attention_mask", "labels", "image_sizes", *VIDEO_INPUTS)
+        return {name: batch[name].to(self.device, non_blocking=True) for name in names if name in batch}
 
     def log_step(self, loss: float, samples: int, tokens: int, elapsed: float) -> None:
         slowest_wait, most_visual = self.slowest_ranks()
@@ -254,6 +255,7 @@ class Trainer:
             "step_s": elapsed,
             **{f"{name}_s": seconds for name, seconds in self.timer.seconds.items()},
             "data_stall": data_stall(slowest_wait, elapsed),  # the slowest rank's wait: everyone's
+            "visual_tokens": self.step_visual_tokens,  # all ranks' visual tokens in this step
             "visual_tokens_imbalance": most_visual / mean_visual if mean_visual else 1.0,
         }
         if not math.isfinite(loss):
