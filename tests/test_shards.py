@@ -13,29 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import webdataset as wds
 from PIL import Image
 
 from tests.helpers import REPO, TOKENIZER, TRANSFORM, read_metrics, run_cli, toy_overrides, write_tar
+from tests.shard_helpers import TEXT_ONLY, convert, image_records, read_shards
 from vlm_train import compose
 from vlm_train.data.pipeline import build_train_batches
 from vlm_train.data.shards import main
 from vlm_train.data.synthetic import caption, make_sample, make_scene, render, write_split
 from vlm_train.data.templates import encode
-
-TEXT_ONLY = [{"from": "human", "value": "what color is the circle ?"}, {"from": "gpt", "value": "red"}]
-
-
-def image_records(folder: Path, count: int, seed: int = 0, prefix: str = "img") -> list[dict]:
-    """LLaVA records over synthetic scenes, their PNGs written to `folder`."""
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i in range(count):
-        png, record = make_sample(rng)
-        (folder / f"{prefix}{i}.png").write_bytes(png)
-        records.append({"id": f"{prefix}-{i}", "image": f"{prefix}{i}.png", "conversations": record["conversations"]})
-    return records
 
 
 def bad_records(images: Path, good: dict) -> dict[str, dict]:
@@ -55,21 +41,10 @@ def bad_records(images: Path, good: dict) -> dict[str, dict]:
     }
 
 
-def read_shards(out: Path) -> list[dict]:
-    urls = sorted(str(p) for p in out.glob("shard-*.tar"))
-    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
-
-
 def epoch_batches(pattern: str, batch_size: int, *extra: str) -> list[dict]:
     cfg = compose(["experiment=toy", f"data.urls={pattern}", "data.num_workers=1", *extra]).data
     batches = build_train_batches(cfg, TOKENIZER, TRANSFORM, 9, dp_rank=0, dp_size=1, batch_size=batch_size, seed=3)
     return [next(batches) for _ in range(batches.batches_per_epoch)]
-
-
-def convert(source: Path, images: Path, out: Path, *extra: str, workers: int = 2) -> int:
-    """`vlm-shards llava` (or `captions` for a .csv source) in-process."""
-    command = ["captions", "--csv"] if source.suffix == ".csv" else ["llava", "--json"]
-    return main([*command, str(source), "--images", str(images), "--out", str(out), *extra, "--workers", str(workers)])
 
 
 def test_llava_round_trip_with_skip_report(tmp_path, capsys):
@@ -211,6 +186,7 @@ def test_captions_and_an_existing_laion_style_corpus_train_alike(tmp_path, capsy
         (["llava", "--json", "{tmp}/object.json"], "expected a JSON list of records, found dict"),
         (["llava", "--json", "{tmp}/allbad.json"], "all 1 records were skipped, e.g. record 1"),
         (["llava", "--json", "{tmp}/ok.json", "--images", "{tmp}/absent"], "--images {tmp}/absent is not a folder"),
+        (["llava", "--json", "{tmp}/ok.json", "--videos", "{tmp}/absent"], "--videos {tmp}/absent is not a folder"),
         (["llava", "--json", "{tmp}/ok.json", "--out", "{tmp}/full"], "already holds shards"),
         (["captions", "--csv", "{tmp}/nocol.csv"], "no column 'caption' in the header ['image', 'text']"),
         (["manifest", "{tmp}/images"], "holds no .tar shards"),

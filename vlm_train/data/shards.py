@@ -1,12 +1,15 @@
 """`vlm-shards`: turn a dataset into the WebDataset shards `vlm-train` reads.
 
-    vlm-shards llava --json data.json --images DIR --out OUT [--max-count N] [--max-size 1G] [--workers K]
+    vlm-shards llava --json data.json --images DIR --out OUT [--videos DIR] [--max-count N] [--max-size 1G] [--workers K]
     vlm-shards captions --csv pairs.csv --images DIR --out OUT [--image-column image] [--caption-column caption]
     vlm-shards captions --jsonl pairs.jsonl --images DIR --out OUT
     vlm-shards manifest DIR    count the samples of existing shards (LAION/CC style) into DIR/manifest.json
 
 A sample is `<key>.json` (the LLaVA record: id, image, conversations) plus `<key>.<ext>` holding
-the image file's bytes unchanged; text-only records have no image member. Shards are
+the image file's bytes unchanged; text-only records have no image member. A video record (LLaVA-Video's
+`"video"`) has `<key>.mp4` (webm, mkv, mov, avi) holding the video file's bytes, or, for a folder
+of frames, `<key>.frame.<n>.<ext>` for n = 0, 1, ... in sorted name order; its conversation marks
+the video `<video>`. Shards are
 `OUT/shard-NNNNNN.tar`, closed at --max-count samples or before --max-size bytes, in input order
 whatever the number of workers. `OUT/manifest.json` gives the sample count of every shard (the
 pipeline reads it instead of scanning the tars); `OUT/skipped.jsonl` says which records were left
@@ -21,6 +24,7 @@ import os
 import re
 import sys
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -32,6 +36,7 @@ from vlm_train.errors import DataError, UserError, report
 
 BLOCK = 512  # tar header and data granularity
 RECORD = 20 * BLOCK  # a tar stream is padded to whole records of this size
+VIDEOS = ("video", "frames")  # the Checked.kind of a video file, and of a folder of frames
 
 
 def parse_size(text: str) -> int:
@@ -58,9 +63,7 @@ def plan_shards(samples: list[Checked], max_count: int, max_size: int) -> list[l
     current: list[Checked] = []
     content = 0
     for sample in samples:
-        size = _member_bytes(len(sample.json_bytes)) + (
-            _member_bytes(sample.image_bytes_len) if sample.image_ext else 0
-        )
+        size = _member_bytes(len(sample.json_bytes)) + sum(_member_bytes(m.size) for m in sample.media)
         if current and (len(current) == max_count or _tar_bytes(content + size) > max_size):
             shards.append(current)
             current, content = [], 0
@@ -80,12 +83,11 @@ def write_shard(job: tuple[str, list[Checked]]) -> int:
     with wds.TarWriter(partial_path, encoder=False, mtime=0) as sink:  # fixed mtime: reproducible bytes
         for sample in samples:
             member = {"__key__": sample.key, "json": sample.json_bytes}
-            if sample.image_path is not None:
-                assert sample.image_ext is not None, "a checked record with an image has its extension"
-                data = Path(sample.image_path).read_bytes()
-                if len(data) != sample.image_bytes_len:
-                    raise DataError(f"{sample.image_path} changed while converting; run vlm-shards again")
-                member[sample.image_ext] = data
+            for media in sample.media:
+                data = Path(media.path).read_bytes()
+                if len(data) != media.size:
+                    raise DataError(f"{media.path} changed while converting; run vlm-shards again")
+                member[media.suffix] = data
             sink.write(member)
     os.replace(partial_path, path)
     return len(samples)
@@ -102,11 +104,22 @@ def prepare_out(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def convert(records: list[Record], images: Path, out: Path, max_count: int, max_size: int, workers: int) -> dict:
-    """Check, shard and write `records`; returns the manifest (written with skipped.jsonl)."""
-    if not images.is_dir():
-        raise DataError(f"--images {images} is not a folder")
-    results = parallel_map(partial(check_or_skip, images=images), records, workers, chunksize=64)
+def convert(
+    records: list[Record],
+    images: Path,
+    out: Path,
+    max_count: int,
+    max_size: int,
+    workers: int,
+    videos: Path | None = None,
+) -> dict:
+    """Check, shard and write `records` (video paths relative to `videos`, by default `images`);
+    returns the manifest (written with skipped.jsonl)."""
+    for option, folder in (("--images", images), ("--videos", videos)):
+        if folder is not None and not folder.is_dir():
+            raise DataError(f"{option} {folder} is not a folder")
+    check_one = partial(check_or_skip, images=images, videos=videos or images)
+    results = parallel_map(check_one, records, workers, chunksize=64)
     checked = [r for r in results if isinstance(r, Checked)]
     skipped = [r for r in results if isinstance(r, RejectedRecord)]
     with open(out / "skipped.jsonl", "w") as report:
@@ -117,16 +130,27 @@ def convert(records: list[Record], images: Path, out: Path, max_count: int, max_
     groups = plan_shards(checked, max_count, max_size)
     names = [f"shard-{i:06d}.tar" for i in range(len(groups))]
     counts = parallel_map(write_shard, [(str(out / n), g) for n, g in zip(names, groups)], workers)
-    manifest = {
-        "shards": dict(zip(names, counts)),
-        "total": sum(counts),
-        "skipped": dict(sorted(Counter(s.reason for s in skipped).items())),
-        "image_extensions": dict(sorted(Counter(c.image_ext for c in checked if c.image_ext).items())),
-        "text_only": sum(c.image_ext is None for c in checked),
-    }
+    manifest = _manifest(dict(zip(names, counts)), checked, skipped)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     _print_report(out, manifest, skipped, len(records))
     return manifest
+
+
+def _manifest(shards: dict[str, int], checked: list[Checked], skipped: list[RejectedRecord]) -> dict:
+    frames = [m for c in checked if c.kind == "frames" for m in c.media]
+    return {
+        "shards": shards,
+        "total": sum(shards.values()),
+        "skipped": _counts(s.reason for s in skipped),
+        "image_extensions": _counts(c.media[0].suffix for c in checked if c.kind == "image"),
+        "videos": _counts(c.media[0].suffix if c.kind == "video" else "frames" for c in checked if c.kind in VIDEOS),
+        "frame_extensions": _counts(m.suffix.rpartition(".")[2] for m in frames),  # counts frames, not samples
+        "text_only": sum(c.kind == "text" for c in checked),
+    }
+
+
+def _counts(values: Iterable[str]) -> dict[str, int]:
+    return dict(sorted(Counter(values).items()))
 
 
 def _example(skip: RejectedRecord) -> str:
@@ -141,7 +165,8 @@ def _print_report(out: Path, manifest: dict, skipped: list[RejectedRecord], tota
             first = next(s for s in skipped if s.reason == reason)
             print(f"  {reason:<18} {count:>8}  e.g. {_example(first)}")
     overrides = [f"data.urls={brace_pattern(out, list(manifest['shards']))}"]
-    extra = set(manifest.get("image_extensions", {})) - DEFAULT_IMAGE_KEYS
+    # The loader reads images, and the frames of a frame sequence, only under the data.image_key extensions.
+    extra = {*manifest.get("image_extensions", {}), *manifest.get("frame_extensions", {})} - DEFAULT_IMAGE_KEYS
     if extra:
         overrides.append(f"data.image_key={';'.join(sorted(DEFAULT_IMAGE_KEYS | extra))}")
     print(f"train on them with: {shell_words(overrides)}")
@@ -158,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             records = read_captions(args.csv or args.jsonl, args.image_column, args.caption_column)
         prepare_out(args.out, args.force)
-        convert(records, args.images, args.out, args.max_count, args.max_size, args.workers)
+        convert(records, args.images, args.out, args.max_count, args.max_size, args.workers, args.videos)
     except UserError as err:
         return report("vlm-shards", err)
     return 0
@@ -171,12 +196,14 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     llava = commands.add_parser("llava", help="LLaVA-format JSON/JSONL + an image folder -> shards")
     llava.add_argument("--json", type=Path, required=True, help="a JSON list of records, or JSON lines (.jsonl)")
+    llava.add_argument("--videos", type=Path, help="video paths are relative to this folder (default: --images)")
     captions = commands.add_parser("captions", help="image-caption pairs (CSV or JSON lines) -> shards")
     source = captions.add_mutually_exclusive_group(required=True)
     source.add_argument("--csv", type=Path, help="a CSV file with a header row")
     source.add_argument("--jsonl", type=Path, help="one JSON object per line")
     captions.add_argument("--image-column", default="image", help="the field holding the image path")
     captions.add_argument("--caption-column", default="caption", help="the field holding the caption")
+    captions.set_defaults(videos=None)
     for command in (llava, captions):
         command.add_argument("--images", type=Path, required=True, help="image paths are relative to this folder")
         command.add_argument("--out", type=Path, required=True, help="folder for shard-NNNNNN.tar and manifest.json")
