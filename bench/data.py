@@ -28,20 +28,21 @@ import argparse
 import io
 import json
 import math
-import os
 import random
-import resource
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _media import anyres_case, media_section, video_case
 from _report import run_details, write_section  # bench/_report.py: this folder is on sys.path
+from _timing import Clock, Ours, measure, ratio, table
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SIZE, PATCH = 336, 14
+TOKENS = (IMAGE_SIZE // PATCH) ** 2  # visual tokens per image (576)
 SMALL, LARGE = (640, 480), (1600, 1200)
 
 
@@ -79,70 +80,6 @@ def convert(folder: Path, workers: int) -> tuple[str, float]:
     seconds = time.perf_counter() - start
     shards = sorted(p.name for p in (folder / "shards").glob("shard-*.tar"))
     return str(folder / "shards" / f"shard-{{000000..{len(shards) - 1:06d}}}.tar"), count / seconds
-
-
-class Clock:
-    """Wall time, CPU time and its kernel part of this process: CPU seconds are what a path costs,
-    however busy the machine was (a loader worker's are added by `Ours`)."""
-
-    def __init__(self):
-        self.wall, (self.cpu, self.kernel) = time.perf_counter(), self._cpu()
-
-    @staticmethod
-    def _cpu() -> tuple[float, float]:
-        mine = resource.getrusage(resource.RUSAGE_SELF)
-        return mine.ru_utime + mine.ru_stime, mine.ru_stime
-
-    def stop(self) -> tuple[float, float, float]:
-        cpu, kernel = self._cpu()
-        return time.perf_counter() - self.wall, cpu - self.cpu, kernel - self.kernel
-
-
-def running_cpu(pids: list[int]) -> tuple[float, float]:
-    """(CPU, kernel) seconds used so far by running processes (/proc/<pid>/stat utime, stime)."""
-    tick, cpu, kernel = os.sysconf("SC_CLK_TCK"), 0.0, 0.0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # from field 3 on
-        user, system = int(fields[11]) / tick, int(fields[12]) / tick  # fields 14 and 15
-        cpu, kernel = cpu + user + system, kernel + system
-    return cpu, kernel
-
-
-class Ours:
-    """Our pipeline, one epoch per round, with `workers` DataLoader workers (0: in-process).
-
-    The loader and its worker live across rounds, as they live across epochs in training (the
-    first round pays the worker's start). The worker's CPU is read from /proc while it runs, from
-    the end of this path's previous round to the end of this one: that includes the batches it
-    prefetched while the other paths were timed, which this round then takes. Those prefetched
-    batches are also added to this round's wall time (as the worker CPU seconds they cost: one
-    single-threaded worker), so that neither number gains from work done outside the round."""
-
-    def __init__(self, urls: str, batch_size: int, workers: int, tokenizer, transform, jpeg_draft: bool = False):
-        from vlm_train import compose
-        from vlm_train.data.pipeline import build_train_batches
-
-        overrides = [f"data.urls={urls}", f"data.num_workers={workers}", "data.max_length=1024"]
-        cfg = compose(["experiment=toy", *overrides, f"data.jpeg_draft={jpeg_draft}"]).data
-        tokens = (IMAGE_SIZE // PATCH) ** 2
-        self.batches = build_train_batches(
-            cfg, tokenizer, transform, tokens, dp_rank=0, dp_size=1, batch_size=batch_size, seed=0
-        )
-        self.worker_cpu = (0.0, 0.0)  # the worker's (CPU, kernel) seconds at the end of the previous round
-
-    def round(self) -> tuple[int, float, float, float]:
-        between, _ = running_cpu(self.batches.worker_pids)
-        clock = Clock()
-        samples = sum(len(next(self.batches)["keys"]) for _ in range(self.batches.batches_per_epoch))
-        wall, cpu, kernel = clock.stop()
-        worker_cpu, worker_kernel = running_cpu(self.batches.worker_pids)
-        wall += max(0.0, between - self.worker_cpu[0])  # prefetched while the other paths ran
-        cpu, kernel = cpu + worker_cpu - self.worker_cpu[0], kernel + worker_kernel - self.worker_cpu[1]
-        self.worker_cpu = (worker_cpu, worker_kernel)
-        return samples, wall, cpu, kernel
-
-    def close(self) -> None:
-        self.batches.close()
 
 
 def plain_transform(image, size: int = IMAGE_SIZE):
@@ -196,7 +133,7 @@ class Plain:
         for record in records:
             with Image.open(self.folder / "images" / record["image"]) as image:
                 pixels = plain_transform(image).unsqueeze(0)
-            encoded = encode(record["conversations"], self.tokenizer, "chat", (IMAGE_SIZE // PATCH) ** 2)
+            encoded = encode(record["conversations"], self.tokenizer, "chat", TOKENS)
             samples.append((record["id"], pixels, truncate(encoded, 1024, image_id)))
         return collate(samples, self.tokenizer.pad_token_id)
 
@@ -225,40 +162,8 @@ class Plain:
                 sys.exit(f"bench: the plain loop's {name} differ from vlm_train's collate")
 
 
-def measure(paths: dict, rounds: int) -> dict[str, dict[str, list[float]]]:
-    """Per round and path: samples per CPU second ("core") and per wall second, paths alternating."""
-    rates: dict[str, dict[str, list[float]]] = {name: {"core": [], "wall": [], "kernel": []} for name in paths}
-    for index in range(rounds):
-        for name, path in paths.items():
-            samples, wall, cpu, kernel = path.round()
-            rates[name]["core"].append(samples / cpu)
-            rates[name]["wall"].append(samples / wall)
-            rates[name]["kernel"].append(kernel / cpu)
-            print(f"round {index + 1}: {name:<18} {samples / cpu:7.1f} samples/s per core, {samples / wall:7.1f} wall")
-    return rates
-
-
 def workers_needed(rate: float, step_rate: float, batch_size: int) -> int:
     return math.ceil(step_rate * batch_size / rate)
-
-
-def ratio(rates: dict, name: str, kind: str) -> float:
-    return statistics.median(a / b for a, b in zip(rates[name][kind], rates["plain loop"][kind]))
-
-
-def table(rates: dict) -> list[str]:
-    lines = [
-        "| path | samples/s per core | vs plain | samples/s wall | vs plain | kernel CPU | per core, each round |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, r in rates.items():
-        each = ", ".join(f"{x:.1f}" for x in r["core"])
-        core, wall = statistics.median(r["core"]), statistics.median(r["wall"])
-        lines.append(
-            f"| {name} | {core:.1f} | {ratio(rates, name, 'core'):.2f}x | {wall:.1f} "
-            f"| {ratio(rates, name, 'wall'):.2f}x | {statistics.median(r['kernel']):.0%} | {each} |"
-        )
-    return lines
 
 
 def verdict(rates: dict) -> str:
@@ -359,12 +264,13 @@ def run_case(args, folder: Path, count: int, size: tuple[int, int], tokenizer, t
     plain = Plain(folder, records, args.batch_size, tokenizer)
     plain.check_same_batch(transform)
     paths = {
-        "ours (1 worker)": Ours(urls, args.batch_size, 1, tokenizer, transform),
+        "ours (1 worker)": Ours(urls, args.batch_size, 1, tokenizer, transform, TOKENS),
         "plain loop": plain,
-        "ours (in-process)": Ours(urls, args.batch_size, 0, tokenizer, transform),
+        "ours (in-process)": Ours(urls, args.batch_size, 0, tokenizer, transform, TOKENS),
     }
     if draft:
-        paths["ours (1 worker, jpeg_draft)"] = Ours(urls, args.batch_size, 1, tokenizer, transform, jpeg_draft=True)
+        draft_path = Ours(urls, args.batch_size, 1, tokenizer, transform, TOKENS, "data.jpeg_draft=true")
+        paths["ours (1 worker, jpeg_draft)"] = draft_path
     print(f"{size[0]}x{size[1]} sources:")
     try:
         return measure(paths, args.rounds), records, mean_kb, convert_rate
@@ -378,6 +284,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=1024, help="640x480 records; one epoch of them per round")
     parser.add_argument("--large-samples", type=int, default=256, help="1600x1200 records")
+    parser.add_argument("--anyres-samples", type=int, default=128, help="AnyRes records (bench/_media.py)")
+    parser.add_argument("--video-samples", type=int, default=32, help="mp4 clips (bench/_media.py)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=16, help="samples per step per rank")
     parser.add_argument("--step-rate", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0], help="optimizer steps/s")
@@ -387,6 +295,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.samples, args.large_samples, args.rounds, args.batch_size, args.convert_workers = 32, 16, 1, 8, 1
+        args.anyres_samples, args.video_samples = 8, 4
         args.out = None
 
     import torch
@@ -404,9 +313,14 @@ def main() -> None:
             args, Path(tmp) / "large", args.large_samples, LARGE, tokenizer, transform, draft=True
         )
         draft_mean, draft_share, draft_max = draft_difference(Path(tmp) / "large", large_records[:32], transform)
+        print("AnyRes images:")
+        anyres = anyres_case(Path(tmp) / "anyres", args.anyres_samples, args.batch_size, args.rounds)
+        print("video:")
+        video = video_case(Path(tmp) / "video", args.video_samples, min(args.batch_size, 4), args.rounds)
     facts = dict(small_kb=small_kb, large_kb=large_kb, convert_rate=convert_rate)
     facts.update(draft_mean=draft_mean, draft_share=draft_share, draft_max=draft_max)
     section = report(args, small, large, facts)
+    section += "\n" + "\n".join(media_section(anyres, video, (args.anyres_samples, args.video_samples)))
     print("\n" + section)
     if args.out is not None:
         write_section(section, args.out)

@@ -299,3 +299,88 @@ def test_zero3_trains_20_steps_with_one_rank_on_video_and_one_on_text(video_and_
     assert [r["step"] for r in records] == list(range(1, 21))
     per_clip = 8 * 4 + 1  # 8 frames of 2 x 2 pooled tokens, and the newline
     assert all(r["visual_tokens"] == 4 * per_clip and r["visual_tokens_imbalance"] == 2.0 for r in records)
+
+
+# --- kill -9 with variable token counts ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed_size_shards(tmp_path_factory) -> str:
+    """Two shards of 24, each a mix of AnyRes scenes at five sizes (different tile and token counts),
+    video clips and text-only samples: every micro-batch has its own visual-token count."""
+    from tests.helpers import text_sample, write_tar
+    from vlm_train.data import synthetic, synthetic_video
+
+    folder, rng = tmp_path_factory.mktemp("mixed_sizes"), random.Random(1)
+    for part in range(2):
+        samples = []
+        for i in range(24):
+            key = f"p{part}-{i:03d}"
+            if i % 3 == 0:
+                png_bytes, record = synthetic.make_sample(rng, layout="sizes")
+                samples.append({"__key__": key, "png": png_bytes, "json": json.dumps(record).encode()})
+            elif i % 3 == 1:
+                members, record = synthetic_video.make_sample(rng)
+                samples.append({"__key__": key, **members, "json": json.dumps(record).encode()})
+            else:
+                samples.append(text_sample(key))
+        write_tar(folder / f"part-{part}.tar", samples)
+    return str(folder / "part-{0..1}.tar")
+
+
+def mixed_run_overrides(urls: str, run_dir) -> list[str]:
+    return [
+        "experiment=toy-video",
+        f"data.urls={urls}",
+        f"run.dir={run_dir}",
+        f"data.log_keys={run_dir}/keys",
+        "parallel.zero_stage=2",
+        "train.precision=fp32",
+        "data.num_workers=1",
+        "data.shuffle_block=8",
+        "train.micro_batch_size=4",
+        "train.max_steps=10",
+        "train.save_every=2",
+        "train.log_every=1",
+        "train.eval=false",
+    ]
+
+
+@pytest.mark.slow
+def test_kill_9_with_images_of_many_sizes_and_videos_resumes_bit_identical(mixed_size_shards, tmp_path):
+    """2 ranks; the whole job SIGKILLed after step 5; the restart resumes (step 4) and every step
+    it logs has the uninterrupted run's loss, and each rank reads the same samples in the same order."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.helpers import REPO, read_metrics, run_cli, step_losses, torchrun
+
+    reference = tmp_path / "whole"
+    result = run_cli(mixed_run_overrides(mixed_size_shards, reference), nproc=2, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    killed = tmp_path / "killed"
+    command = torchrun(2, "-m", "vlm_train.train", *mixed_run_overrides(mixed_size_shards, killed))
+    job = subprocess.Popen(
+        command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while 5 not in (step_losses(killed) if (killed / "metrics.jsonl").exists() else {}):
+        assert job.poll() is None and time.monotonic() < deadline, "the job ended (or hung) before step 5"
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    assert (killed / "checkpoints" / "latest").read_text() in ("step_4", "step_6")
+    result = run_cli(mixed_run_overrides(mixed_size_shards, killed), nproc=2, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout + result.stderr
+    expected = step_losses(reference)
+    records = [r for r in read_metrics(killed) if "loss" in r]
+    assert sorted({r["step"] for r in records}) == list(range(1, 11))
+    assert all(r["loss"] == expected[r["step"]] for r in records), (records, expected)
+    assert len({r["visual_tokens"] for r in read_metrics(reference) if "loss" in r}) > 3  # token counts vary
+    for rank in (0, 1):
+        whole = (reference / "keys" / f"keys-rank{rank}.txt").read_text().splitlines()
+        resumed = (killed / "keys" / f"keys-rank{rank}.txt").read_text().splitlines()
+        assert resumed[-6:] == whole[-6:]  # steps 5-10 after the restart: the same samples in order

@@ -51,6 +51,7 @@ class VideoSource:
     file: bytes | None = None
     frames: list[bytes] | None = None
     fps: float = DEFAULT_FPS
+    total: int | None = None  # its frames, once counted
 
 
 def sample_indices(total: int, max_frames: int) -> list[int]:
@@ -79,13 +80,14 @@ class VideoReader:
     def frame_count(self, video: VideoSource) -> int:
         """Frames in the video (a file's from its header, or by reading its packets when the header
         has none, as WebM's): known before decoding, so token counts are too."""
-        if video.frames is not None:
-            total = len(video.frames)
-        else:
-            total = self._file_frames(video.file or b"", time.monotonic() + self.timeout_s)
-        if total == 0:
+        if video.total is None:
+            if video.frames is not None:
+                video.total = len(video.frames)
+            else:
+                video.total = self._file_frames(video.file or b"", time.monotonic() + self.timeout_s)
+        if video.total == 0:
             raise VideoError("the video has no frames")
-        return total
+        return video.total
 
     def read(self, video: VideoSource, frames: int) -> Clip:
         """`frames` frames sampled evenly from the video, resized."""
