@@ -491,15 +491,46 @@ def test_a_decompression_bomb_and_an_image_sample_over_budget_are_counted_skips(
     assert sorted(k for k in batch["keys"] if not k.startswith("skipped")) == ["ok", "ok2"]
 
 
-@pytest.mark.parametrize("connector", ["perceiver", "qformer", "cross_attention"])
-def test_anyres_with_a_connector_that_is_not_per_patch_is_refused_in_one_line(connector):
+def test_anyres_with_cross_attention_is_refused_in_one_line():
     from vlm_train import build_model, compose
     from vlm_train.errors import ConfigError
 
-    cfg = compose(["experiment=toy", f"connector={connector}", "vision.anyres=anyres"])
-    with pytest.raises(ConfigError, match="AnyRes lays out one visual token per patch") as refused:
+    cfg = compose(["experiment=toy", "connector=cross_attention", "vision.anyres=anyres"])
+    with pytest.raises(ConfigError, match="AnyRes needs a connector that gives one token per patch") as refused:
         build_model(cfg)
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("connector", ["perceiver", "qformer"])
+def test_resamplers_read_each_image_s_tiles_as_one_set_of_any_size(connector, tmp_path):
+    """A resampler gives `num_tokens` per image whatever its tiles: images of 4 and 5 tiles in one
+    batch (the smaller padded, masked) give each sample the logits it has alone; the padding
+    changes nothing. A trained step reaches the resampler; the newline (unused) stays frozen; the
+    export refuses AnyRes through a resampler in one line."""
+    from tests.helpers import TOKENIZER, toy_model
+    from vlm_train.errors import ConfigError
+    from vlm_train.interop.hf import to_hf
+
+    torch.manual_seed(0)
+    model = toy_model("vision.anyres=anyres", f"connector={connector}", tokenizer=TOKENIZER).eval()
+    sizes = [(30, 100), (70, 70)]  # 1 + 3 tiles and 1 + 4 tiles
+    assert [model.anyres.tiles_of(s) for s in sizes] == [4, 5]
+    assert {model.anyres.num_tokens(s) for s in sizes} == {model.connector.num_tokens}
+    tiles = [torch.randint(0, 256, (model.anyres.tiles_of(s), 3, 48, 48), dtype=torch.uint8) for s in sizes]
+    rows = token_rows([[model.connector.num_tokens] for _ in sizes])
+    rows[rows == IMAGE_TOKEN] = model.image_token_id
+    together = model(torch.cat(tiles), rows, image_sizes=torch.tensor(sizes)).logits
+    for row, (size, pixels) in enumerate(zip(sizes, tiles)):
+        alone = model(pixels, rows[row : row + 1], image_sizes=torch.tensor([size])).logits
+        torch.testing.assert_close(together[row], alone[0], rtol=1e-5, atol=1e-5)
+    model.train()
+    labels = rows.masked_fill(rows == model.image_token_id, -100)
+    model(torch.cat(tiles), rows, labels=labels, image_sizes=torch.tensor(sizes)).loss.backward()
+    grads = [p.grad for p in model.connector.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    assert not model.anyres.image_newline.requires_grad
+    with pytest.raises(ConfigError, match="no Hugging Face family reads AnyRes tiles"):
+        to_hf(model, tmp_path / "hf")
 
 
 def test_anyres_with_the_ln_adapter_trains_a_step():
@@ -516,3 +547,31 @@ def test_anyres_with_the_ln_adapter_trains_a_step():
     out = model(tiles, input_ids, labels=labels, image_sizes=torch.tensor(sizes))
     out.loss.backward()
     assert model.anyres.image_newline.grad is not None and model.anyres.image_newline.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_resampler_anyres_trains_under_zero3_on_two_ranks(tmp_path):
+    """ZeRO-3 gathers a connector's own parameters (the Q-Former's query tokens) only around its
+    forward: the per-image resampling must go through the module call. 2 ranks, 3 steps, the tower
+    training too."""
+    from tests.helpers import read_metrics, run_cli
+
+    urls = anyres_shard(tmp_path / "data")
+    overrides = [
+        "experiment=toy",
+        "connector=qformer",
+        "vision.anyres=anyres",
+        "vision.freeze=false",
+        f"data.urls={urls}",
+        f"run.dir={tmp_path / 'run'}",
+        "parallel.zero_stage=3",
+        "data.num_workers=1",
+        "train.micro_batch_size=4",
+        "train.max_steps=3",
+        "train.log_every=1",
+        "train.save_every=0",
+        "train.eval=false",
+    ]
+    result = run_cli(overrides, nproc=2, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2, 3]

@@ -44,7 +44,7 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
     vision_frozen = cfg.vision.freeze or connector.freezes_llm()
     for module, frozen in ((vision, vision_frozen), (llm, llm_frozen), (connector, cfg.connector.freeze)):
         _set_trainable(module, not frozen)
-    if anyres is not None:  # its image_newline is part of the bridge: it trains with the connector
+    if anyres is not None and anyres.resampled is None:  # image_newline is part of the bridge: trains with it
         _set_trainable(anyres, not cfg.connector.freeze)
     # Never trained: tower parts no gradient reaches (ZeRO would wait for it), fixed connector parts.
     for param in vision.unused_parameters() + connector.fixed_parameters():

@@ -70,6 +70,11 @@ def to_hf(
         raise ConfigError(
             f"no Hugging Face family takes a {type(model.connector).__name__}: export mlp, qformer or perceiver"
         )
+    if model.anyres is not None and exporter is not _to_llava:
+        raise ConfigError(
+            f"no Hugging Face family reads AnyRes tiles through a {type(model.connector).__name__}: "
+            "only mlp + vision.anyres exports (LLaVA-NeXT / OneVision)"
+        )
     hf_model = exporter(model)
     if tokenizer is not None:
         _set_generation_tokens(hf_model, tokenizer)

@@ -37,6 +37,7 @@ class AnyResLayout(nn.Module):
         self.tile_size = tile_size
         self.tile_grid = tile_grid
         self.max_tiles = max_tiles
+        self.resampled: int | None = None  # a resampler's tokens per image (the model sets it): no layout
         self.image_newline = nn.Parameter(torch.randn(width) / math.sqrt(width))
 
     def forward(
@@ -69,7 +70,10 @@ class AnyResLayout(nn.Module):
         return 1 + rows * columns
 
     def num_tokens(self, size_hw: tuple[int, int], tiled: bool = True) -> int:
-        """Visual tokens of one image: what `pack` returns for it, known before the tower runs."""
+        """Visual tokens of one image: what `pack` returns for it (a resampler's: its tokens), known
+        before the tower runs."""
+        if self.resampled is not None:
+            return self.resampled
         tokens_per_tile = self.tile_grid**2
         if not tiled:
             return tokens_per_tile + 1

@@ -69,15 +69,18 @@ class VisionLanguageModel(nn.Module):
         self.connector = connector
         self.llm = llm
         self.image_token_id = image_token_id
-        if anyres is not None and not (connector.per_patch and connector.num_tokens == anyres.tile_grid**2):
-            raise ConfigError(
-                "AnyRes lays out one visual token per patch: use a per-patch connector (mlp, ln_adapter), "
-                f"not {type(connector).__name__}"
-            )
+        if anyres is not None:
+            check_anyres_connector(connector, anyres)
+            if not connector.per_patch:  # a resampler reads an image's tiles as one set: no layout, no newline
+                anyres.resampled = connector.num_tokens
+                anyres.image_newline.requires_grad_(False)
         self.anyres = anyres
         self.video_token_id = video_token_id
-        if video_token_id is not None and anyres is None:
-            raise ConfigError("video frames are laid out as LLaVA-OneVision does: the model needs vision.anyres")
+        if video_token_id is not None and (anyres is None or anyres.resampled is not None):
+            raise ConfigError(
+                "video frames are laid out as LLaVA-OneVision does: the model needs vision.anyres and a "
+                "per-patch connector (mlp, ln_adapter)"
+            )
         connector.attach(llm)
 
     @property
@@ -177,7 +180,7 @@ class VisionLanguageModel(nn.Module):
         in slot order: each image's as they are, or with AnyRes each image's tiles packed into its
         layout (without images: the blank tile's base view and newline, so every parameter takes
         part) and each video's frames into OneVision's video layout, in one `anyres` call."""
-        if self.anyres is None:
+        if self.anyres is None or self.anyres.resampled is not None:
             return (None if image_tokens_INDl is None else image_tokens_INDl.flatten(0, 1)), None
         layout = [(1, (1, 1), False)] if images is None else list(zip(images.tiles, images.sizes, images.tiled))
         return self.anyres(image_tokens_INDl, layout, frame_tokens_FNDl, videos.counts if videos else ())
@@ -189,6 +192,8 @@ class VisionLanguageModel(nn.Module):
         call: under ZeRO-3 each call gathers the tower's parameters, so every rank must make the same
         calls whatever its mix of images, video and text, or the ranks hang. Without either, a blank
         image's tokens (`encode_images_or_blank`)."""
+        if videos is None and images is not None and self.anyres is not None and self.anyres.resampled is not None:
+            return self.resample_per_image(self.tower_features(images.pixels), images.tiles), None
         if videos is None:
             return self.encode_images_or_blank(images, slots_BT), None
         if images is None:
@@ -213,15 +218,39 @@ class VisionLanguageModel(nn.Module):
         return self.encode_images(torch.zeros(1, 3, size, size, device=slots_BT.device))
 
     def encode_images(self, pixels_ICHW: torch.Tensor, patch_mask_IHW: torch.Tensor | None = None) -> torch.Tensor:
+        features_IPDv = self.tower_features(pixels_ICHW, patch_mask_IHW)
+        if patch_mask_IHW is None:
+            return self.connector(features_IPDv)
+        return self.connector.masked(features_IPDv, patch_mask_IHW.flatten(1))
+
+    def tower_features(self, pixels_ICHW: torch.Tensor, patch_mask_IHW: torch.Tensor | None = None) -> torch.Tensor:
         tower_dtype = next(self.vision.parameters()).dtype
         tower_trains = any(p.requires_grad for p in self.vision.parameters())
         if pixels_ICHW.dtype == torch.uint8:  # as the data loader sends them (data/preprocess.py)
             pixels_ICHW = self.vision.normalize(pixels_ICHW)
         with torch.set_grad_enabled(tower_trains and torch.is_grad_enabled()):
-            features_IPDv = self.vision(pixels_ICHW.to(tower_dtype), patch_mask_IHW)
-        if patch_mask_IHW is None:
-            return self.connector(features_IPDv)
-        return self.connector.masked(features_IPDv, patch_mask_IHW.flatten(1))
+            return self.vision(pixels_ICHW.to(tower_dtype), patch_mask_IHW)
+
+    def resample_per_image(self, features_TPDv: torch.Tensor, tiles: list[int]) -> torch.Tensor:
+        """AnyRes with a resampler (qformer, perceiver): each image's tiles' patches (base view
+        first) as one set, padded to the batch's largest with a mask -> its `num_tokens` [I, N, Dl]."""
+        per_image = [tiles_TPDv.flatten(0, 1) for tiles_TPDv in features_TPDv.split(tiles)]
+        context_ILDv = nn.utils.rnn.pad_sequence(per_image, batch_first=True)
+        lengths = torch.tensor([len(patches) for patches in per_image], device=context_ILDv.device)
+        mask_IL = torch.arange(context_ILDv.shape[1], device=context_ILDv.device)[None] < lengths[:, None]
+        return self.connector.masked(context_ILDv, mask_IL)
+
+
+def check_anyres_connector(connector: Connector[Any], anyres: AnyResLayout) -> None:
+    """AnyRes lays out per-patch tokens (mlp, ln_adapter) or lets a resampler (qformer, perceiver)
+    read all of an image's tiles at once; cross-attention reads fixed-size media."""
+    per_patch = connector.per_patch and connector.num_tokens == anyres.tile_grid**2
+    resampler = not connector.per_patch and connector.placement == Placement.SEQUENCE and connector.reads_sets
+    if not (per_patch or resampler):
+        raise ConfigError(
+            "AnyRes needs a connector that gives one token per patch (mlp, ln_adapter) or resamples a set "
+            f"of patches (qformer, perceiver), not {type(connector).__name__}"
+        )
 
 
 def fill_slots(

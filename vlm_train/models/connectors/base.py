@@ -70,6 +70,7 @@ class Connector(nn.Module, ABC, Generic[ConfigT]):
     config_class: ClassVar[type[ConnectorConfig]]
     placement: ClassVar[Placement] = Placement.SEQUENCE
     per_patch: ClassVar[bool] = False  # one output token per tower patch, in the patches' order (AnyRes needs it)
+    reads_sets: ClassVar[bool] = False  # `masked` reads any number of patches (AnyRes: an image's tiles at once)
     num_tokens: int  # image-token slots per image in input_ids
 
     @classmethod

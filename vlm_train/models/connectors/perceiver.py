@@ -16,6 +16,7 @@ from vlm_train.models.connectors.base import Connector
 
 class PerceiverConnector(Connector[PerceiverConnectorConfig]):
     config_class = PerceiverConnectorConfig
+    reads_sets = True
 
     def __init__(self, modality_projection: torch.nn.Module, perceiver_resampler: torch.nn.Module, num_latents: int):
         super().__init__()
@@ -46,12 +47,14 @@ class PerceiverConnector(Connector[PerceiverConnectorConfig]):
         )
         return cls(projection, Idefics2PerceiverResampler._from_config(config), cfg.num_latents)
 
-    def forward(self, features_IPDv: torch.Tensor) -> torch.Tensor:
-        return self.masked(
-            features_IPDv, torch.ones(features_IPDv.shape[:2], dtype=torch.bool, device=features_IPDv.device)
-        )
-
     def masked(self, features_IPDv: torch.Tensor, patch_mask_IP: torch.Tensor) -> torch.Tensor:
-        """Latents attend to the image's patches only (Idefics2's images padded to a common size)."""
+        # A module call, not a method call: ZeRO-3's hooks gather parameters around forward only.
+        return self(features_IPDv, patch_mask_IP)
+
+    def forward(self, features_IPDv: torch.Tensor, patch_mask_IP: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents attend to the patches `patch_mask_IP` keeps (Idefics2's images padded to a common
+        size, AnyRes images' tiles padded to the batch's most); all of them when None."""
+        if patch_mask_IP is None:
+            patch_mask_IP = torch.ones(features_IPDv.shape[:2], dtype=torch.bool, device=features_IPDv.device)
         context_IPDl = self.modality_projection(features_IPDv)
         return self.perceiver_resampler(context=context_IPDl, attention_mask=patch_mask_IP)

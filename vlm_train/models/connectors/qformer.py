@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 class QFormerConnector(Connector[QFormerConnectorConfig]):
     config_class = QFormerConnectorConfig
+    reads_sets = True
 
     def __init__(self, qformer: Blip2QFormerModel, num_queries: int, llm_dim: int):
         super().__init__()
@@ -49,7 +50,13 @@ class QFormerConnector(Connector[QFormerConnectorConfig]):
         )
         return cls(Blip2QFormerModel(config), cfg.num_queries, llm_dim)
 
-    def forward(self, features_IPDv: torch.Tensor) -> torch.Tensor:
+    def masked(self, features_IPDv: torch.Tensor, patch_mask_IP: torch.Tensor) -> torch.Tensor:
+        # A module call, not a method call: ZeRO-3's hooks gather query_tokens around forward only.
+        return self(features_IPDv, patch_mask_IP)
+
+    def forward(self, features_IPDv: torch.Tensor, patch_mask_IP: torch.Tensor | None = None) -> torch.Tensor:
+        """The queries cross-attend to the patches `patch_mask_IP` keeps (all of them when None)."""
         queries_IQDq = self.query_tokens.expand(features_IPDv.shape[0], -1, -1)
-        out = self.qformer(query_embeds=queries_IQDq, encoder_hidden_states=features_IPDv)
+        mask = None if patch_mask_IP is None else patch_mask_IP.long()
+        out = self.qformer(query_embeds=queries_IQDq, encoder_hidden_states=features_IPDv, encoder_attention_mask=mask)
         return self.language_projection(out.last_hidden_state.to(self.language_projection.weight.dtype))
