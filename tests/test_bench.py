@@ -53,6 +53,8 @@ def test_overhead_smoke():
 def test_data_smoke():
     out = run_smoke("data.py")
     small, large = out.split("### 1600x1200 sources")
+    large, anyres = large.split("### AnyRes images")
+    anyres, video = anyres.split("### Video")
     assert "### 640x480 sources" in small, out[-3000:]
     for table, paths in ((small, ()), (large, ("ours (1 worker, jpeg_draft)",))):
         for path in ("ours (1 worker)", "plain loop", "ours (in-process)", *paths):
@@ -62,6 +64,12 @@ def test_data_smoke():
         verdict = r"\*\*Ours \(1 worker\) / plain loop: \d+\.\d+x per core, \d+\.\d+x in wall time\*\*"
         assert re.search(verdict, table), table
     assert re.search(r"mean absolute difference \d+\.\d+ of 255 levels", large), large  # draft vs full decode
+    for table in (anyres, video):  # samples/s, visual tokens/s per core, vs plain (the same work: checked)
+        for path in ("ours (1 worker)", "plain loop"):
+            cells = table_row(table, path)
+            assert float(cells[1]) > 0 and float(cells[2].replace(",", "")) > 0 and cells[3].endswith("x"), cells
+        assert table_row(table, "plain loop")[3] == "1.00x"
+        assert re.search(r"\d+ visual tokens per sample on average", table), table
     assert "section of" not in out  # --smoke leaves docs/benchmarks.md as it is
 
 
