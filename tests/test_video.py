@@ -339,6 +339,7 @@ def mixed_run_overrides(urls: str, run_dir) -> list[str]:
         "data.num_workers=1",
         "data.shuffle_block=8",
         "train.micro_batch_size=4",
+        "data.max_tokens_per_batch=200",  # 1-2 forwards a batch: token-budget batching resumes exactly too
         "train.max_steps=10",
         "train.save_every=2",
         "train.log_every=1",
@@ -348,8 +349,9 @@ def mixed_run_overrides(urls: str, run_dir) -> list[str]:
 
 @pytest.mark.slow
 def test_kill_9_with_images_of_many_sizes_and_videos_resumes_bit_identical(mixed_size_shards, tmp_path):
-    """2 ranks; the whole job SIGKILLed after step 5; the restart resumes (step 4) and every step
-    it logs has the uninterrupted run's loss, and each rank reads the same samples in the same order."""
+    """2 ranks, a 200-token budget per forward; the whole job SIGKILLed after step 5; the restart
+    resumes (step 4) and every step it logs has the uninterrupted run's loss, and each rank reads the
+    same samples in the same order."""
     import os
     import signal
     import subprocess
@@ -380,6 +382,7 @@ def test_kill_9_with_images_of_many_sizes_and_videos_resumes_bit_identical(mixed
     assert sorted({r["step"] for r in records}) == list(range(1, 11))
     assert all(r["loss"] == expected[r["step"]] for r in records), (records, expected)
     assert len({r["visual_tokens"] for r in read_metrics(reference) if "loss" in r}) > 3  # token counts vary
+    assert len({r["forwards"] for r in records}) > 1  # so do the forwards a step needs
     for rank in (0, 1):
         whole = (reference / "keys" / f"keys-rank{rank}.txt").read_text().splitlines()
         resumed = (killed / "keys" / f"keys-rank{rank}.txt").read_text().splitlines()

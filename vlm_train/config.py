@@ -194,6 +194,9 @@ class DataConfig:
     mixture: list[MixtureSource] = field(default_factory=list)  # more sources, e.g. [{urls: b/{0..9}.tar, weight: 0.5}]
     samples_per_shard: int | None = None  # samples in each remote (pipe:, http) shard; local ones are counted
     packing: bool = False  # several samples per row up to max_length, attention and positions kept per sample
+    # padded tokens (rows x longest row, visual tokens included) per forward: each loaded micro-batch runs as
+    # as many forwards as it needs, longest samples together (docs/data_pipeline.md); at least data.max_length
+    max_tokens_per_batch: int | None = None
     log_keys: str | None = None  # debug: a folder where each rank appends the sample keys of every batch it takes
 
 
@@ -379,6 +382,11 @@ def _validate_data(cfg: Config) -> None:
         )
     if data.max_frames < 1 or not data.decode_timeout_s > 0:
         raise ConfigError(f"data.max_frames={data.max_frames} must be at least 1 and data.decode_timeout_s positive")
+    if data.max_tokens_per_batch is not None and data.max_tokens_per_batch < data.max_length:
+        raise ConfigError(
+            f"data.max_tokens_per_batch={data.max_tokens_per_batch} must hold one sample of data.max_length="
+            f"{data.max_length} tokens: raise it or lower data.max_length"
+        )
     if data.packing and cfg.connector.name == "cross_attention":
         raise ConfigError("data.packing needs a connector whose visual tokens sit in the sequence, not cross_attention")
     if data.packing and (cfg.llm.backend == "megatron" or cfg.parallel.tensor_parallel > 1):

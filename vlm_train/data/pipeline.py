@@ -28,7 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from vlm_train.config import DataConfig
 from vlm_train.data.batches import TrainBatches, modality_batches
-from vlm_train.data.packing import collate_packed
+from vlm_train.data.packing import collate_packed, first_fit
 from vlm_train.data.position import DataLayout, Position, ceil_div, worker_start
 from vlm_train.data.preprocess import AnyResTransform, ImageTransform
 from vlm_train.data.reader import SkippedSample, Slice, read_slice
@@ -42,6 +42,7 @@ from vlm_train.data.samples import (
     skipped,
 )
 from vlm_train.data.sources import MixSchedule, Source, expand_urls, shard_sizes, slot_slices
+from vlm_train.data.token_budget import longest_first, row_media
 from vlm_train.data.transfer import PixelSlots, cat_for_transfer, to_wire
 
 log = logging.getLogger(__name__)
@@ -89,12 +90,13 @@ class ShardStream(IterableDataset):
         shuffle_block: int,
         packing: bool = False,
         group_by_modality: bool = False,
+        token_budget: int | None = None,
     ):
         self.sources, self.encoder, self.pad_id = sources, encoder, pad_id
         self.dp_rank, self.workers = dp_rank, max(workers, 1)
         self.layout = DataLayout(dp_size, self.workers, batch_size, tuple(source.shape() for source in sources))
         self.batch_size, self.seed, self.shuffle_block = batch_size, seed, max(shuffle_block, 1)
-        self.packing, self.group_by_modality = packing, group_by_modality
+        self.packing, self.group_by_modality, self.token_budget = packing, group_by_modality, token_budget
         self.position = Position()  # where iteration starts: set on the copy `starting_at` returns
         self.hints: dict[str, list[tuple]] = {}  # shard url -> [(sample index, byte offset, key)]
         self.block_starts: dict[int, tuple] = {}  # source -> (url, index, offset) of the last block read
@@ -186,11 +188,12 @@ class ShardStream(IterableDataset):
                 yield raw_batch, counts if index == 0 else torch.zeros_like(counts), hints
 
     def modality_of(self, item: dict | SkippedSample) -> tuple[bool, int]:
-        """(has images, length): length is the text field's size in bytes (LLaVA counts words). An
-        unreadable sample goes with the image samples (its placeholder copies a batch-mate)."""
+        """(has images or a video, length): length is the text field's size in bytes (LLaVA counts
+        words). An unreadable sample goes with the media samples (its placeholder copies a batch-mate)."""
         if isinstance(item, SkippedSample):
             return True, 0
-        return bool(self.encoder.image_members(item)), len(item.get(self.encoder.cfg.text_key) or b"")
+        media = bool(self.encoder.image_members(item)) or self.encoder.video_of(item) is not None
+        return media, len(item.get(self.encoder.cfg.text_key) or b"")
 
     def make_batch(
         self, raw_batch: list[dict | SkippedSample], counts: torch.Tensor, fallback, hints: list | None = None
@@ -206,17 +209,30 @@ class ShardStream(IterableDataset):
                 counts[REASON_INDEX[item.reason]] += 1
                 item = placeholder(fallback, self.pad_id, self.encoder.transform.size)
             samples.append(item)
-        cat = self.pixel_slots.cat if self.pixel_slots is not None else cat_for_transfer
-        if self.packing:
-            batch = collate_packed(samples, self.pad_id, self.encoder.cfg.max_length, cat, cat_for_transfer)
-        else:
-            batch = collate(samples, self.pad_id, cat, cat_for_transfer)
+        batch = self.collate(samples)
         if self.pixel_slots is not None:
             batch["pixel_slot"] = self.pixel_slots.slot_of(batch["pixel_values"])
         batch["resume_hints"] = list(self.block_starts.values()) if hints is None else hints
         batch["skipped_by_reason"] = counts
         batch["skipped"] = int(counts.sum())
         return batch, fallback
+
+    def collate(self, samples: list[tuple]) -> dict:
+        """One batch of encoded samples; with data.max_tokens_per_batch longest first, with the
+        media of each row (data/token_budget.py: the trainer cuts it into forwards)."""
+        cat = self.pixel_slots.cat if self.pixel_slots is not None else cat_for_transfer
+        max_length = self.encoder.cfg.max_length
+        if self.token_budget:
+            samples = longest_first(samples)
+        if self.packing:
+            batch = collate_packed(samples, self.pad_id, max_length, cat, cat_for_transfer)
+        else:
+            batch = collate(samples, self.pad_id, cat, cat_for_transfer)
+        if self.token_budget:
+            lengths = [len(enc.input_ids) for _, _, enc in samples]
+            rows = first_fit(lengths, max_length) if self.packing else [[i] for i in range(len(samples))]
+            batch["row_media"] = row_media([[samples[i] for i in row] for row in rows])
+        return batch
 
     def slot_items(self, slot: int, position: int) -> Iterator[dict | SkippedSample]:
         """The slot's endless stream from sample `position` on, the sources interleaved by the mixture."""
@@ -314,6 +330,7 @@ def build_train_batches(
         shuffle_block=cfg.shuffle_block,
         packing=cfg.packing,
         group_by_modality=cfg.group_by_modality_length,
+        token_budget=cfg.max_tokens_per_batch,
     )
     keys_file = None
     if cfg.log_keys:

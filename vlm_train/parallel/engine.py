@@ -226,6 +226,7 @@ class TrainEngine:
     """The engine as the trainer and the checkpointer see it; DeepSpeed stays behind it.
 
     Training:
+        engine.begin_micro_batch(last)  before each micro-batch: is it the step's last?
         engine(**inputs)                the model's forward (DeepSpeed's module wrapper)
         engine.backward(loss)           back-propagate one micro-batch (DeepSpeed scales by 1/grad_accum,
                                         accumulates, and reduces over data-parallel ranks at the step's
@@ -298,6 +299,12 @@ class TrainEngine:
 
     def __call__(self, *inputs: torch.Tensor, **named: torch.Tensor) -> Any:
         return self._engine(*inputs, **named)
+
+    def begin_micro_batch(self, last: bool) -> None:
+        """Before each micro-batch's forward: whether it is the step's last, the one whose backward
+        reduces the gradients. A step may run any number of micro-batches (data.max_tokens_per_batch
+        splits loaded batches), as long as every data-parallel rank runs the same number."""
+        self._engine.set_gradient_accumulation_boundary(last)
 
     def backward(self, loss: torch.Tensor) -> None:
         self._engine.backward(loss)

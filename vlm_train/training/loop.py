@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from vlm_train.config import Config
+from vlm_train.data import token_budget
 from vlm_train.data.pipeline import SKIP_REASONS, TrainBatches
 from vlm_train.data.templates import VIDEO_INPUTS
 from vlm_train.errors import DataError, TrainingDiverged
@@ -81,6 +82,7 @@ class Trainer:
         self.bad_steps = 0  # steps skipped for a non-finite loss
         self.timer = PhaseTimer(device)
         self.local_visual_tokens = 0.0  # this rank's visual tokens in the last step
+        self.step_forwards = cfg.train.grad_accum  # forwards of the last step (data.max_tokens_per_batch: varies)
         self.step_visual_tokens = 0.0  # all data-parallel ranks'
         self.stall_warning = StallWarning(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self.logged_steps = LoggedSteps(cfg.train.log_every, cfg.train.max_steps)
@@ -122,8 +124,10 @@ class Trainer:
         timer = self.timer
         timer.start(sync=self.step + 1 in self.logged_steps)
         with timer.phase("data_wait"):
-            micro_batches = [next(self.batches) for _ in range(self.cfg.train.grad_accum)]
+            loaded = [next(self.batches) for _ in range(self.cfg.train.grad_accum)]
+        micro_batches = self.forwards_of(loaded)
         counts = self.global_counts(micro_batches)
+        micro_batches += self.idle_forwards(micro_batches)
         self.step_flops, self.step_visual_tokens = counts.model_flops, counts.visual_tokens
         self.stop_everywhere = counts.stop_requests + counts.deadline_due + counts.stop_file > 0
         self.stop_counts = counts
@@ -133,6 +137,7 @@ class Trainer:
         scale = self.cfg.train.grad_accum * self.layout.dp / max(counts.answer_tokens, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for index, mb in enumerate(micro_batches):
+            self.engine.begin_micro_batch(last=index == len(micro_batches) - 1)
             with timer.phase("forward"):
                 # only the loss is kept: the output's logits [B, T, V] are freed before backward
                 mb_loss_sum = self.inject_fault(self.engine(**self.model_inputs(mb)).loss_sum)
@@ -151,6 +156,24 @@ class Trainer:
             self.count_bad_step(global_loss)
         self.count_skipped_samples(counts.skipped_by_reason, counts.samples)
         return global_loss, int(counts.samples), int(counts.tokens)
+
+    def forwards_of(self, loaded: list[dict]) -> list[dict]:
+        """The step's forwards: its loaded batches, each cut to data.max_tokens_per_batch when set."""
+        budget = self.cfg.data.max_tokens_per_batch
+        if budget is None:
+            return loaded
+        return [forward for batch in loaded for forward in token_budget.forwards(batch, budget)]
+
+    def idle_forwards(self, forwards: list[dict]) -> list[dict]:
+        """Forwards that add nothing, so that this rank runs as many as the rank with the most
+        (data.max_tokens_per_batch; one max all-reduce)."""
+        if self.cfg.data.max_tokens_per_batch is None:
+            return []
+        most = torch.tensor([float(len(forwards))], dtype=torch.float64, device=self.device)
+        if self.layout.world > 1:
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        self.step_forwards = int(most.item())
+        return [token_budget.idle_forward(forwards[-1])] * (self.step_forwards - len(forwards))
 
     def count_bad_step(self, global_loss: float) -> None:
         """Count a skipped step; stop when there were too many (the last checkpoint stays good)."""
@@ -264,6 +287,8 @@ class Trainer:
             record["bad_steps"] = self.bad_steps
         if self.grad_norm is not None:
             record["grad_norm"] = float(self.grad_norm)
+        if self.cfg.data.max_tokens_per_batch is not None:
+            record["forwards"] = self.step_forwards  # per rank: the most any rank needed (token budget)
         if self.skipped_by_reason.any():
             record["data_skipped"] = int(self.skipped_by_reason.sum())
             for reason, count in zip(SKIP_REASONS, self.skipped_by_reason.tolist()):
