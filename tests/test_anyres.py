@@ -491,16 +491,6 @@ def test_a_decompression_bomb_and_an_image_sample_over_budget_are_counted_skips(
     assert sorted(k for k in batch["keys"] if not k.startswith("skipped")) == ["ok", "ok2"]
 
 
-def test_anyres_with_cross_attention_is_refused_in_one_line():
-    from vlm_train import build_model, compose
-    from vlm_train.errors import ConfigError
-
-    cfg = compose(["experiment=toy", "connector=cross_attention", "vision.anyres=anyres"])
-    with pytest.raises(ConfigError, match="AnyRes needs a connector that gives one token per patch") as refused:
-        build_model(cfg)
-    assert "\n" not in str(refused.value)
-
-
 @pytest.mark.parametrize("connector", ["perceiver", "qformer"])
 def test_resamplers_read_each_image_s_tiles_as_one_set_of_any_size(connector, tmp_path):
     """A resampler gives `num_tokens` per image whatever its tiles: images of 4 and 5 tiles in one

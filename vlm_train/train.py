@@ -124,13 +124,23 @@ def image_transform(model):
 
 
 def image_tokens(model):
-    """Visual-token slots per image: a number, or with AnyRes a function of the image's size."""
-    return model.anyres.num_tokens if model.anyres is not None else model.num_image_tokens
+    """Visual-token slots per image: a number, or with AnyRes a function of the image's size (one
+    slot whatever the size with cross_attention, which reads the visual tokens from inside the LLM)."""
+    if model.anyres is None:
+        return model.num_image_tokens
+    return model.anyres.num_tokens if model.connector.placement == "sequence" else one_slot
 
 
 def video_tokens(model):
     """Visual-token slots per video as a function of its frames (None: the model reads no video)."""
-    return model.anyres.video_tokens if model.video_token_id is not None and model.anyres is not None else None
+    if model.video_token_id is None or model.anyres is None:
+        return None
+    return model.anyres.video_tokens if model.connector.placement == "sequence" else one_slot
+
+
+def one_slot(_size_or_frames) -> int:
+    """cross_attention's slots per image or video: one marks where it occurs."""
+    return 1
 
 
 def build_batches(cfg: Config, tokenizer, model, layout, device):

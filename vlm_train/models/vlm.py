@@ -1,12 +1,13 @@
 """VisionLanguageModel: vision tower -> connector -> causal LM, in plain PyTorch.
 
 Legend: B batch, T tokens, I images (or AnyRes tiles) in the batch, C/H/W pixels, P patches per
-image, N visual tokens per image, X visual tokens of the batch, Dv tower width, Dl decoder width,
-V vocabulary.
+image, N visual tokens per image, X visual tokens of the batch, M media tokens of the longest image
+or video (cross-attention), Dv tower width, Dl decoder width, V vocabulary.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import nn
 from vlm_train.errors import ConfigError
 from vlm_train.models.anyres import AnyResLayout
 from vlm_train.models.connectors.base import Connector, Placement
+from vlm_train.models.connectors.cross_attention import CrossAttentionConnector
 from vlm_train.models.decoder import IGNORE_INDEX, Decoder, token_cross_entropy
 from vlm_train.models.images import Images, Videos, anyres_images, padded_images, videos_of
 from vlm_train.models.vision import VisionTower
@@ -53,6 +55,9 @@ class VisionLanguageModel(nn.Module):
     Videos (with AnyRes and a `video_token_id`, LLaVA-OneVision's layout: `anyres.pack_video`) fill
     the video-token slots: `pixel_values_videos` [V, F, C, H, W], or frames [sum F, C, H, W] with
     `video_frames` [V] (frames per video), as the data pipeline sends videos of different lengths.
+
+    With cross-attention, each image (and video) has ONE slot, marking where it occurs; its visual
+    tokens (with AnyRes those of its layout) are the media the decoder's gated blocks read.
     """
 
     def __init__(
@@ -71,7 +76,8 @@ class VisionLanguageModel(nn.Module):
         self.image_token_id = image_token_id
         if anyres is not None:
             check_anyres_connector(connector, anyres)
-            if not connector.per_patch:  # a resampler reads an image's tiles as one set: no layout, no newline
+            if not connector.per_patch and connector.placement == Placement.SEQUENCE:
+                # a resampler reads an image's tiles as one set: no layout, no newline
                 anyres.resampled = connector.num_tokens
                 anyres.image_newline.requires_grad_(False)
         self.anyres = anyres
@@ -79,7 +85,7 @@ class VisionLanguageModel(nn.Module):
         if video_token_id is not None and (anyres is None or anyres.resampled is not None):
             raise ConfigError(
                 "video frames are laid out as LLaVA-OneVision does: the model needs vision.anyres and a "
-                "per-patch connector (mlp, ln_adapter)"
+                "per-patch connector (mlp, ln_adapter) or cross_attention"
             )
         connector.attach(llm)
 
@@ -87,7 +93,7 @@ class VisionLanguageModel(nn.Module):
     def num_image_tokens(self) -> int:
         """Image-token slots the text must carry per image (visual tokens, or 1 for cross-attention);
         with AnyRes, those of a tower-sized image (others: `anyres.num_tokens(size)`)."""
-        if self.anyres is not None:
+        if self.anyres is not None and self.connector.placement == Placement.SEQUENCE:
             return self.anyres.num_tokens((self.vision.image_size, self.vision.image_size))
         return self.connector.num_tokens
 
@@ -105,12 +111,12 @@ class VisionLanguageModel(nn.Module):
     ) -> VLMOutput:
         images = self.images(pixel_values, image_sizes, pixel_attention_mask, batch_num_images)
         videos = self.videos(pixel_values_videos, video_frames)
-        slots_BT = input_ids == self.image_token_id
         if self.connector.placement == Placement.SEQUENCE:
-            embeds_BTDl, media_IMDl = self.embed(images, input_ids, videos), None
+            embeds_BTDl = self.embed(images, input_ids, videos)
+            condition = self.connector.conditioned(input_ids == self.image_token_id)
         else:
-            embeds_BTDl, media_IMDl = self.llm.embed(input_ids), self.encode_images_or_blank(images, slots_BT)
-        with self.connector.conditioned(slots_BT, media_IMDl):
+            embeds_BTDl, condition = self.llm.embed(input_ids), self.cross_attention_media(images, videos, input_ids)
+        with condition:
             logits_BTV = self.llm(embeds_BTDl, attention_mask)
         # A tensor-parallel decoder returns its rank's vocabulary slice: it gathers the whole
         # logits and computes the (vocab-parallel, unsharded-equal) loss itself.
@@ -231,6 +237,30 @@ class VisionLanguageModel(nn.Module):
         with torch.set_grad_enabled(tower_trains and torch.is_grad_enabled()):
             return self.vision(pixels_ICHW.to(tower_dtype), patch_mask_IHW)
 
+    def cross_attention_media(
+        self, images: Images | None, videos: Videos | None, input_ids_BT: torch.Tensor
+    ) -> AbstractContextManager:
+        """The cross-attention blocks' state for one forward: each image's connector output as one
+        media item (fixed size), or with AnyRes each image's and each video's visual tokens as they
+        would fill a sequence connector's slots, one item each in the order of their one slot,
+        padded to the longest with a key mask."""
+        slots_BT = input_ids_BT == self.image_token_id
+        if self.anyres is None:
+            return self.connector.conditioned(slots_BT, self.encode_images_or_blank(images, slots_BT))
+        video_slots_BT = (
+            input_ids_BT == self.video_token_id if self.video_token_id is not None else torch.zeros_like(slots_BT)
+        )
+        if videos is None and video_slots_BT.any():
+            raise ValueError("input_ids hold video tokens but no pixel_values_videos were given")
+        image_XDl, video_XDl = self.visual_tokens(*self.encode_media(images, videos, slots_BT), images, videos)
+        image_items = [] if image_XDl is None else list(image_XDl.split(image_lengths(self.anyres, images)))
+        video_items = [] if video_XDl is None else list(video_XDl.split(video_lengths(self.anyres, videos)))
+        is_video_S = video_slots_BT[slots_BT | video_slots_BT]
+        media_IMDl, keys_IM = padded_media(in_slot_order(image_items, video_items, is_video_S))
+        connector = self.connector
+        assert isinstance(connector, CrossAttentionConnector)  # check_anyres_connector lets no other through
+        return connector.conditioned(slots_BT | video_slots_BT, media_IMDl, keys_IM)
+
     def resample_per_image(self, features_TPDv: torch.Tensor, tiles: list[int]) -> torch.Tensor:
         """AnyRes with a resampler (qformer, perceiver): each image's tiles' patches (base view
         first) as one set, padded to the batch's largest with a mask -> its `num_tokens` [I, N, Dl]."""
@@ -242,15 +272,50 @@ class VisionLanguageModel(nn.Module):
 
 
 def check_anyres_connector(connector: Connector[Any], anyres: AnyResLayout) -> None:
-    """AnyRes lays out per-patch tokens (mlp, ln_adapter) or lets a resampler (qformer, perceiver)
-    read all of an image's tiles at once; cross-attention reads fixed-size media."""
+    """AnyRes lays out per-patch tokens (mlp, ln_adapter; cross_attention's media, one item of its
+    own length per image) or lets a resampler (qformer, perceiver) read all of an image's tiles at once."""
     per_patch = connector.per_patch and connector.num_tokens == anyres.tile_grid**2
     resampler = not connector.per_patch and connector.placement == Placement.SEQUENCE and connector.reads_sets
-    if not (per_patch or resampler):
+    if not (per_patch or resampler or isinstance(connector, CrossAttentionConnector)):
         raise ConfigError(
-            "AnyRes needs a connector that gives one token per patch (mlp, ln_adapter) or resamples a set "
-            f"of patches (qformer, perceiver), not {type(connector).__name__}"
+            "AnyRes needs a connector that gives one token per patch (mlp, ln_adapter, cross_attention) or "
+            f"resamples a set of patches (qformer, perceiver), not {type(connector).__name__}"
         )
+
+
+def image_lengths(anyres: AnyResLayout, images: Images | None) -> list[int]:
+    """Visual tokens of each image's layout; without images, the blank tile's (`visual_tokens`)."""
+    if images is None:
+        return [anyres.num_tokens((1, 1), tiled=False)]
+    return [anyres.num_tokens(size, tiled) for size, tiled in zip(images.sizes, images.tiled)]
+
+
+def video_lengths(anyres: AnyResLayout, videos: Videos | None) -> list[int]:
+    return [anyres.video_tokens(frames) for frames in videos.counts] if videos is not None else []
+
+
+def in_slot_order(
+    images: list[torch.Tensor], videos: list[torch.Tensor], is_video_S: torch.Tensor
+) -> list[torch.Tensor]:
+    """Media items in the order of their slots (`is_video_S`: each slot, in row-major order, a video's
+    or an image's). Without slots, all items (unseen: images in a batch without slots, or the blank)."""
+    if not len(is_video_S):
+        return images + videos
+    slots = (int((~is_video_S).sum()), int(is_video_S.sum()))
+    if slots != (len(images), len(videos)):
+        raise ValueError(
+            f"input_ids hold {slots[0]} image and {slots[1]} video slots for {len(images)} images and "
+            f"{len(videos)} videos: cross_attention takes one slot per image and per video"
+        )
+    queues = (iter(images), iter(videos))
+    return [next(queues[int(is_video)]) for is_video in is_video_S.tolist()]
+
+
+def padded_media(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Media items [n_i, Dl] -> [I, M, Dl] padded to the longest, and the key mask [I, M] (True: real)."""
+    media_IMDl = nn.utils.rnn.pad_sequence(items, batch_first=True)
+    lengths_I = torch.tensor([len(item) for item in items], device=media_IMDl.device)
+    return media_IMDl, torch.arange(media_IMDl.shape[1], device=media_IMDl.device)[None] < lengths_I[:, None]
 
 
 def fill_slots(

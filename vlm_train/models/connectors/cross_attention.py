@@ -1,10 +1,15 @@
 """Flamingo's gated cross-attention: blocks inserted before every k-th decoder layer let text
-attend to the images that precede it in its sample. Legend: B batch, T tokens, I images in the
-batch, M media tokens per image, Dv/Dl widths, H heads.
+attend to the images that precede it in its sample. Legend: B batch, T tokens, I images (media
+items) in the batch, M media tokens per image, N = I * M media tokens of the batch, Dv/Dl widths,
+H heads.
 
 Each block is x + tanh(g_attn) * xattn(LN(x), media), then x + tanh(g_ff) * ff(LN(x)), with both
 gates initialised to zero: at initialisation the model is exactly the plain LLM. The decoder's
 code is not copied: a forward pre-hook on each chosen layer runs the block on its input.
+
+Media items may differ in length (AnyRes images and videos, laid out as a sequence connector would
+put them in the text): they come padded to the longest, with a key mask `keys_IM` (True on real
+tokens), and a text token reads only the real tokens of the images allowed for it.
 """
 
 from __future__ import annotations
@@ -38,18 +43,17 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Linear(ff_mult * dim, dim))
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x_BTD: torch.Tensor, media_IMD: torch.Tensor, allowed_BTI: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, media_IMD: torch.Tensor, allowed_BTN: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         I, M, _ = media_IMD.shape
         dh = D // self.heads  # heads (H) inferred: a tensor-parallel block holds only its share of them
         q_BHTd = self.to_q(self.norm(x_BTD)).view(B, T, -1, dh).transpose(1, 2)
         k_HNd, v_HNd = self.to_kv(media_IMD.to(x_BTD.dtype)).view(I * M, 2, -1, dh).permute(1, 2, 0, 3)
         scores_BHTN = q_BHTd @ k_HNd.transpose(-1, -2) / math.sqrt(dh)
-        allowed_BTN = allowed_BTI.repeat_interleave(M, dim=-1)
         # finite fill: a row with no image allowed gets harmless uniform weights, zeroed below
         scores_BHTN = scores_BHTN.masked_fill(~allowed_BTN[:, None], torch.finfo(scores_BHTN.dtype).min)
         attended_BTD = (F.softmax(scores_BHTN, dim=-1) @ v_HNd).transpose(1, 2).reshape(B, T, -1)
-        sees_image_BT1 = allowed_BTI.any(-1, keepdim=True).to(x_BTD.dtype)
+        sees_image_BT1 = allowed_BTN.any(-1, keepdim=True).to(x_BTD.dtype)
         x_BTD = x_BTD + torch.tanh(self.attn_gate) * self.to_out(attended_BTD) * sees_image_BT1
         return x_BTD + torch.tanh(self.ff_gate) * self.ff(self.ff_norm(x_BTD)) * sees_image_BT1
 
@@ -67,7 +71,7 @@ class CrossAttentionConnector(Connector[CrossAttentionConnectorConfig]):
         self.blocks = nn.ModuleList()
         self.num_tokens = 1  # one image token marks where each image occurs
         self.sequence_first = False  # the attached decoder's (attach sets it)
-        self._state = ForwardState[tuple[torch.Tensor, torch.Tensor]]()  # (media_IMD, allowed_BTI), one forward
+        self._state = ForwardState[tuple[torch.Tensor, torch.Tensor]]()  # (media_IMD, allowed_BTN), one forward
 
     @classmethod
     def from_config(
@@ -87,10 +91,10 @@ class CrossAttentionConnector(Connector[CrossAttentionConnectorConfig]):
                 layer.register_forward_pre_hook(self._pre_hook(len(self.blocks) - 1), with_kwargs=True)
 
     def _pre_hook(self, block_index: int) -> PreHook:
-        def block(hidden: torch.Tensor, media_IMD: torch.Tensor, allowed_BTI: torch.Tensor) -> torch.Tensor:
+        def block(hidden: torch.Tensor, media_IMD: torch.Tensor, allowed_BTN: torch.Tensor) -> torch.Tensor:
             if self.sequence_first:
-                return self.blocks[block_index](hidden.transpose(0, 1), media_IMD, allowed_BTI).transpose(0, 1)
-            return self.blocks[block_index](hidden, media_IMD, allowed_BTI)
+                return self.blocks[block_index](hidden.transpose(0, 1), media_IMD, allowed_BTN).transpose(0, 1)
+            return self.blocks[block_index](hidden, media_IMD, allowed_BTN)
 
         def run_block(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -105,11 +109,19 @@ class CrossAttentionConnector(Connector[CrossAttentionConnectorConfig]):
         return run_block
 
     def conditioned(
-        self, image_positions_BT: torch.Tensor, media_IMDl: torch.Tensor | None = None
+        self,
+        image_positions_BT: torch.Tensor,
+        media_IMDl: torch.Tensor | None = None,
+        keys_IM: torch.Tensor | None = None,
     ) -> AbstractContextManager:
+        """`image_positions_BT` marks each media item's one slot (item i: the i-th slot in row-major
+        order); `keys_IM` (None: all real) is False on the padding of items shorter than M."""
         if media_IMDl is None:
             raise ValueError("cross_attention is conditioned on media: the VLM passes the images' connector outputs")
-        return self._state.holding((media_IMDl, media_mask(image_positions_BT, media_IMDl.shape[0])))
+        allowed_BTN = media_mask(image_positions_BT, media_IMDl.shape[0]).repeat_interleave(media_IMDl.shape[1], dim=-1)
+        if keys_IM is not None:
+            allowed_BTN = allowed_BTN & keys_IM.flatten()
+        return self._state.holding((media_IMDl, allowed_BTN))
 
     def checkpoint_context_fn(self) -> ContextFn | None:
         # transformers checkpoints a layer's forward, inside the pre-hook that runs the block: the
