@@ -159,12 +159,19 @@ def activation_bytes(
     """
     width = 2 if precision == "bf16" else 4  # bytes of an activation element in the run's precision
     llm_ckpt = cfg.llm.activation_checkpointing if checkpointing is None else checkpointing
-    tokens = cfg.train.micro_batch_size * cfg.data.max_length
-    total = _decoder_peak(model, cfg, width, tokens, tp, llm_ckpt)
+    total = _decoder_peak(model, cfg, width, forward_tokens(cfg), tp, llm_ckpt)
     if any(p.requires_grad for p in model.vision.parameters()):
         vision_ckpt = cfg.vision.activation_checkpointing if checkpointing is None else checkpointing
         total += _tower_bytes(model, cfg.train.micro_batch_size, width, vision_ckpt)
     return total
+
+
+def forward_tokens(cfg: Config) -> int:
+    """Padded tokens of one forward: a micro-batch of data.max_length samples, or fewer under
+    data.max_tokens_per_batch."""
+    tokens = cfg.train.micro_batch_size * cfg.data.max_length
+    budget = cfg.data.max_tokens_per_batch
+    return tokens if budget is None else min(tokens, budget)
 
 
 def _decoder_peak(model, cfg: Config, width: int, tokens: int, tp: int, checkpointed: bool) -> float:
@@ -255,8 +262,8 @@ def check_fits(cfg: Config, tp: int, dp: int, device: torch.device, ranks_on_nod
             f"the run needs {need / GB:.1f} GB per rank but {what} has {limit / GB:.1f} GB: model states "
             f"{states.total / GB:.1f} GB (weights {states.weights / GB:.1f}, grads {states.grads / GB:.1f}, optimizer "
             f"{states.optimizer / GB:.1f}; ZeRO-{cfg.parallel.zero_stage}, TP={tp}, DP={dp}, {precision}) + "
-            f"activations {activations / GB:.1f} GB (micro-batch {cfg.train.micro_batch_size} x "
-            f"{cfg.data.max_length} tokens, llm.activation_checkpointing={str(cfg.llm.activation_checkpointing).lower()}"
+            f"activations {activations / GB:.1f} GB ({forward_tokens(cfg)} tokens a forward, "
+            f"llm.activation_checkpointing={str(cfg.llm.activation_checkpointing).lower()}"
             f"): {_remedy(cfg, states.total, limit)} (see vlm-plan)"
         )
     return need
@@ -267,7 +274,10 @@ def _remedy(cfg: Config, states: float, limit: float) -> str:
         return "raise parallel.zero_stage, use more GPUs or freeze more"
     if not cfg.llm.activation_checkpointing:
         return "set llm.activation_checkpointing=true or lower train.micro_batch_size"
-    return "lower train.micro_batch_size (train.global_batch_size keeps the batch by accumulation) or data.max_length"
+    return (
+        "lower train.micro_batch_size (train.global_batch_size keeps the batch by accumulation), data.max_length "
+        "or data.max_tokens_per_batch"
+    )
 
 
 def device_memory_bytes(device: torch.device, ranks_on_node: int = 1) -> tuple[float, str]:
