@@ -163,6 +163,7 @@ def zero3_overrides(case: str, urls: str, run_dir: str) -> list[str]:
         f"data.urls={urls}",
         f"run.dir={run_dir}",
         "parallel.zero_stage=3",
+        "parallel.zero3_persistence_threshold=0",  # every parameter sharded (the toy's are all small)
         "vision.freeze=false",
         "data.num_workers=1",
         "train.micro_batch_size=4",

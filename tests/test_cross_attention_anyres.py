@@ -161,6 +161,7 @@ def test_cross_attention_with_anyres_trains_under_zero3_on_two_ranks(tmp_path):
         "data.synthetic_eval=8",
         f"run.dir={tmp_path / 'run'}",
         "parallel.zero_stage=3",
+        "parallel.zero3_persistence_threshold=0",  # every parameter sharded (the toy's are all small)
         "data.num_workers=1",
         "train.micro_batch_size=4",
         "train.max_steps=6",
@@ -173,3 +174,23 @@ def test_cross_attention_with_anyres_trains_under_zero3_on_two_ranks(tmp_path):
     records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 7))
     assert all(math.isfinite(r["loss"]) for r in records)
+
+
+def test_the_visual_token_budget_counts_the_media_tokens_not_the_one_slot():
+    """data.max_visual_tokens=20 with cross_attention: an 8-frame clip (one slot, but 33 media tokens:
+    8 frames of 4 pooled tokens and the newline) is cut to the 4 frames that fit (17 tokens)."""
+    from dataclasses import replace
+
+    from vlm_train.data.samples import SampleEncoder
+    from vlm_train.data.synthetic_video import make_sample
+    from vlm_train.train import image_tokens, image_transform, video_tokens, visual_cost
+
+    cfg, tokenizer, model = video_setup()
+    data = replace(cfg.data, max_visual_tokens=20)
+    encoder = SampleEncoder(
+        data, tokenizer, image_transform(model), image_tokens(model), video_tokens(model), visual_cost(model)
+    )
+    members, record = make_sample(random.Random(0))
+    _, _, encoded = encoder.encode({"__key__": "video", **members, "json": json.dumps(record).encode()})
+    assert encoded.video_frames == [4] and model.anyres.video_tokens(4) == 17
+    assert encoded.input_ids.count(tokenizer.convert_tokens_to_ids("<video>")) == 1

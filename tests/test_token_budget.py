@@ -99,6 +99,7 @@ def budget_overrides(urls: str, run_dir, *extra: str) -> list[str]:
         f"data.urls={urls}",
         f"run.dir={run_dir}",
         "parallel.zero_stage=3",
+        "parallel.zero3_persistence_threshold=0",  # every parameter sharded (the toy's are all small)
         "train.precision=fp32",
         "data.num_workers=1",
         "data.shuffle_block=8",

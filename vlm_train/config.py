@@ -209,6 +209,9 @@ class ParallelConfig:
     sequence_parallel: bool = False  # megatron sequence parallel; needs Transformer Engine or apex norms
     backend: str = "auto"  # auto (nccl with GPUs, gloo without) | nccl | gloo
     timeout_s: int = 1800  # collective timeout
+    # ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed's stage3_param_persistence_threshold;
+    # None: its default, 1e5 elements); 0 shards every one (tests use it: toy parameters are all below 1e5)
+    zero3_persistence_threshold: int | None = None
 
 
 @dataclass

@@ -124,7 +124,13 @@ def parameter_counts(model: VisionLanguageModel) -> dict[str, ComponentParams]:
 
 
 def model_state_bytes(
-    model: VisionLanguageModel, precision: str, zero_stage: int, dp: int, tp: int = 1, grad_reduce_dtype: str = "bf16"
+    model: VisionLanguageModel,
+    precision: str,
+    zero_stage: int,
+    dp: int,
+    tp: int = 1,
+    grad_reduce_dtype: str = "bf16",
+    persistence_threshold: int | None = None,
 ) -> ModelStates:
     """Bytes of weights, gradients and optimizer states one rank holds (see the module docstring).
 
@@ -135,10 +141,11 @@ def model_state_bytes(
     grad_bytes = 4 if zero_stage >= 2 and grad_reduce_dtype == "fp32" else weight_bytes
     master_bytes = 4 if precision == "bf16" or zero_stage > 0 else 0
     llm_ids = {id(p) for p in model.llm.parameters()} - {id(p) for p in model.connector.parameters()}
+    threshold = PERSISTENCE_THRESHOLD if persistence_threshold is None else persistence_threshold
     weights = grads = optimizer = 0.0
     for param in model.parameters():
         numel = param.numel() / tp if id(param) in llm_ids else float(param.numel())
-        sharded_weights = zero_stage == 3 and numel >= PERSISTENCE_THRESHOLD
+        sharded_weights = zero_stage == 3 and numel >= threshold
         weights += weight_bytes * numel / (dp if sharded_weights else 1)
         if param.requires_grad:
             share = numel / (dp if zero_stage > 0 else 1)
@@ -253,7 +260,15 @@ def check_fits(cfg: Config, tp: int, dp: int, device: torch.device, ranks_on_nod
     """
     model = build_meta_model(cfg)
     precision = resolve_precision(cfg, device)
-    states = model_state_bytes(model, precision, cfg.parallel.zero_stage, dp, tp, cfg.train.grad_reduce_dtype)
+    states = model_state_bytes(
+        model,
+        precision,
+        cfg.parallel.zero_stage,
+        dp,
+        tp,
+        cfg.train.grad_reduce_dtype,
+        cfg.parallel.zero3_persistence_threshold,
+    )
     activations = activation_bytes(model, cfg, precision, tp)
     limit, what = device_memory_bytes(device, ranks_on_node)
     need = states.total + activations
@@ -335,7 +350,15 @@ def _memory_table(model, cfg: Config, precision: str, gpus: int) -> list[str]:
     for tp in (t for t in TP_SIZES if gpus % t == 0):
         activations = [activation_bytes(model, cfg, precision, tp, checkpointing=on) for on in (False, True)]
         for stage in range(4):
-            states = model_state_bytes(model, precision, stage, gpus // tp, tp, cfg.train.grad_reduce_dtype)
+            states = model_state_bytes(
+                model,
+                precision,
+                stage,
+                gpus // tp,
+                tp,
+                cfg.train.grad_reduce_dtype,
+                cfg.parallel.zero3_persistence_threshold,
+            )
             columns = [
                 f"{a / GB:>6.2f} {(states.total + a) / GB:>6.2f} {_fits(states.total + a):>8}" for a in activations
             ]

@@ -138,6 +138,14 @@ def video_tokens(model):
     return model.anyres.video_tokens if model.connector.placement == "sequence" else one_slot
 
 
+def visual_cost(model):
+    """What data.max_visual_tokens counts per image and per video when it is not their slots: with
+    cross_attention and AnyRes, the visual tokens its media hold (None: the slots)."""
+    if model.anyres is None or model.connector.placement == "sequence":
+        return None
+    return model.anyres.num_tokens, model.anyres.video_tokens if model.video_token_id is not None else None
+
+
 def one_slot(_size_or_frames) -> int:
     """cross_attention's slots per image or video: one marks where it occurs."""
     return 1
@@ -154,6 +162,7 @@ def build_batches(cfg: Config, tokenizer, model, layout, device):
         image_transform(model),
         image_tokens(model),
         video_tokens=video_tokens(model),
+        visual_cost=visual_cost(model),
         dp_rank=layout.dp_rank,
         dp_size=layout.dp,
         batch_size=cfg.train.micro_batch_size,
@@ -168,7 +177,9 @@ def evaluate_run(trainer, cfg: Config, tokenizer, transform) -> None:
 
     assert cfg.data.eval_urls  # the caller checked
     model = trainer.engine.module
-    encoder = SampleEncoder(cfg.data, tokenizer, transform, image_tokens(model), video_tokens(model))
+    encoder = SampleEncoder(
+        cfg.data, tokenizer, transform, image_tokens(model), video_tokens(model), visual_cost(model)
+    )
     records = read_eval_records(cfg.data.eval_urls, cfg.data.eval_samples)
     results = evaluate(
         model,

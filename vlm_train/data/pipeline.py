@@ -310,17 +310,19 @@ def build_train_batches(
     image_tokens: int | Callable[[tuple[int, int]], int],
     *,
     video_tokens: Callable[[int], int] | None = None,
+    visual_cost: tuple | None = None,
     dp_rank: int,
     dp_size: int,
     batch_size: int,
     seed: int,
     pin_memory: bool = False,
 ) -> TrainBatches:
-    """This data-parallel rank's batches: `dp_size` ranks, `cfg.num_workers` loader workers each."""
+    """This data-parallel rank's batches: `dp_size` ranks, `cfg.num_workers` loader workers each
+    (`image_tokens`, `video_tokens`, `visual_cost`: see SampleEncoder)."""
     workers = max(cfg.num_workers, 1)
     stream = ShardStream(
         build_sources(cfg, dp_size * workers, batch_size),
-        SampleEncoder(cfg, tokenizer, transform, image_tokens, video_tokens),
+        SampleEncoder(cfg, tokenizer, transform, image_tokens, video_tokens, visual_cost),
         tokenizer.pad_token_id,
         dp_rank=dp_rank,
         dp_size=dp_size,

@@ -70,6 +70,8 @@ class SampleEncoder:
     pixels [tiles, 3, S, S]) a function of the image's (height, width): the images are then decoded
     before the text is encoded, and `Encoded.image_sizes` carries their sizes to the model.
     `video_tokens` (data.video) is a video's visual-token slots as a function of its frame count.
+    `visual_cost` (image size -> tokens, frames -> tokens) is what data.max_visual_tokens counts when
+    it differs from the slots (cross_attention: one slot per image, its visual tokens in the media).
     """
 
     def __init__(
@@ -79,8 +81,10 @@ class SampleEncoder:
         transform: ImageTransform | AnyResTransform,
         image_tokens: int | Callable[[tuple[int, int]], int],
         video_tokens: Callable[[int], int] | None = None,
+        visual_cost: tuple[Callable[[tuple[int, int]], int], Callable[[int], int] | None] | None = None,
     ):
         self.cfg = cfg
+        self.visual_cost = visual_cost
         self.tokenizer = tokenizer
         if isinstance(transform, ImageTransform):  # crop | pad | resize, and JPEG drafts: the data's call
             transform = replace(transform, aspect_ratio=cfg.image_aspect_ratio, jpeg_draft=cfg.jpeg_draft)
@@ -176,8 +180,9 @@ class SampleEncoder:
         return decoded, clips
 
     def visual_count(self, sizes: list[tuple[int, int]], frames: list[int], tokens_of) -> int:
-        video_tokens = self.video_tokens or (lambda count: 0)
-        return sum(map(tokens_of, sizes)) + sum(map(video_tokens, frames))
+        """The visual tokens data.max_visual_tokens counts for these images and videos."""
+        image_tokens, video_tokens = self.visual_cost or (tokens_of, self.video_tokens)
+        return sum(map(image_tokens, sizes)) + sum(map(video_tokens or (lambda count: 0), frames))
 
     def within_budget(
         self, sizes: list[tuple[int, int]], frames: list[int], tokens_of: Callable[[tuple[int, int]], int]

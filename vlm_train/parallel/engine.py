@@ -90,15 +90,24 @@ def deepspeed_config(cfg: Config, layout: Layout, precision: str, on_gpu: bool =
                 "warmup_type": "linear",
             },
         },
-        # Overlapping the gradient reduction with backward pays on GPUs (NCCL on its own stream);
-        # on CPU/gloo there is nothing to overlap with.
-        "zero_optimization": {"stage": layout.zero_stage, "contiguous_gradients": True, "overlap_comm": on_gpu},
+        "zero_optimization": zero_config(cfg, layout.zero_stage, on_gpu),
         "bf16": {"enabled": precision == "bf16"},
         **gradient_dtypes(precision, train.grad_reduce_dtype, layout.zero_stage),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def zero_config(cfg: Config, stage: int, on_gpu: bool) -> dict:
+    """DeepSpeed's `zero_optimization` section."""
+    # Overlapping the gradient reduction with backward pays on GPUs (NCCL on its own stream);
+    # on CPU/gloo there is nothing to overlap with.
+    zero = {"stage": stage, "contiguous_gradients": True, "overlap_comm": on_gpu}
+    threshold = cfg.parallel.zero3_persistence_threshold
+    if stage == 3 and threshold is not None:
+        zero["stage3_param_persistence_threshold"] = threshold
+    return zero
 
 
 def build_train_engine(
