@@ -34,7 +34,7 @@ def video_setup():
     from vlm_train.config import compose
     from vlm_train.data.tokenizer import load_tokenizer
 
-    cfg = compose(["experiment=toy-video", "connector=cross_attention", "data.urls=unused"])
+    cfg = compose(["experiment=toy-video", "connector=cross_attention", "data.urls=unused", "data.max_frames=8"])
     tokenizer = load_tokenizer(cfg.llm, video=True)
     torch.manual_seed(0)
     return cfg, tokenizer, open_gates(build_model(cfg, tokenizer))

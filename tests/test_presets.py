@@ -38,7 +38,7 @@ def presets() -> dict[str, list[str]]:
 EXPECTED = {
     "experiment=toy": (5.8e5, "MLPConnector", 9),
     "experiment=toy-anyres": (5.8e5, "MLPConnector", 24),  # a 48 px image: base view + 1 x 2 tiles unpadded
-    "experiment=toy-video": (5.8e5, "MLPConnector", 24),  # AnyRes as toy-anyres (a video: 8 x 4 + 1)
+    "experiment=toy-video": (5.8e5, "MLPConnector", 24),  # AnyRes as toy-anyres (a video: 2 frames x 4 + 1)
     "experiment=llava15-7b-stage1": (7.06e9, "MLPConnector", 576),
     "experiment=llava15-7b-stage2": (7.06e9, "MLPConnector", 576),
     "vision=clip-tiny": (5.8e5, "MLPConnector", 9),

@@ -41,9 +41,9 @@ def color_at_center(frame: np.ndarray, corner: tuple[int, int], size: int) -> np
 
 
 def object_centroid(frame: np.ndarray) -> np.ndarray:
-    """(x, y) mean of the coloured pixels: the background is grey, every object colour saturated."""
-    saturated = frame.max(axis=2) - frame.min(axis=2) > 60
-    ys, xs = np.nonzero(saturated)
+    """(x, y) mean of the pixels far from the background: every object colour is 100+ levels away
+    from it in some channel."""
+    ys, xs = np.nonzero(np.abs(frame - np.asarray(sv.background(), dtype=int)).max(axis=2) > 60)
     return np.array([xs.mean(), ys.mean()])
 
 
@@ -126,6 +126,22 @@ def test_cli_writes_webm_shards(tmp_path, monkeypatch):
     assert names == ["eval-00000000.json", "eval-00000000.webm"]
     with pytest.raises(ValueError, match="mp4, webm, frames"):
         sv.generate(tmp_path, 1, 1, encoding="gif")
+
+
+def test_every_clip_is_drawn_on_one_background_that_says_where_not_which_way():
+    """The tint is the same in every frame of every clip (so it cannot tell the direction), and it
+    differs from place to place: red grows to the right, blue downwards."""
+    canvas = np.asarray(sv.background(), dtype=int)
+    assert (canvas[:, 1:, 0] >= canvas[:, :-1, 0]).all() and (canvas[1:, :, 2] >= canvas[:-1, :, 2]).all()
+    assert canvas[0, -1, 0] - canvas[0, 0, 0] == canvas[-1, 0, 2] - canvas[0, 0, 2] == sv.TINT_HIGH - sv.TINT_LOW
+    assert (canvas[:, :, 1] == sv.TINT_GREEN).all()
+    rng = random.Random(1)
+    for _ in range(8):
+        scene = sv.make_clip_scene(rng)
+        for frame, (x0, y0) in zip(sv.render_clip(scene), sv.positions(scene)):
+            off_object = np.ones(canvas.shape[:2], dtype=bool)
+            off_object[y0 : y0 + scene["size"], x0 : x0 + scene["size"]] = False
+            assert (np.asarray(frame, dtype=int)[off_object] == canvas[off_object]).all()
 
 
 def test_one_frame_alone_says_little_about_the_direction():

@@ -96,6 +96,7 @@ def test_forwards_of_a_budgeted_batch_add_up_to_the_whole_batch(tmp_path, packin
 def budget_overrides(urls: str, run_dir, *extra: str) -> list[str]:
     return [
         "experiment=toy-video",
+        "data.max_frames=8",  # clips of 8 frames (the toy preset reads 2)
         f"data.urls={urls}",
         f"run.dir={run_dir}",
         "parallel.zero_stage=3",

@@ -96,7 +96,7 @@ def toy_video_setup(*overrides: str):
     from vlm_train.config import compose
     from vlm_train.data.tokenizer import load_tokenizer
 
-    cfg = compose(["experiment=toy-video", "data.urls=unused", *overrides])
+    cfg = compose(["experiment=toy-video", "data.urls=unused", "data.max_frames=8", *overrides])  # the toy reads 2
     tokenizer = load_tokenizer(cfg.llm, video=True)
     torch.manual_seed(0)
     return cfg, tokenizer, build_model(cfg, tokenizer)
@@ -280,6 +280,7 @@ def test_zero3_trains_20_steps_with_one_rank_on_video_and_one_on_text(video_and_
 
     overrides = [
         "experiment=toy-video",
+        "data.max_frames=8",  # clips of 8 frames (the toy preset reads 2)
         f"data.urls={video_and_text_shards}",
         f"run.dir={tmp_path / 'run'}",
         "parallel.zero_stage=3",
@@ -332,6 +333,7 @@ def mixed_size_shards(tmp_path_factory) -> str:
 def mixed_run_overrides(urls: str, run_dir) -> list[str]:
     return [
         "experiment=toy-video",
+        "data.max_frames=8",  # clips of 8 frames (the toy preset reads 2)
         f"data.urls={urls}",
         f"run.dir={run_dir}",
         f"data.log_keys={run_dir}/keys",

@@ -1,9 +1,9 @@
 """Synthetic clips: one coloured shape moving up, down, left or right; the question asks which way.
 
-The video twin of `synthetic.py` (same colours, shapes, 10-13 px objects, light grey 48 px
-canvas): an answer that needs more than one frame. Each clip has FRAMES frames at FPS; the object
-moves STEP px a frame in a straight line, TRAVEL = 14 px from the first frame to the last, and the
-whole path stays on the canvas. Where the path lies is uniform over every place it fits, so one
+The video twin of `synthetic.py` (same colours, shapes, 10-13 px objects, 48 px canvas): an answer
+that needs more than one frame. Each clip has FRAMES frames at FPS; the object moves STEP px a
+frame in a straight line, TRAVEL = 14 px from the first frame to the last, and the whole path stays
+on the canvas. Where the path lies is uniform over every place it fits, so one
 frame says little: the best guess of the direction from the object's box in one frame alone is
 right for 0.40 of the clips in the first or the last frame and 0.36 in the middle one (chance 0.25;
 `single_frame_accuracies` estimates it by simulating the generator; exact: 0.399 and 0.358). That
@@ -11,6 +11,13 @@ is near the floor a 48 px canvas allows: a first frame within TRAVEL px of the f
 direction out, so the guess is right for (room + 1) / (4 * (room + 1 - TRAVEL)) of the clips, room =
 canvas - size -- 0.57 with 21 px of travel, 0.46 with 17, 0.40 with the 14 px (2 px a frame) chosen,
 which stays well visible between the first and the last frame.
+
+The canvas is light and tinted by place: red grows from left to right, blue from top to bottom
+(`background`). A frame shows where the object is, not where it goes, so the bound above holds (it
+assumes the object's box known exactly); the tint tells a reader where each patch is. A random
+tower's patch features say what a patch holds (its colours) but hardly where it is, and the toy
+decoder did not learn to find the place from token order: on a plain grey canvas the toy model
+stayed at chance (docs/video.md, "The toy").
 
 Written as WebDataset shards plus a `manifest.json` of sample counts, like `synthetic.py`. A
 sample is `<key>.mp4` (libx264, yuv420p) or `<key>.webm` (VP9, yuv420p) with `<key>.json`, the
@@ -42,6 +49,8 @@ FPS = 4  # FRAMES / FPS = a 2 s clip
 CANVAS = 3 * CELL  # px a side, as the square image scenes
 STEP = 2  # px the object moves from one frame to the next
 TRAVEL = STEP * (FRAMES - 1)
+# The background's red (left to right) and blue (top to bottom) ramps, and its constant green.
+TINT_LOW, TINT_HIGH, TINT_GREEN = 190, 250, 220
 DIRECTIONS = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}  # (dx, dy), y downwards
 CHANCE = {"direction": 1 / len(DIRECTIONS)}
 QUESTION = "which way does the {color} {shape} move ?"
@@ -80,12 +89,21 @@ def positions(scene: dict) -> list[tuple[int, int]]:
     return [(x + dx * STEP * k, y + dy * STEP * k) for k in range(FRAMES)]
 
 
-def render_clip(scene: dict, rng: random.Random) -> list[Image.Image]:
-    """FRAMES RGB frames of `scene` on one random light grey background."""
-    shade = rng.randint(225, 255)
+def background() -> Image.Image:
+    """The canvas every clip is drawn on: light, redder to the right and bluer downwards, so that
+    each place on it has a colour of its own (see the module docstring)."""
+    image = Image.new("RGB", (CANVAS, CANVAS))
+    ramp = [TINT_LOW + (TINT_HIGH - TINT_LOW) * k // (CANVAS - 1) for k in range(CANVAS)]
+    image.putdata([(ramp[x], TINT_GREEN, ramp[y]) for y in range(CANVAS) for x in range(CANVAS)])
+    return image
+
+
+def render_clip(scene: dict) -> list[Image.Image]:
+    """FRAMES RGB frames of `scene` on the tinted background."""
+    canvas = background()
     frames = []
     for x0, y0 in positions(scene):
-        image = Image.new("RGB", (CANVAS, CANVAS), (shade, shade, shade))
+        image = canvas.copy()
         _draw_shape(ImageDraw.Draw(image), scene, x0, y0, scene["size"])
         frames.append(image)
     return frames
@@ -137,7 +155,7 @@ def make_sample(rng: random.Random, encoding: str = "mp4") -> tuple[dict[str, by
     scene = make_clip_scene(rng)
     q, a = question(scene)
     conversations = [{"from": "human", "value": f"<video>\n{q}", "kind": "direction"}, {"from": "gpt", "value": a}]
-    frames = render_clip(scene, rng)
+    frames = render_clip(scene)
     members = encode_frames(frames) if encoding == "frames" else {encoding: encode_video(frames, FPS, encoding)}
     return members, {"conversations": conversations, "scene": scene, "fps": FPS}
 
