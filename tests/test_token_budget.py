@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from tests.test_video import model_inputs, toy_video_setup
+from tests.test_video import model_inputs, one_rank_batches, toy_video_setup
 from vlm_train.data.token_budget import groups
 
 
@@ -46,20 +46,7 @@ def mixed_media_shard(path) -> None:
 
 
 def first_batch(cfg, tokenizer, model, batch_size: int) -> dict:
-    from vlm_train.data.pipeline import build_train_batches
-    from vlm_train.train import image_tokens, image_transform, video_tokens
-
-    batches = build_train_batches(
-        cfg.data,
-        tokenizer,
-        image_transform(model),
-        image_tokens(model),
-        video_tokens=video_tokens(model),
-        dp_rank=0,
-        dp_size=1,
-        batch_size=batch_size,
-        seed=0,
-    )
+    batches = one_rank_batches(cfg, tokenizer, model, batch_size)
     batch = next(batches)
     batches.close()
     return batch

@@ -109,6 +109,25 @@ def encoder_for(cfg, tokenizer, model):
     return SampleEncoder(cfg.data, tokenizer, image_transform(model), image_tokens(model), video_tokens(model))
 
 
+def one_rank_batches(cfg, tokenizer, model, batch_size: int):
+    """The training batches of one data-parallel rank, as vlm-train builds them for `model`."""
+    from vlm_train.data.pipeline import build_train_batches
+    from vlm_train.train import image_tokens, image_transform, video_tokens, visual_cost
+
+    return build_train_batches(
+        cfg.data,
+        tokenizer,
+        image_transform(model),
+        image_tokens(model),
+        video_tokens=video_tokens(model),
+        visual_cost=visual_cost(model),
+        dp_rank=0,
+        dp_size=1,
+        batch_size=batch_size,
+        seed=0,
+    )
+
+
 def model_inputs(batch: dict) -> dict:
     from vlm_train.data.templates import VIDEO_INPUTS
 
@@ -142,22 +161,11 @@ def test_video_samples_become_video_slots_and_bad_ones_counted_skips(tmp_path):
     (all up to data.max_frames=8) fill its slots; corrupt, truncated and empty videos and a second
     <video> marker are counted skips; images and text-only samples ride in the same batches."""
     from tests.helpers import write_tar
-    from vlm_train.data.pipeline import REASON_INDEX, build_train_batches
-    from vlm_train.train import image_tokens, image_transform, video_tokens
+    from vlm_train.data.pipeline import REASON_INDEX
 
     write_tar(tmp_path / "part-0.tar", mixed_samples())
     cfg, tokenizer, model = toy_video_setup(f"data.urls={tmp_path}/part-0.tar", "data.num_workers=1")
-    batches = build_train_batches(
-        cfg.data,
-        tokenizer,
-        image_transform(model),
-        image_tokens(model),
-        video_tokens=video_tokens(model),
-        dp_rank=0,
-        dp_size=1,
-        batch_size=4,
-        seed=0,
-    )
+    batches = one_rank_batches(cfg, tokenizer, model, batch_size=4)
     first, second = next(batches), next(batches)
     batches.close()
     skipped = first["skipped_by_reason"] + second["skipped_by_reason"]
