@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from tests.test_video import model_inputs, one_rank_batches, toy_video_setup
+from tests.video_helpers import model_inputs, one_rank_batches, toy_video_setup
 from vlm_train.data.token_budget import groups
 
 
