@@ -35,12 +35,16 @@ def colour_batch(model, images: list[tuple[torch.Tensor, str]]) -> tuple[torch.T
     return torch.stack([pixels for pixels, _ in images]), ids_BT, torch.ones_like(ids_BT), torch.tensor(labels)
 
 
+# patch_merger merges 2 x 2 blocks of patches: the toy tower's 3 x 3 grid becomes 4 x 4
+EVEN_GRID = {"patch_merger": ["vision.patch_size=12"]}
+
+
 @pytest.mark.parametrize("connector", sorted(CONNECTORS))
 def test_connector_trains_with_and_without_images(connector):
     """10 steps on images whose colour is the answer, then held-out images: the loss beats ln 3, the
     least any image-blind model can reach on balanced answers to one question, and swapping the
     images between samples makes it worse (an image-blind connector fails both)."""
-    model = toy_model(connector, "vision.freeze=false")
+    model = toy_model(connector, "vision.freeze=false", *EVEN_GRID.get(connector, []))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     train, held_out = colour_images(24, seed=1), colour_images(12, seed=2)
     losses = []
@@ -68,6 +72,7 @@ def test_connectors_report_their_visual_tokens():
     assert toy_model("qformer", "connector.num_queries=5").num_image_tokens == 5
     assert toy_model("perceiver", "connector.num_latents=4").num_image_tokens == 4
     assert toy_model("cross_attention").num_image_tokens == 1  # marks where the image is
+    assert toy_model("patch_merger", *EVEN_GRID["patch_merger"]).num_image_tokens == 4  # 4 x 4 patches, 2 x 2 merged
 
 
 def plain_llm_logits(model, input_ids, mask):
@@ -150,7 +155,10 @@ def half_text_only_shards(tmp_path_factory) -> str:
     return str(folder / "part-{0..1}.tar")
 
 
-ZERO3_CASES = [*sorted(CONNECTORS), "ln_adapter connector.modality_norms=true"]
+ZERO3_CASES = [
+    *(" ".join([name, *EVEN_GRID.get(name, [])]) for name in sorted(CONNECTORS)),
+    "ln_adapter connector.modality_norms=true",
+]
 CASE_TIMEOUT_S = 240  # one case (a ZeRO-3 hang included) may take this long before its launch is ended
 
 

@@ -94,6 +94,7 @@ def test_connector_placement_is_an_enum_equal_to_its_string():
         "perceiver": Placement.SEQUENCE,
         "ln_adapter": Placement.SEQUENCE,
         "cross_attention": Placement.CROSS_ATTENTION,
+        "patch_merger": Placement.SEQUENCE,
     }
     assert Placement.CROSS_ATTENTION == "cross_attention" and str(Placement.SEQUENCE) == "sequence"
 

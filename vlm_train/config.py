@@ -150,6 +150,16 @@ class LNAdapterConnectorConfig(ConnectorConfig):
     modality_norms: bool = False  # a second affine per LLM norm at image positions; LLM frozen
 
 
+@connector_schema
+@dataclass
+class PatchMergerConnectorConfig(ConnectorConfig):
+    """Qwen2-VL's PatchMerger: norm, then each merge_size x merge_size block of patches through an MLP."""
+
+    name: str = "patch_merger"
+    merge_size: int = 2
+    norm: str = "layernorm"  # layernorm (Qwen2-VL) | rmsnorm (Qwen2.5-VL)
+
+
 @dataclass
 class MixtureSource:
     """One more source of a data mixture: a shard pattern and its relative weight."""

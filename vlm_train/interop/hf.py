@@ -25,6 +25,7 @@ from vlm_train.errors import ConfigError
 from vlm_train.models import CausalLM, VisionLanguageModel, VisionTower
 from vlm_train.models.anyres import AnyResLayout
 from vlm_train.models.connectors.mlp import MLPConnector
+from vlm_train.models.connectors.patch_merger import PatchMergerConnector
 from vlm_train.models.connectors.perceiver import PerceiverConnector
 from vlm_train.models.connectors.qformer import QFormerConnector
 
@@ -44,6 +45,8 @@ def from_hf(path: str | Path) -> VisionLanguageModel:
         "llava_onevision": _from_llava,
         "blip-2": _from_blip2,
         "idefics2": _from_idefics2,
+        "qwen2_vl": _from_qwen_vl,
+        "qwen2_5_vl": _from_qwen_vl,
     }
     if model_type not in importers:
         raise ConfigError(f"{path} is a '{model_type}' model; vlm_train imports {', '.join(importers)}")
@@ -64,11 +67,15 @@ def to_hf(
     as `image_aspect_ratio` did in training, the tokenizer, and a chat template that renders the
     training `template` (data.template), so prompts are tokenized as vlm_train tokenized them.
     """
+    if isinstance(model.connector, PatchMergerConnector):
+        _to_qwen_vl(model, path, tokenizer)
+        return
     exporters = {MLPConnector: _to_llava, QFormerConnector: _to_blip2, PerceiverConnector: _to_idefics2}
     exporter = exporters.get(type(model.connector))
     if exporter is None:
         raise ConfigError(
-            f"no Hugging Face family takes a {type(model.connector).__name__}: export mlp, qformer or perceiver"
+            f"no Hugging Face family takes a {type(model.connector).__name__}: export mlp, qformer, perceiver "
+            "or patch_merger"
         )
     if model.anyres is not None and exporter is not _to_llava:
         raise ConfigError(
@@ -87,6 +94,22 @@ def to_hf(
         llava_processor(model, tokenizer, template, image_aspect_ratio).save_pretrained(path)
     else:
         tokenizer.save_pretrained(path)
+
+
+def _from_qwen_vl(path) -> VisionLanguageModel:
+    from vlm_train.interop.qwen_vl import from_qwen_vl
+
+    return from_qwen_vl(path)
+
+
+def _to_qwen_vl(model: VisionLanguageModel, path, tokenizer) -> None:
+    from vlm_train.interop.qwen_vl import to_qwen_vl
+
+    hf_model = to_qwen_vl(model, tokenizer)
+    if tokenizer is not None:
+        _set_generation_tokens(hf_model, tokenizer)
+        tokenizer.save_pretrained(path)
+    hf_model.save_pretrained(path)
 
 
 def _set_generation_tokens(hf_model: PreTrainedModel, tokenizer) -> None:

@@ -72,8 +72,10 @@ class CausalLM(Decoder):
     ) -> torch.Tensor:
         varlen: dict[str, Any] = {}
         if attention_mask_BT is not None and attention_mask_BT.dim() == 2 and bool((attention_mask_BT > 1).any()):
-            # packed rows: no mask, segments as varlen arguments (see the class docstring)
-            position_ids_BT, varlen = packed_sequences(attention_mask_BT)
+            # packed rows: no mask, segments as varlen arguments (see the class docstring); positions
+            # restart per sample, unless given (M-RoPE's, computed per sample)
+            restarting_BT, varlen = packed_sequences(attention_mask_BT)
+            position_ids_BT = restarting_BT if position_ids_BT is None else position_ids_BT
             attention_mask_BT = None
         out = self.hf_model(
             inputs_embeds=embeds_BTDl,

@@ -23,6 +23,7 @@ from vlm_train.models.connectors.base import Connector, ForwardState, Placement,
 from vlm_train.models.connectors.cross_attention import CrossAttentionConnector
 from vlm_train.models.connectors.ln_adapter import LNAdapterConnector
 from vlm_train.models.connectors.mlp import MLPConnector
+from vlm_train.models.connectors.patch_merger import PatchMergerConnector
 from vlm_train.models.connectors.perceiver import PerceiverConnector
 from vlm_train.models.connectors.qformer import QFormerConnector
 
@@ -52,6 +53,7 @@ for _connector_class in (
     PerceiverConnector,
     CrossAttentionConnector,
     LNAdapterConnector,
+    PatchMergerConnector,
 ):
     register_connector(_connector_class)
 

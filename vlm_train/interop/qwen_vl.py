@@ -1,0 +1,91 @@
+"""Hugging Face <-> vlm_train for the Qwen-VL family:
+
+    Qwen2VLForConditionalGeneration    <-> vision.family=qwen2_vl,   connector=patch_merger (LayerNorm)
+    Qwen2_5_VLForConditionalGeneration <-> vision.family=qwen2_5_vl, connector=patch_merger (RMSNorm)
+
+As for LLaVA (interop/hf.py), conversion moves transformers' modules: the ViT (its merger taken
+out) becomes the native-resolution tower, the merger the connector, the language model and head
+the M-RoPE decoder; an export builds the HF model on the meta device and hands them back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from vlm_train.errors import ConfigError
+from vlm_train.models import CausalLM, VisionLanguageModel
+from vlm_train.models.connectors.patch_merger import PatchMergerConnector
+from vlm_train.models.qwen_vl import MRopeCausalLM, NativeResolutionTower
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+QWEN_VL_CLASSES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+_CONFIG_CLASSES = {"qwen2_vl": "Qwen2VLConfig", "qwen2_5_vl": "Qwen2_5_VLConfig"}
+
+
+def from_qwen_vl(path: str | Path) -> VisionLanguageModel:
+    """A local Qwen2-VL or Qwen2.5-VL checkpoint folder -> a VisionLanguageModel (fp32)."""
+    import transformers
+
+    model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+    hf_class = getattr(transformers, QWEN_VL_CLASSES[model_type])
+    return qwen_vl_model(hf_class.from_pretrained(path, torch_dtype=torch.float32))
+
+
+def qwen_vl_model(hf: PreTrainedModel) -> VisionLanguageModel:
+    """Re-parent a Qwen2(.5)-VL model's modules (the model given is taken apart)."""
+    config = hf.config
+    merger = hf.model.visual.merger
+    tower = NativeResolutionTower(hf.model.visual, config.model_type)
+    connector = PatchMergerConnector(merger, tower.merge_size, num_patches=tower.num_features)
+    llm = CausalLM(MRopeCausalLM(hf.model.language_model, hf.lm_head))
+    return VisionLanguageModel(tower, connector, llm, config.image_token_id, None, config.video_token_id)
+
+
+def to_qwen_vl(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+    """`model` as its Qwen-VL family's HF model (sharing its modules)."""
+    import transformers
+
+    tower, connector, llm = model.vision, model.connector, model.llm
+    if not isinstance(tower, NativeResolutionTower):
+        raise ConfigError("Qwen-VL checkpoints carry a native-resolution ViT: export vision.family=qwen2_vl|qwen2_5_vl")
+    assert isinstance(connector, PatchMergerConnector), "to_hf picks the exporter by the connector's type"
+    if not isinstance(llm, CausalLM) or not isinstance(llm.hf_model, MRopeCausalLM):
+        raise ConfigError("Qwen-VL checkpoints carry a Qwen2-VL decoder: export llm.family=qwen2_vl|qwen2_5_vl")
+    decoder = llm.hf_model
+    vision_config = tower.hf_model.config.to_dict()
+    width_key = "hidden_size" if tower.family == "qwen2_vl" else "out_hidden_size"
+    vision_config[width_key] = decoder.config.hidden_size  # the merger's output width
+    config = getattr(transformers, _CONFIG_CLASSES[tower.family])(
+        vision_config=vision_config,
+        text_config=decoder.config.to_dict(),
+        image_token_id=model.image_token_id,
+        video_token_id=model.video_token_id,
+        tie_word_embeddings=decoder.lm_head.weight is decoder.model.embed_tokens.weight,
+        **_vision_marks(tokenizer),
+    )
+    with torch.device("meta"):
+        hf = getattr(transformers, QWEN_VL_CLASSES[tower.family])(config)
+    for name, child in tower.hf_model.named_children():
+        if name != "merger":
+            setattr(hf.model.visual, name, child)
+    hf.model.visual.merger = connector.merger
+    hf.model.language_model, hf.lm_head = decoder.model, decoder.lm_head
+    return hf
+
+
+def _vision_marks(tokenizer: PreTrainedTokenizerBase | None) -> dict[str, int]:
+    """The ids of <|vision_start|> and <|vision_end|> in `tokenizer` (generation reads them)."""
+    if tokenizer is None:
+        return {}
+    marks = {"vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+    ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in marks.items()}
+    return {key: i for key, i in ids.items() if i is not None and i != tokenizer.unk_token_id}
