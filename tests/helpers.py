@@ -314,16 +314,36 @@ SIGLIP_SO400M_384_CONFIG = {
 }
 # What a preset's vision.path / llm.path folder holds, by the preset's option name under configs/:
 # its checkpoint's config.json and, for a decoder, the tokenizer files beside it.
+QWEN2_5_VL_7B_CONFIG = {  # Qwen2.5-VL-7B-Instruct's config.json (its token ids those of the vendored tokenizer)
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+    "vision_start_token_id": 16643, "vision_end_token_id": 16644, "image_token_id": 16646, "video_token_id": 16647,
+    "hidden_act": "silu", "hidden_size": 3584, "intermediate_size": 18944, "max_position_embeddings": 128000,
+    "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "tie_word_embeddings": False, "vocab_size": 152064,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vision_config": {
+        "depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+        "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2,
+    },
+}  # fmt: skip
+
+
+QWEN2_VL_TOKENIZER = REPO / "tests" / "assets" / "tokenizers" / "qwen2-vl"
 CHECKPOINT_CONFIGS: dict[str, dict[str, dict]] = {
-    "vision": {"clip-vit-l-336px": CLIP_L_336_CONFIG, "siglip-so400m-384px": SIGLIP_SO400M_384_CONFIG},
-    "llm": {"vicuna-7b": LLAMA2_7B_CONFIG},
+    "vision": {
+        "clip-vit-l-336px": CLIP_L_336_CONFIG,
+        "siglip-so400m-384px": SIGLIP_SO400M_384_CONFIG,
+        "qwen2_5-vl-7b": QWEN2_5_VL_7B_CONFIG,  # one folder for vision.path and llm.path
+    },
+    "llm": {"vicuna-7b": LLAMA2_7B_CONFIG, "qwen2_5-vl-7b": QWEN2_5_VL_7B_CONFIG},
 }
 
 
 def write_config_only_folder(folder: Path, config: dict, tokenizer: Path | None = None) -> Path:
     """A checkpoint folder without weights: config.json (+ the tokenizer's files), enough for a
     meta-size build (vlm_train.plan.build_meta_model) of the model it describes."""
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)  # a Qwen-VL folder serves vision.path and llm.path
     (folder / "config.json").write_text(json.dumps(config))
     for file in tokenizer.iterdir() if tokenizer else ():
         shutil.copy(file, folder / file.name)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import CHECKPOINT_CONFIGS, LLAMA2_TOKENIZER, REPO, write_config_only_folder
+from tests.helpers import CHECKPOINT_CONFIGS, LLAMA2_TOKENIZER, QWEN2_VL_TOKENIZER, REPO, write_config_only_folder
 from vlm_train.config import compose
 from vlm_train.errors import ConfigError
 from vlm_train.plan import build_meta_model
@@ -27,12 +27,25 @@ def options(group: str) -> list[str]:
 def presets() -> dict[str, list[str]]:
     """{test id: overrides}: each option of each group on the default config; each connector_size
     option `<experiment>_<connector>` through the selection that picks it."""
-    chosen = {f"{group}={option}": [f"{group}={option}"] for group in GROUPS for option in options(group)}
+    chosen = {
+        f"{group}={option}": [f"{group}={option}", *COMPANIONS.get(f"{group}={option}", [])]
+        for group in GROUPS
+        for option in options(group)
+    }
     for option in options("connector_size"):
         experiment, connector = option.split("_", 1)
         chosen[f"connector_size={option}"] = [f"experiment={experiment}", f"connector={connector}"]
     return chosen
 
+
+# Options that build only together with others: the Qwen-VL parts are one model, and patch_merger merges
+# 2 x 2 blocks of patches (the toy tower's 3 x 3 grid becomes 4 x 4)
+QWEN_VL_7B = ["vision=qwen2_5-vl-7b", "llm=qwen2_5-vl-7b", "connector=patch_merger"]
+COMPANIONS = {
+    "vision=qwen2_5-vl-7b": QWEN_VL_7B[1:],
+    "llm=qwen2_5-vl-7b": QWEN_VL_7B[::2],
+    "connector=patch_merger": ["vision.patch_size=12"],
+}
 
 # id: (total parameters within a factor of two, connector class, image-token slots per image)
 EXPECTED = {
@@ -41,6 +54,11 @@ EXPECTED = {
     "experiment=toy-video": (5.8e5, "MLPConnector", 24),  # AnyRes as toy-anyres (a video: 2 frames x 4 + 1)
     "experiment=llava15-7b-stage1": (7.06e9, "MLPConnector", 576),
     "experiment=llava15-7b-stage2": (7.06e9, "MLPConnector", 576),
+    "experiment=qwen2_5-vl-7b-sft": (8.29e9, "PatchMergerConnector", 1),  # slots per 28 px merge unit
+    "vision=qwen2_5-vl-7b": (8.29e9, "PatchMergerConnector", 1),
+    "llm=qwen2_5-vl-7b": (8.29e9, "PatchMergerConnector", 1),
+    "connector=patch_merger": (5.8e5, "PatchMergerConnector", 4),
+    "data=qwen-vl-sft": (5.8e5, "MLPConnector", 9),
     "vision=clip-tiny": (5.8e5, "MLPConnector", 9),
     "vision=siglip-tiny": (6.3e5, "MLPConnector", 9),
     "vision=clip-vit-l-336px": (3e8, "MLPConnector", 576),
@@ -91,7 +109,7 @@ def required_values(missing: list[str], overrides: list[str], root: Path) -> lis
                 pytest.fail(
                     f"{group}={option} needs {key}: add its config.json to CHECKPOINT_CONFIGS in tests/helpers.py"
                 )
-            tokenizer = LLAMA2_TOKENIZER if group == "llm" else None
+            tokenizer = {"vicuna-7b": LLAMA2_TOKENIZER, "qwen2_5-vl-7b": QWEN2_VL_TOKENIZER}.get(option)
             folder = write_config_only_folder(root / option, CHECKPOINT_CONFIGS[group][option], tokenizer)
             values.append(f"{key}={folder}")
         elif key == "data.urls":

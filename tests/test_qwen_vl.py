@@ -168,3 +168,68 @@ def test_a_packed_batch_gives_the_unpacked_per_token_losses(family):
          for s, e in zip(starts[:-1].tolist(), starts[1:].tolist())]
     )  # fmt: skip
     assert (got - expected).abs().max() < 1e-5
+
+
+def test_vlm_plan_sizes_qwen2_5_vl_7b_from_a_config_only_folder(tmp_path, capsys):
+    """The preset composes and builds at meta size: 8,292,166,656 parameters (Qwen2.5-VL-7B's, the
+    count transformers' own model has), the ViT frozen, merger and decoder trained, ZeRO-3 fits 80 GB."""
+    import transformers
+
+    from tests.helpers import QWEN2_5_VL_7B_CONFIG, QWEN2_VL_TOKENIZER, write_config_only_folder
+    from vlm_train.plan import main
+
+    folder = write_config_only_folder(tmp_path / "qwen2_5-vl-7b", QWEN2_5_VL_7B_CONFIG, QWEN2_VL_TOKENIZER)
+    code = main(["experiment=qwen2_5-vl-7b-sft", f"vision.path={folder}", f"llm.path={folder}"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    with torch.device("meta"):
+        config = transformers.Qwen2_5_VLConfig.from_pretrained(folder)
+        reference = sum(p.numel() for p in transformers.Qwen2_5_VLForConditionalGeneration(config).parameters())
+    assert reference == 8_292_166_656
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in out.splitlines()
+        if line.split()[:1] in (["vision"], ["connector"], ["llm"], ["total"])
+    }
+    assert rows["vision"] == ["0", "631,975,680"] and rows["connector"] == ["44,574,464", "0"]
+    assert sum(int(n.replace(",", "")) for n in rows["total"]) == reference
+    assert "this config (ZeRO-3, TP=1, llm.activation_checkpointing=true)" in out and "fits 80GB" in out
+
+
+TINY_QWEN = [
+    "vision.family=qwen2_5_vl", "vision.path=null", "vision.patch_size=14", "vision.hidden_size=32",
+    "vision.intermediate_size=64", "vision.num_heads=4", "vision.window_size=56", "vision.full_attention_layers=[1]",
+    "llm.family=qwen2_5_vl", "llm.hidden_size=64", "llm.num_heads=4", "llm.num_kv_heads=2",
+    "llm.intermediate_size=128", "connector=patch_merger", "connector.norm=rmsnorm",
+]  # fmt: skip
+
+
+def test_a_tiny_qwen2_5_vl_builds_from_sizes_and_exports(tmp_path):
+    """`vision.family=qwen2_5_vl` from the size fields: a model transformers loads back after export,
+    with the same logits, and whose gradient reaches tower, merger and decoder."""
+    import transformers
+
+    from tests.helpers import toy_model
+    from vlm_train.data.tokenizer import build_toy_tokenizer
+
+    model = toy_model(*TINY_QWEN, "vision.freeze=false").eval()
+    tokenizer = build_toy_tokenizer()
+    image = model.image_token_id
+    batch = qwen_batch([[5, 6, ("image", (1, 4, 6)), 7], [8, ("image", (1, 2, 2)), 9, 10]])
+    batch["input_ids"] = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE, image)
+    batch["input_ids"] = batch["input_ids"].masked_fill((batch["input_ids"] == START) | (batch["input_ids"] == END), 7)
+    batch["mm_token_type_ids"] = (batch["input_ids"] == image).int()
+    out = ours_with_labels(model, batch)
+    out.loss.backward()
+    for part in (model.vision, model.connector, model.llm):
+        assert all(p.grad is not None for p in part.parameters() if p.requires_grad), type(part).__name__
+    to_hf(model, tmp_path / "export", tokenizer)
+    exported = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        assert (real(exported(**batch).logits, batch) - real(ours(model, batch), batch)).abs().max() < 1e-4
+
+
+def ours_with_labels(model, batch: dict):
+    inputs = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
+    return model(inputs.pop("pixel_values"), **inputs, labels=labels)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
-from vlm_train.config import Config, VisionConfig
-from vlm_train.data.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, load_tokenizer
+from vlm_train.config import Config, LLMConfig, VisionConfig
+from vlm_train.data.tokenizer import load_tokenizer, media_token_ids
 from vlm_train.errors import ConfigError
-from vlm_train.models import VisionLanguageModel, VisionTower, build_connector, build_llm, build_vision_tower
+from vlm_train.models import (
+    CausalLM,
+    VisionLanguageModel,
+    VisionTower,
+    build_connector,
+    build_llm,
+    build_vision_tower,
+)
 from vlm_train.models.anyres import AnyResLayout
-from vlm_train.models.connectors import load_connector_weights
+from vlm_train.models.connectors import Connector, load_connector_weights
+from vlm_train.models.varlen_attention import register_varlen_attention
 
 
 def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel:
@@ -24,16 +34,20 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
 
         raise ConfigError(ACTIVATION_CHECKPOINTING_REFUSED)  # before building: no test proves it there
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.llm, video=cfg.data.video)
-    vision = build_vision_tower(cfg.vision)
-    llm = _build_decoder(cfg, len(tokenizer), layout)
-    connector = build_connector(
-        cfg.connector, vision_dim=vision.hidden_size, llm_dim=llm.hidden_size, num_patches=vision.num_features
-    )
-    anyres = build_anyres(cfg.vision, vision, llm.hidden_size)
-    video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN) if cfg.data.video else None
-    model = VisionLanguageModel(
-        vision, connector, llm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), anyres, video_token_id
-    )
+    image_token_id, video_token_id = media_token_ids(tokenizer)
+    llm: Any
+    if cfg.vision.family in QWEN_VL_FAMILIES:
+        vision, connector, llm = build_qwen_vl_parts(cfg, len(tokenizer), layout)
+        anyres = None
+    else:
+        vision = build_vision_tower(cfg.vision)
+        llm = _build_decoder(cfg, len(tokenizer), layout)
+        connector = build_connector(
+            cfg.connector, vision_dim=vision.hidden_size, llm_dim=llm.hidden_size, num_patches=vision.num_features
+        )
+        anyres = build_anyres(cfg.vision, vision, llm.hidden_size)
+        video_token_id = video_token_id if cfg.data.video else None
+    model = VisionLanguageModel(vision, connector, llm, image_token_id, anyres, video_token_id)
     if cfg.connector.path:  # after attaching (cross_attention's blocks exist then), before TP splits them
         load_connector_weights(connector, cfg.connector.path)
     if cfg.llm.backend == "megatron":
@@ -53,6 +67,75 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
         raise ConfigError("vision, llm and connector are all frozen: nothing would train")
     _enable_activation_checkpointing(model, cfg)
     return model
+
+
+QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def build_qwen_vl_parts(cfg: Config, vocab_size: int, layout) -> tuple[VisionTower, Connector, CausalLM]:
+    """vision.family=qwen2_vl|qwen2_5_vl: the native-resolution tower, the patch merger and the M-RoPE
+    decoder, from a whole Qwen2(.5)-VL folder (vision.path = llm.path) or from the size fields."""
+    from vlm_train.interop.qwen_vl import load_qwen_vl_parts
+    from vlm_train.models.qwen_vl import build_mrope_llm, build_native_tower
+
+    family = cfg.vision.family
+    if cfg.llm.backend == "megatron":
+        raise ConfigError(f"vision.family={family}: the M-RoPE decoder runs on llm.backend=hf (TP=1) for now")
+    if cfg.connector.name != "patch_merger" or cfg.llm.family != family:
+        raise ConfigError(f"vision.family={family} needs connector=patch_merger and llm.family={family}")
+    attn = cfg.llm.attn_implementation
+    if cfg.data.packing and attn == "sdpa":
+        attn = register_varlen_attention()
+    if cfg.vision.path or cfg.llm.path:
+        if cfg.vision.path != cfg.llm.path:
+            raise ConfigError(f"vision.family={family}: vision.path and llm.path name the same Qwen-VL folder")
+        return load_qwen_vl_parts(str(cfg.vision.path), vocab_size, attn)
+    tower = build_native_tower(family, None, native_tower_sizes(cfg))
+    llm = CausalLM(build_mrope_llm(family, mrope_llm_sizes(cfg.llm, vocab_size), attn, cfg.llm.tie_embeddings))
+    connector = build_connector(cfg.connector, tower.hidden_size, llm.hidden_size, tower.num_features)
+    return tower, connector, llm
+
+
+def native_tower_sizes(cfg: Config) -> dict:
+    """transformers' vision config fields of a Qwen2-VL / Qwen2.5-VL ViT from vision.* sizes."""
+    vision, width = cfg.vision, cfg.vision.hidden_size
+    common = dict(depth=vision.num_layers, num_heads=vision.num_heads, patch_size=vision.patch_size)
+    if vision.family == "qwen2_vl":
+        return common | dict(
+            embed_dim=width, mlp_ratio=vision.intermediate_size / width, hidden_size=cfg.llm.hidden_size
+        )
+    return common | dict(
+        hidden_size=width,
+        intermediate_size=vision.intermediate_size,
+        out_hidden_size=cfg.llm.hidden_size,
+        window_size=vision.window_size,
+        fullatt_block_indexes=list(vision.full_attention_layers),
+    )
+
+
+def mrope_llm_sizes(llm: LLMConfig, vocab_size: int) -> dict:
+    """transformers' text config fields of a Qwen2(.5)-VL decoder; M-RoPE sections default to Qwen's
+    split of the rotary pairs (1/4 temporal, 3/8 height, 3/8 width: 16/24/24 at head width 128)."""
+    pairs = llm.hidden_size // llm.num_heads // 2
+    section = llm.mrope_section or [
+        pairs // 4,
+        (pairs - pairs // 4) // 2,
+        pairs - pairs // 4 - (pairs - pairs // 4) // 2,
+    ]
+    if sum(section) != pairs:
+        raise ConfigError(f"llm.mrope_section={section} must sum to the head width / 2 = {pairs}")
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=llm.hidden_size,
+        intermediate_size=llm.intermediate_size,
+        num_hidden_layers=llm.num_layers,
+        num_attention_heads=llm.num_heads,
+        num_key_value_heads=llm.num_kv_heads,
+        max_position_embeddings=llm.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": llm.rope_theta, "mrope_section": section},
+        bos_token_id=None,  # Qwen's ids; the run's tokenizer gives its own to generation
+        eos_token_id=None,
+    )
 
 
 def build_anyres(cfg: VisionConfig, tower: VisionTower, llm_dim: int) -> AnyResLayout | None:

@@ -25,7 +25,9 @@ class VisionConfig:
     """A Hugging Face CLIP or SigLIP vision tower."""
 
     name: str = "clip-tiny"  # readable id, e.g. clip-vit-l-336px
-    family: str = "clip"  # clip | siglip (| blip2 | idefics2: towers imported from those VLMs, path only)
+    # clip | siglip (| blip2 | idefics2: towers imported from those VLMs, path only) | qwen2_vl | qwen2_5_vl
+    # (native resolution: the path is a whole Qwen2(.5)-VL folder, the same as llm.path; docs/qwen_vl.md)
+    family: str = "clip"
     path: str | None = MISSING  # local HF checkpoint dir; null: build from the size fields below
     image_size: int = 48
     patch_size: int = 16
@@ -42,6 +44,13 @@ class VisionConfig:
     anyres: str | None = None
     # tile grids (rows, columns) an image may be resized to; LLaVA-NeXT's pinpoints / image_size
     anyres_grids: list[list[int]] = field(default_factory=lambda: [[1, 2], [2, 1], [2, 2], [1, 3], [3, 1]])
+    # Native resolution (qwen2_vl, qwen2_5_vl): images resized to multiples of 28 px within these pixel counts
+    # (the Qwen processor's min_pixels / max_pixels); Qwen2.5-VL's window attention: window in pixels and the
+    # layers that attend over the whole image instead
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    window_size: int = 112
+    full_attention_layers: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -50,7 +59,9 @@ class LLMConfig:
 
     name: str = "llama-tiny"
     backend: str = "auto"  # hf | megatron (megatron-core, tensor parallel) | auto: megatron when TP > 1, else hf
-    family: str = "llama"  # llama builds from the size fields; any causal LM loads from a path
+    family: str = (
+        "llama"  # llama | qwen2_vl | qwen2_5_vl (M-RoPE) build from the size fields; any causal LM loads from a path
+    )
     path: str | None = MISSING  # local HF checkpoint dir; null: build from the size fields below
     tokenizer: str | None = None  # local tokenizer dir; "toy" = the built-in toy tokenizer; None = path
     hidden_size: int = 128
@@ -61,6 +72,7 @@ class LLMConfig:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 512
     tie_embeddings: bool = False
+    mrope_section: list[int] | None = None  # qwen2_vl/qwen2_5_vl: rotary pairs per (t, h, w); None: 1/4, 3/8, 3/8
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     freeze: bool = False
     activation_checkpointing: bool = False  # recompute each decoder layer in backward (HF gradient checkpointing)
@@ -294,9 +306,9 @@ class Config:
 
 
 _CHOICES = {
-    "vision.family": ("clip", "siglip", "blip2", "idefics2"),
+    "vision.family": ("clip", "siglip", "blip2", "idefics2", "qwen2_vl", "qwen2_5_vl"),
     "llm.backend": ("auto", "hf", "megatron"),
-    "llm.family": ("llama", "mistral", "opt"),
+    "llm.family": ("llama", "mistral", "opt", "qwen2_vl", "qwen2_5_vl"),
     "data.template": ("chat", "plain", "vicuna_v1", "hf"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "train.precision": ("auto", "bf16", "fp32"),

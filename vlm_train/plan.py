@@ -241,13 +241,16 @@ def resolve_precision(cfg: Config, device: torch.device | None = None) -> str:
 
 
 def flops_per_sample(model: VisionLanguageModel, cfg: Config) -> float:
-    """Training FLOPs of one sample of `data.max_length` tokens and one image (flops.py)."""
+    """Training FLOPs of one sample of `data.max_length` tokens and one image (flops.py); a
+    native-resolution tower's image has vision.max_pixels."""
+    from vlm_train.models.qwen_vl import NativeResolutionTower
     from vlm_train.training.flops import training_flops
 
-    batch = {
-        "attention_mask": torch.ones(1, cfg.data.max_length, dtype=torch.long),
-        "pixel_values": torch.zeros(1, 3, model.vision.image_size, model.vision.image_size, device="meta"),
-    }
+    vision = model.vision
+    pixels = torch.zeros(1, 3, vision.image_size, vision.image_size, device="meta")
+    if isinstance(vision, NativeResolutionTower):  # one image of vision.max_pixels, as patches
+        pixels = torch.zeros(cfg.vision.max_pixels // vision.patch_size**2, vision.patch_values, device="meta")
+    batch = {"attention_mask": torch.ones(1, cfg.data.max_length, dtype=torch.long), "pixel_values": pixels}
     return training_flops(model, batch)
 
 

@@ -13,6 +13,10 @@
                   list cut to its first QWEN2_MERGES merges (ids unchanged: token id = 256 + merge
                   rank in Qwen2) to keep the file small; text whose merges all rank below the cut
                   tokenizes exactly as with the full Qwen2 tokenizer;
+- qwen2-vl/       qwen2-chatml/ with Qwen2-VL's vision special tokens (<|vision_start|>, <|vision_end|>,
+                  <|vision_pad|>, <|image_pad|>, <|video_pad|>, numbered after the cut vocabulary) and
+                  Qwen2-VL-Instruct's chat template (QWEN2_VL_TEMPLATE); `make_qwen2_vl` alone rebuilds it
+                  from qwen2-chatml/;
 - llama-spm.inp / llama-spm.out   llama.cpp's test vectors for the Llama-2 vocab (made with
                   meta-llama/Llama-2-7b-hf's Hugging Face tokenizer);
 - LICENSE (llama.cpp's MIT licence) and NOTICE.md (where each file comes from).
@@ -40,6 +44,23 @@ LEGACY_NORMALIZER = {
     ],
 }
 QWEN2_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+QWEN2_VL_SPECIAL = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+# Qwen2-VL-Instruct's chat template (its chat_template.json, Apache-2.0): an image item renders as
+# <|vision_start|><|image_pad|><|vision_end|>, which the processor then expands to one pad per token.
+QWEN2_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 NOTICE = """# Vendored tokenizers
 
 Converted by `tests/assets/make_tokenizers.py` from the vocab-only GGUF files that llama.cpp ships in
@@ -51,6 +72,7 @@ licensed MIT (see LICENSE, llama.cpp's licence, copied from the same distributio
 | llama2/ | ggml-vocab-llama-spm.gguf | Llama-2 / Vicuna v1.5 SentencePiece vocab, non-legacy (Metaspace, prepend_scheme=first) |
 | llama2-legacy/ | ggml-vocab-llama-spm.gguf | the same vocab with Meta's Llama-2-7b-hf legacy normaliser |
 | qwen2-chatml/ | ggml-vocab-qwen2.gguf | Qwen2 byte-level BPE, first {merges} merges, ChatML chat template |
+| qwen2-vl/ | qwen2-chatml/ | the same, with Qwen2-VL's vision tokens and Qwen2-VL-Instruct's chat template (Apache-2.0) |
 | llama-spm.inp/.out | ggml-vocab-llama-spm.gguf.inp/.out | llama.cpp's test vectors (Llama-2-7b-hf's HF tokenizer) |
 
 The vocabularies themselves come from Meta's Llama 2 (Llama 2 Community License) and Alibaba's Qwen2
@@ -119,6 +141,21 @@ def make_qwen2(models: Path) -> None:
     write_compact(folder, tokenizer_json, config)
 
 
+def make_qwen2_vl() -> None:
+    """qwen2-vl/ from qwen2-chatml/: the vision tokens added, Qwen2-VL's chat template."""
+    source, folder = OUT / "qwen2-chatml", OUT / "qwen2-vl"
+    tokenizer_json = json.loads((source / "tokenizer.json").read_text())
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    first = 1 + max(token["id"] for token in tokenizer_json["added_tokens"])
+    template = dict(tokenizer_json["added_tokens"][0])
+    for offset, content in enumerate(QWEN2_VL_SPECIAL):
+        tokenizer_json["added_tokens"].append({**template, "id": first + offset, "content": content})
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    write_compact(folder, tokenizer_json, config)
+    (folder / "chat_template.jinja").write_text(QWEN2_VL_TEMPLATE)
+
+
 def main(arg: str) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = source_folder(arg, Path(scratch))
@@ -126,6 +163,7 @@ def main(arg: str) -> None:
         OUT.mkdir(parents=True, exist_ok=True)
         make_llama2(models)
         make_qwen2(models)
+        make_qwen2_vl()
         shutil.copy(root / "vendor/llama.cpp/LICENSE", OUT / "LICENSE")
         version = root.name.rpartition("-")[2]
         (OUT / "NOTICE.md").write_text(NOTICE.format(version=version, merges=QWEN2_MERGES))

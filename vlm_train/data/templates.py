@@ -27,7 +27,15 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from vlm_train.data.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
+from vlm_train.data.tokenizer import (
+    IMAGE_TOKEN,
+    QWEN_IMAGE_TOKEN,
+    QWEN_VISION_END,
+    QWEN_VISION_START,
+    VIDEO_TOKEN,
+    is_qwen_vl_tokenizer,
+    media_token_ids,
+)
 from vlm_train.errors import ConfigError
 from vlm_train.models.vlm import IGNORE_INDEX
 
@@ -98,12 +106,19 @@ def encode(
     if template not in RENDERERS:
         raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
     check_turns(turns, template, add_generation_prompt)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    image_id, video_id = media_token_ids(tokenizer)
     media = media_kinds(turns)
     if VIDEO_TOKEN in media:
         turns = [{**turn, "value": turn["value"].replace(VIDEO_TOKEN, IMAGE_TOKEN)} for turn in turns]
+    if template == "hf" and is_qwen_vl_tokenizer(tokenizer):  # as Qwen-VL's chat template renders an image item
+        wrapped = QWEN_VISION_START + QWEN_IMAGE_TOKEN + QWEN_VISION_END
+        turns = [{**turn, "value": turn["value"].replace(IMAGE_TOKEN, wrapped)} for turn in turns]
     ids, labels = RENDERERS[template](turns, tokenizer, image_id, add_generation_prompt)
-    video = (tokenizer.convert_tokens_to_ids(VIDEO_TOKEN), video_tokens) if VIDEO_TOKEN in media else None
+    if VIDEO_TOKEN in media and video_id is None:
+        raise ConversationError(
+            f"a {VIDEO_TOKEN} marker, but the tokenizer has no video token (data.video=true adds it)"
+        )
+    video = (video_id, video_tokens) if VIDEO_TOKEN in media and video_id is not None else None
     return expand_images(ids, labels, image_id, image_tokens, media, video)
 
 
@@ -354,6 +369,11 @@ RENDERERS: dict[str, Renderer] = {"chat": _chat, "plain": _plain, "vicuna_v1": _
 
 def check_template(tokenizer, template: str) -> None:
     """Start-up check: the `hf` template needs a tokenizer that has a chat template."""
+    if template != "hf" and is_qwen_vl_tokenizer(tokenizer):
+        raise ConfigError(
+            f"data.template={template}: a Qwen-VL tokenizer writes images as <|vision_start|><|image_pad|>..."
+            "<|vision_end|> through its own chat template: use data.template=hf"
+        )
     if template == "hf" and not getattr(tokenizer, "chat_template", None):
         where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
         raise ConfigError(

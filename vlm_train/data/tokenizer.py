@@ -12,6 +12,11 @@ from vlm_train.errors import ConfigError
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
+# The Qwen-VL family's own media tokens: an image is <|vision_start|><|image_pad|>...<|vision_end|>,
+# one <|image_pad|> per visual token (a video: <|video_pad|>). A tokenizer that has them uses them
+# for `<image>` / `<video>` markers (`media_tokens`) and gains no `<image>` of its own.
+QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
+QWEN_VISION_START, QWEN_VISION_END = "<|vision_start|>", "<|vision_end|>"
 TOY_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN]
 TOY_CHAT_WORDS = ["USER", "ASSISTANT", ":"]
 
@@ -56,9 +61,30 @@ def load_tokenizer(cfg: LLMConfig, video: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as err:
         raise ConfigError(f"cannot load a tokenizer from {source}: {err}") from None
-    missing = [t for t in (IMAGE_TOKEN, *([VIDEO_TOKEN] if video else [])) if t not in tokenizer.get_vocab()]
+    if is_qwen_vl_tokenizer(tokenizer):
+        video = False  # <|video_pad|> is there already
+    missing = [t for t in media_tokens(tokenizer)[: 1 + video] if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
+
+
+def is_qwen_vl_tokenizer(tokenizer) -> bool:
+    vocab = tokenizer.get_vocab()
+    return all(t in vocab for t in (QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, QWEN_VISION_START, QWEN_VISION_END))
+
+
+def media_tokens(tokenizer) -> tuple[str, str]:
+    """The (image, video) slot tokens of `tokenizer`: Qwen-VL's pads where it has them, else ours."""
+    if is_qwen_vl_tokenizer(tokenizer):
+        return QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN
+    return IMAGE_TOKEN, VIDEO_TOKEN
+
+
+def media_token_ids(tokenizer) -> tuple[int, int | None]:
+    """The ids of `media_tokens` (the video one None where the tokenizer has no video token)."""
+    image, video = media_tokens(tokenizer)
+    video_id = tokenizer.get_vocab().get(video)
+    return tokenizer.convert_tokens_to_ids(image), video_id

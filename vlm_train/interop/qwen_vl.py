@@ -68,7 +68,7 @@ def to_qwen_vl(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase | 
         vision_config=vision_config,
         text_config=decoder.config.to_dict(),
         image_token_id=model.image_token_id,
-        video_token_id=model.video_token_id,
+        **({"video_token_id": model.video_token_id} if model.video_token_id is not None else {}),
         tie_word_embeddings=decoder.lm_head.weight is decoder.model.embed_tokens.weight,
         **_vision_marks(tokenizer),
     )
@@ -89,3 +89,23 @@ def _vision_marks(tokenizer: PreTrainedTokenizerBase | None) -> dict[str, int]:
     marks = {"vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
     ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in marks.items()}
     return {key: i for key, i in ids.items() if i is not None and i != tokenizer.unk_token_id}
+
+
+def load_qwen_vl_parts(path: str, vocab_size: int, attn_implementation: str):
+    """(tower, connector, decoder) of a whole Qwen2(.5)-VL folder, for build_model (vision.path =
+    llm.path); the decoder attends with `attn_implementation` (the tower keeps sdpa)."""
+    import transformers
+
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"vision.path={path} has no config.json: give a local Qwen2-VL / Qwen2.5-VL folder")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in QWEN_VL_CLASSES:
+        raise ConfigError(f"vision.path={path} is a '{model_type}' model, not one of {', '.join(QWEN_VL_CLASSES)}")
+    hf = getattr(transformers, QWEN_VL_CLASSES[model_type]).from_pretrained(path, torch_dtype=torch.float32)
+    hf.model.language_model.config._attn_implementation = attn_implementation
+    rows = hf.model.language_model.embed_tokens.weight.shape[0]
+    if vocab_size > rows:
+        raise ConfigError(f"the tokenizer has {vocab_size} tokens, more than {path}'s {rows} embedding rows")
+    model = qwen_vl_model(hf)
+    return model.vision, model.connector, model.llm

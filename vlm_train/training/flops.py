@@ -78,12 +78,15 @@ class TrainingFlops:
         tower, connector = model.vision, model.connector
         tower_trains, connector_trains, llm_trains = (_trains(m) for m in (tower, connector, model.llm))
         sequence = connector.placement == "sequence"
+        # a native-resolution tower's inputs are patches: FLOPs per patch (attention within an
+        # image or window, a few % at Qwen2.5-VL-7B's sizes, is left out)
+        per_input = tower.num_features if getattr(tower, "native_resolution", False) else 1
         return cls(
             tower_weights=_tower_weights(tower),
-            tower_seq=_tower_seq(tower),
-            tower_layers=_used_tower_layers(tower),
-            tower_width=tower.hf_model.config.hidden_size,
-            connector_per_image=_sequence_connector_flops_per_image(model) if sequence else 0.0,
+            tower_seq=1 if per_input > 1 else _tower_seq(tower),
+            tower_layers=0 if per_input > 1 else _used_tower_layers(tower),
+            tower_width=tower.hidden_size,
+            connector_per_image=_sequence_connector_flops_per_image(model) / per_input if sequence else 0.0,
             connector_weights=0 if sequence else sum(_numel(p) for p in connector.parameters()),
             cross_blocks=0 if sequence else len(getattr(connector, "blocks", ())),
             media_per_image=tower.num_features,
@@ -129,7 +132,8 @@ class TrainingFlops:
 
 
 def tower_inputs(batch: dict) -> int:
-    """Images (AnyRes: tiles) and video frames that go through the tower in this micro-batch."""
+    """Images (AnyRes: tiles) and video frames that go through the tower in this micro-batch (a
+    native-resolution tower's: patches)."""
     return sum(int(batch[key].shape[0]) for key in ("pixel_values", "pixel_values_videos") if key in batch)
 
 
