@@ -19,6 +19,7 @@ from vlm_train.models import (
 )
 from vlm_train.models.anyres import AnyResLayout
 from vlm_train.models.connectors import Connector, load_connector_weights
+from vlm_train.models.qwen_vl import NativeResolutionTower
 from vlm_train.models.varlen_attention import register_varlen_attention
 
 
@@ -36,9 +37,11 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.llm, video=cfg.data.video)
     image_token_id, video_token_id = media_token_ids(tokenizer)
     llm: Any
+    vision: VisionTower
     if cfg.vision.family in QWEN_VL_FAMILIES:
-        vision, connector, llm = build_qwen_vl_parts(cfg, len(tokenizer), layout)
-        anyres = None
+        native, connector, llm = build_qwen_vl_parts(cfg, len(tokenizer), layout)
+        native.min_pixels, native.max_pixels = cfg.vision.min_pixels, cfg.vision.max_pixels
+        vision, anyres = native, None
     else:
         vision = build_vision_tower(cfg.vision)
         llm = _build_decoder(cfg, len(tokenizer), layout)
@@ -72,7 +75,7 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
 QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
-def build_qwen_vl_parts(cfg: Config, vocab_size: int, layout) -> tuple[VisionTower, Connector, CausalLM]:
+def build_qwen_vl_parts(cfg: Config, vocab_size: int, layout) -> tuple[NativeResolutionTower, Connector, CausalLM]:
     """vision.family=qwen2_vl|qwen2_5_vl: the native-resolution tower, the patch merger and the M-RoPE
     decoder, from a whole Qwen2(.5)-VL folder (vision.path = llm.path) or from the size fields."""
     from vlm_train.interop.qwen_vl import load_qwen_vl_parts

@@ -412,6 +412,13 @@ def _validate_data(cfg: Config) -> None:
             f"data.max_tokens_per_batch={data.max_tokens_per_batch} must hold one sample of data.max_length="
             f"{data.max_length} tokens: raise it or lower data.max_length"
         )
+    if cfg.vision.family in ("qwen2_vl", "qwen2_5_vl") and (data.video or data.max_tokens_per_batch is not None):
+        raise ConfigError(
+            f"vision.family={cfg.vision.family}: data.video and data.max_tokens_per_batch are not wired for "
+            "native-resolution images yet (docs/qwen_vl.md)"
+        )
+    if cfg.vision.min_pixels < 1 or cfg.vision.max_pixels < cfg.vision.min_pixels:
+        raise ConfigError(f"vision.min_pixels={cfg.vision.min_pixels} must be >= 1 and <= vision.max_pixels")
     if data.packing and cfg.connector.name == "cross_attention":
         raise ConfigError("data.packing needs a connector whose visual tokens sit in the sequence, not cross_attention")
     if data.packing and (cfg.llm.backend == "megatron" or cfg.parallel.tensor_parallel > 1):

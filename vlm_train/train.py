@@ -116,16 +116,25 @@ def _train(cfg: Config, layout, device) -> None:
 def image_transform(model):
     """The tower's own preprocessing (size, mean, std), for training and evaluation alike; with
     AnyRes, LLaVA-NeXT's tiling (the model normalises the uint8 tiles with the tower's stats)."""
+    from vlm_train.data.native_resolution import NativeResolutionTransform
     from vlm_train.data.preprocess import AnyResTransform, ImageTransform
 
+    if model.native_resolution:  # Qwen-VL: the image at its own size (within min/max pixels), as patches
+        vision = model.vision
+        return NativeResolutionTransform(
+            vision.patch_size, vision.merge_size, vision.temporal_patch_size, vision.min_pixels, vision.max_pixels
+        )
     if model.anyres is not None:
         return AnyResTransform(model.vision.image_size, tuple(map(tuple, model.anyres.grid_pinpoints)))
     return ImageTransform(model.vision.image_size, model.vision.image_mean, model.vision.image_std)
 
 
 def image_tokens(model):
-    """Visual-token slots per image: a number, or with AnyRes a function of the image's size (one
-    slot whatever the size with cross_attention, which reads the visual tokens from inside the LLM)."""
+    """Visual-token slots per image: a number, or with AnyRes (and native resolution) a function of the
+    image's size (one slot whatever the size with cross_attention, which reads the visual tokens from
+    inside the LLM)."""
+    if model.native_resolution:
+        return image_transform(model).tokens_of
     if model.anyres is None:
         return model.num_image_tokens
     return model.anyres.num_tokens if model.connector.placement == "sequence" else one_slot

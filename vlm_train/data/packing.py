@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from vlm_train.data.templates import Encoded, image_sizes_of
+from vlm_train.data.templates import Encoded, image_sizes_of, position_ids_of
 from vlm_train.models.vlm import IGNORE_INDEX
 
 
@@ -57,4 +57,5 @@ def collate_packed(
         "labels": labels,
         "keys": [samples[i][0] for i in order],
         **image_sizes_of([samples[i][2] for i in order], video_cat),
+        **position_ids_of([enc for _, _, enc in samples], rows, length),
     }

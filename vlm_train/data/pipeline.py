@@ -207,7 +207,7 @@ class ShardStream(IterableDataset):
         for item in encoded:
             if isinstance(item, SkippedSample):
                 counts[REASON_INDEX[item.reason]] += 1
-                item = placeholder(fallback, self.pad_id, self.encoder.transform.size)
+                item = placeholder(fallback, self.pad_id, self.encoder.pixels(None))
             samples.append(item)
         batch = self.collate(samples)
         if self.pixel_slots is not None:

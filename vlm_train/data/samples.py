@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from vlm_train.config import DataConfig
+from vlm_train.data.native_resolution import NativeResolutionTransform
 from vlm_train.data.preprocess import AnyResTransform, ImageTransform
 from vlm_train.data.reader import SkippedSample
 from vlm_train.data.templates import (
@@ -28,9 +29,10 @@ from vlm_train.data.templates import (
     check_template,
     encode,
     image_sizes_of,
+    position_ids_of,
     truncate,
 )
-from vlm_train.data.tokenizer import VIDEO_TOKEN
+from vlm_train.data.tokenizer import VIDEO_TOKEN, media_token_ids
 from vlm_train.data.video import (
     DEFAULT_FPS,
     FRAME_PREFIX,
@@ -78,7 +80,7 @@ class SampleEncoder:
         self,
         cfg: DataConfig,
         tokenizer,
-        transform: ImageTransform | AnyResTransform,
+        transform: ImageTransform | AnyResTransform | NativeResolutionTransform,
         image_tokens: int | Callable[[tuple[int, int]], int],
         video_tokens: Callable[[int], int] | None = None,
         visual_cost: tuple[Callable[[tuple[int, int]], int], Callable[[int], int] | None] | None = None,
@@ -91,7 +93,7 @@ class SampleEncoder:
         self.transform = transform
         self.image_tokens = image_tokens
         self.image_keys = cfg.image_key.split(";")
-        self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+        self.image_token_id, self.video_token_id = media_token_ids(tokenizer)
         self.video_tokens = video_tokens
         self.video_keys = cfg.video_key.split(";")
         self.visual_ids = [self.image_token_id]
@@ -99,6 +101,9 @@ class SampleEncoder:
             if video_tokens is None:
                 raise ValueError("data.video needs the model's tokens per video (an AnyRes model with a video token)")
             self.visual_ids.append(tokenizer.convert_tokens_to_ids(VIDEO_TOKEN))
+        self.native = isinstance(transform, NativeResolutionTransform)
+        if self.native and cfg.video:
+            raise ValueError("data.video with a native-resolution tower (Qwen-VL) is not wired yet: images only")
         self.video_reader = VideoReader(transform.size, cfg.decode_timeout_s)
         check_template(tokenizer, cfg.template)  # at start-up: data.template=hf needs a chat template
         self.extra_seconds = float(os.environ.get(SLOW_DATA_ENV, "0"))
@@ -155,6 +160,8 @@ class SampleEncoder:
         pixels = torch.cat([tiles for tiles, _ in decoded]) if decoded else self.pixels(None)
         videos = torch.cat([clip.frames for clip in clips]) if clips else None
         encoded = replace(encoded, image_sizes=sizes, videos=videos, video_frames=frames)
+        if isinstance(self.transform, NativeResolutionTransform):  # grids, not sizes, go to the model
+            encoded = replace(encoded, image_sizes=[], image_grids=[self.transform.grid_of(s) for s in sizes])
         return self.fitted(key, pixels, encoded, len(sizes), len(clips))
 
     def read_media(
@@ -234,10 +241,22 @@ class SampleEncoder:
         visual = sum(encoded.input_ids.count(visual_id) for visual_id in self.visual_ids)
         if self.cfg.max_visual_tokens is not None and visual > self.cfg.max_visual_tokens:
             return skipped("visual_budget", key, self.over_budget(visual))
-        fitted = truncate(encoded, self.cfg.max_length, *self.visual_ids)
+        fitted = truncate(self.with_positions(encoded), self.cfg.max_length, *self.visual_ids)
         if fitted is None:
             return skipped("too_long", key, f"longer than data.max_length={self.cfg.max_length} without cutting images")
         return key, pixels, fitted
+
+    def with_positions(self, encoded: Encoded) -> Encoded:
+        """Native resolution: the sample's M-RoPE positions [3, L], computed here, once per sample."""
+        if not isinstance(self.transform, NativeResolutionTransform):
+            return encoded
+        from vlm_train.models.qwen_vl import mrope_positions
+
+        grids = torch.tensor(encoded.image_grids, dtype=torch.long).view(-1, 3)
+        ids = torch.tensor(encoded.input_ids)[None]
+        media = (self.image_token_id, self.video_token_id)
+        positions = mrope_positions(ids, None, media, (grids, None), self.transform.merge_size)
+        return replace(encoded, positions=positions[:, 0])
 
     def conversation(self, raw: dict) -> list[dict]:
         if self.cfg.text_key == "json" and "json" in raw:
@@ -283,9 +302,9 @@ class SampleEncoder:
         return torch.cat([self.pixels(blob) for blob in blobs]) if blobs else self.pixels(None)
 
     def pixels(self, image_bytes: bytes | None) -> torch.Tensor:
-        """[1, 3, S, S] (AnyRes: [tiles, 3, S, S]); [0, 3, S, S] without an image."""
+        """[1, 3, S, S] (AnyRes: [tiles, 3, S, S]; native resolution: patches [N, K]); none without an image."""
         if image_bytes is None:
-            return torch.empty(0, 3, self.transform.size, self.transform.size, dtype=torch.uint8)
+            return empty_pixels(self.transform)
         return self.decode(image_bytes)[0]
 
     def decode(self, image_bytes: bytes, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -296,7 +315,7 @@ class SampleEncoder:
             if size is not None and size != (image.height, image.width):
                 image = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
             pixels = self.transform(image)
-            return (pixels if pixels.dim() == 4 else pixels.unsqueeze(0)), (image.height, image.width)
+            return (pixels if pixels.dim() != 3 else pixels.unsqueeze(0)), (image.height, image.width)
 
     @staticmethod
     def size_of(image_bytes: bytes) -> tuple[int, int]:
@@ -358,14 +377,22 @@ def collate(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int, cat=t
         "labels": labels,
         "keys": [key for key, _, _ in samples],
         **image_sizes_of([enc for _, _, enc in samples], video_cat),
+        **position_ids_of([enc for _, _, enc in samples], [[row] for row in range(len(samples))], length),
     }
 
 
-def placeholder(sample: tuple[str, torch.Tensor, Encoded] | None, pad_id: int, size: int) -> tuple:
+def empty_pixels(transform) -> torch.Tensor:
+    """A transform's output for no image: [0, 3, S, S], or native resolution's [0, K] patches."""
+    if isinstance(transform, NativeResolutionTransform):
+        return transform.empty()
+    return torch.empty(0, 3, transform.size, transform.size, dtype=torch.uint8)
+
+
+def placeholder(sample: tuple[str, torch.Tensor, Encoded] | None, pad_id: int, empty: torch.Tensor) -> tuple:
     """Stands in for a skipped sample so every rank still runs full batches (unequal batch counts
     hang the collectives): a copy of a good sample whose labels are all masked, so it adds nothing
     to the loss or the token count; a one-token text when the stream has no good sample yet."""
     if sample is None:
-        return "skipped:", torch.empty(0, 3, size, size, dtype=torch.uint8), Encoded([pad_id], [IGNORE_INDEX], 0)
+        return "skipped:", empty, Encoded([pad_id], [IGNORE_INDEX], 0)
     key, pixels, enc = sample
     return f"skipped:{key}", pixels, replace(enc, labels=[IGNORE_INDEX] * len(enc.labels))

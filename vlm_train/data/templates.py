@@ -69,6 +69,8 @@ class Encoded:
     num_videos: int = 0
     videos: torch.Tensor | None = None  # the sample's video frames [F, 3, S, S] (data.video), in slot order
     video_frames: list[int] = field(default_factory=list)  # frames per video
+    image_grids: list[tuple[int, int, int]] = field(default_factory=list)  # (t, h, w) patches: native resolution
+    positions: torch.Tensor | None = None  # M-RoPE positions [3, L] (native resolution), per sample from 0
 
 
 def encode_conversation(
@@ -383,14 +385,18 @@ def check_template(tokenizer, template: str) -> None:
 
 
 VIDEO_INPUTS = ("pixel_values_videos", "video_frames")  # a video batch's model inputs (image_sizes_of)
+NATIVE_INPUTS = ("image_grid_thw", "position_ids")  # a native-resolution (Qwen-VL) batch's own model inputs
 
 
 def image_sizes_of(encoded: list[Encoded], cat=torch.cat) -> dict:
     """{"image_sizes": [I, 2]} for AnyRes samples (each image's height and width, in slot order;
-    nothing for fixed-size images); with videos, {"pixel_values_videos": [sum F, 3, S, S] (concatenated
+    nothing for fixed-size images), {"image_grid_thw": [I, 3]} for native-resolution ones; with videos, {"pixel_values_videos": [sum F, 3, S, S] (concatenated
     by `cat`), "video_frames": [V]}."""
     sizes = [size for enc in encoded for size in enc.image_sizes]
     media = {"image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2)} if sizes else {}
+    grids = [grid for enc in encoded for grid in enc.image_grids]
+    if grids:
+        media["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
     videos = [enc.videos for enc in encoded if enc.videos is not None]
     if videos:
         media["pixel_values_videos"] = cat(videos)
@@ -408,4 +414,22 @@ def truncate(encoded: Encoded, max_length: int, *visual_ids: int) -> Encoded | N
         return None
     if all(label == IGNORE_INDEX for label in labels):
         return None
-    return replace(encoded, input_ids=ids, labels=labels)
+    positions = None if encoded.positions is None else encoded.positions[:, :max_length]
+    return replace(encoded, input_ids=ids, labels=labels, positions=positions)
+
+
+def position_ids_of(encoded: list[Encoded], rows: list[list[int]], length: int) -> dict:
+    """{"position_ids": [3, R, T]} when the samples carry M-RoPE positions (native resolution):
+    row r holds its samples' positions end to end (`rows`: sample indices per row), each from 0
+    as computed for the sample alone; a sample without any (a text placeholder) counts 0, 1, ..."""
+    if all(enc.positions is None for enc in encoded):
+        return {}
+    positions = torch.zeros(3, len(rows), length, dtype=torch.long)
+    for r, row in enumerate(rows):
+        offset = 0
+        for index in row:
+            enc, n = encoded[index], len(encoded[index].input_ids)
+            own = enc.positions if enc.positions is not None else torch.arange(n).expand(3, -1)
+            positions[:, r, offset : offset + n] = own
+            offset += n
+    return {"position_ids": positions}

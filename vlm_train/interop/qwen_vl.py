@@ -18,6 +18,7 @@ import torch
 
 from vlm_train.errors import ConfigError
 from vlm_train.models import CausalLM, VisionLanguageModel
+from vlm_train.models.connectors import Connector
 from vlm_train.models.connectors.patch_merger import PatchMergerConnector
 from vlm_train.models.qwen_vl import MRopeCausalLM, NativeResolutionTower
 
@@ -91,7 +92,9 @@ def _vision_marks(tokenizer: PreTrainedTokenizerBase | None) -> dict[str, int]:
     return {key: i for key, i in ids.items() if i is not None and i != tokenizer.unk_token_id}
 
 
-def load_qwen_vl_parts(path: str, vocab_size: int, attn_implementation: str):
+def load_qwen_vl_parts(
+    path: str, vocab_size: int, attn_implementation: str
+) -> tuple[NativeResolutionTower, Connector, CausalLM]:
     """(tower, connector, decoder) of a whole Qwen2(.5)-VL folder, for build_model (vision.path =
     llm.path); the decoder attends with `attn_implementation` (the tower keeps sdpa)."""
     import transformers
@@ -108,4 +111,5 @@ def load_qwen_vl_parts(path: str, vocab_size: int, attn_implementation: str):
     if vocab_size > rows:
         raise ConfigError(f"the tokenizer has {vocab_size} tokens, more than {path}'s {rows} embedding rows")
     model = qwen_vl_model(hf)
+    assert isinstance(model.vision, NativeResolutionTower) and isinstance(model.llm, CausalLM)
     return model.vision, model.connector, model.llm

@@ -61,6 +61,8 @@ class NativeResolutionTower(VisionTower):
         self.image_size = self.patch_size * self.merge_size
         self.num_features = self.merge_size**2
         self.image_mean, self.image_std = QWEN_IMAGE_STATS
+        # the processor's pixel range images are resized into (vision.min_pixels / max_pixels)
+        self.min_pixels, self.max_pixels = 56 * 56, 28 * 28 * 1280
         hf_model.merger = MergeUnits(self.merge_size**2)
 
     @property

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from vlm_train.data.native_resolution import NativeResolutionTransform
 from vlm_train.data.pipeline import SampleEncoder, collate
-from vlm_train.data.templates import VIDEO_INPUTS, encode, encode_conversation
+from vlm_train.data.templates import NATIVE_INPUTS, VIDEO_INPUTS, encode, encode_conversation
 
 
 @dataclass
@@ -90,7 +91,8 @@ def greedy_generate(
     **videos: torch.Tensor,
 ) -> list[list[int]]:
     """Greedy answers for right-padded prompts (full recompute per token: short answers);
-    `image_sizes` [I, 2] for an AnyRes model, `videos`: pixel_values_videos and video_frames."""
+    `image_sizes` [I, 2] for an AnyRes model, `videos`: pixel_values_videos and video_frames (or a
+    native-resolution model's image_grid_thw: its M-RoPE positions are recomputed every step)."""
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     width = int(lengths.max()) + max_new_tokens
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -168,7 +170,7 @@ def _add_loss(model, chunk, encoder, sums, device) -> None:
     if not chunk:
         return
     batch = collate(chunk, encoder.tokenizer.pad_token_id)
-    names = ("pixel_values", "input_ids", "attention_mask", "labels", "image_sizes", *VIDEO_INPUTS)
+    names = ("pixel_values", "input_ids", "attention_mask", "labels", "image_sizes", *VIDEO_INPUTS, *NATIVE_INPUTS)
     out = model(**{name: batch[name].to(device) for name in names if name in batch})
     sums["loss_sum"] += float(out.loss_sum)
     sums["loss_tokens"] += float(out.num_label_tokens)
@@ -180,6 +182,11 @@ def _add_accuracy(model, questions: list[Question], encoder, max_new_tokens, sum
     sizes = [size for q in questions for size in q.sizes]
     videos = [q.video for q in questions if q.video is not None]
     video_inputs = {}
+    if encoder.native and sizes:  # native resolution: grids instead of sizes
+        transform = encoder.transform
+        assert isinstance(transform, NativeResolutionTransform)
+        video_inputs["image_grid_thw"] = torch.tensor([transform.grid_of(s) for s in sizes], device=device)
+        sizes = []
     if videos:
         video_inputs["pixel_values_videos"] = torch.cat(videos).to(device)
         video_inputs["video_frames"] = torch.tensor([len(v) for v in videos], device=device)

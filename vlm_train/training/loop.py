@@ -20,7 +20,7 @@ import torch.distributed as dist
 from vlm_train.config import Config
 from vlm_train.data import token_budget
 from vlm_train.data.pipeline import SKIP_REASONS, TrainBatches
-from vlm_train.data.templates import VIDEO_INPUTS
+from vlm_train.data.templates import NATIVE_INPUTS, VIDEO_INPUTS
 from vlm_train.errors import DataError, TrainingDiverged
 from vlm_train.models.vlm import IGNORE_INDEX
 from vlm_train.parallel.engine import TrainEngine, resolve_precision
@@ -261,7 +261,7 @@ class Trainer:
 
     def model_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
         """The model's inputs by name; AnyRes batches add `image_sizes`, video batches their frames."""
-        names = ("pixel_values", "input_ids", "attention_mask", "labels", "image_sizes", *VIDEO_INPUTS)
+        names = ("pixel_values", "input_ids", "attention_mask", "labels", "image_sizes", *VIDEO_INPUTS, *NATIVE_INPUTS)
         return {name: batch[name].to(self.device, non_blocking=True) for name in names if name in batch}
 
     def log_step(self, loss: float, samples: int, tokens: int, elapsed: float) -> None:

@@ -1,0 +1,223 @@
+"""Qwen-VL data: images prepared as Qwen's image processor prepares them, a conversation rendered by
+the Qwen tokenizer's own chat template with each image's pads, M-RoPE positions per sample as
+transformers computes them, bad images counted; and a tiny Qwen2.5-VL trained on 2 ranks at ZeRO-3
+on images of many sizes, resumed exactly after kill -9."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.helpers import QWEN2_VL_TOKENIZER
+from vlm_train.data.native_resolution import NativeResolutionTransform
+from vlm_train.models.qwen_vl import QWEN_IMAGE_STATS
+
+SIZES = [(60, 90), (123, 45), (20, 20), (400, 300), (28, 28), (29, 3000)]  # below min_pixels, above max_pixels
+
+
+def random_image(size_hw: tuple[int, int], seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (*size_hw, 3), dtype=np.uint8))
+
+
+def normalised(patches: torch.Tensor) -> torch.Tensor:
+    mean, std = (torch.tensor(stat).view(1, 3, 1) for stat in QWEN_IMAGE_STATS)
+    return ((patches.float().view(len(patches), 3, -1) / 255 - mean) / std).view(len(patches), -1)
+
+
+def test_patches_are_the_qwen_processors_pixel_values():
+    """Each size (one below min_pixels, one above max_pixels, a 1:100 strip) gives the processor's grid
+    and, normalised as the tower normalises them, its pixel_values exactly."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 64)
+    transform = NativeResolutionTransform(min_pixels=56 * 56, max_pixels=28 * 28 * 64)
+    for seed, size in enumerate(SIZES):
+        image = random_image(size, seed)
+        expected = processor(images=[image], return_tensors="pt")
+        patches = transform(image)
+        assert [list(transform.grid_of(size))] == expected["image_grid_thw"].tolist(), size
+        assert patches.dtype == torch.uint8 and len(patches) == int(expected["image_grid_thw"].prod())
+        assert torch.equal(normalised(patches), expected["pixel_values"]), size
+        assert transform.tokens_of(size) * 4 == len(patches)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def qwen_encoder(**data):
+    from transformers import AutoTokenizer
+
+    from vlm_train.config import compose
+    from vlm_train.data.samples import SampleEncoder
+
+    overrides = ["data.template=hf", "data.max_length=512", *(f"data.{k}={v}" for k, v in data.items())]
+    cfg = compose(overrides)
+    transform = NativeResolutionTransform(max_pixels=28 * 28 * 64)
+    tokenizer = AutoTokenizer.from_pretrained(QWEN2_VL_TOKENIZER)
+    return SampleEncoder(cfg.data, tokenizer, transform, transform.tokens_of), tokenizer, transform
+
+
+def two_image_sample(sizes=((60, 90), (123, 45))) -> dict:
+    record = {
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is left? <image>\nAnd right?"},
+            {"from": "gpt", "value": "A cat and a dog."},
+        ]
+    }
+    images = {f"{i}.png": png(random_image(size, i)) for i, size in enumerate(sizes)}  # <key>.<n>.png
+    return {"__key__": "two", **images, "json": json.dumps(record).encode()}
+
+
+def test_a_sample_becomes_qwens_vision_spans_with_its_grids_and_positions():
+    """Two images of different sizes: each becomes <|vision_start|>, its tokens_of(size) pads,
+    <|vision_end|> in the chat template's text; the patches and grids are the images' in slot order;
+    the positions are transformers' get_rope_index of the sample; the labels are the answer only."""
+    import transformers
+
+    encoder, tokenizer, transform = qwen_encoder()
+    key, patches, encoded = encoder.encode(two_image_sample())
+    start, pad, end = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"])
+    grids = [transform.grid_of(size) for size in ((60, 90), (123, 45))]
+    assert encoded.image_grids == grids and len(patches) == sum(t * h * w for t, h, w in grids)
+    text = tokenizer.decode(encoded.input_ids)
+    spans = [f"<|vision_start|>{'<|image_pad|>' * (h * w // 4)}<|vision_end|>" for _, h, w in grids]
+    assert f"<|im_start|>user\n{spans[0]}\nWhat is left? {spans[1]}\nAnd right?<|im_end|>" in text
+    answer = [t for t, label in zip(encoded.input_ids, encoded.labels) if label != -100]
+    assert tokenizer.decode(answer) == "A cat and a dog.<|im_end|>"
+    ids = torch.tensor([encoded.input_ids])
+    config = transformers.Qwen2VLConfig(
+        text_config={"vocab_size": 16648, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={"depth": 1, "embed_dim": 16, "num_heads": 2},
+        image_token_id=pad, vision_start_token_id=start, vision_end_token_id=end,
+    )  # fmt: skip
+    with torch.device("meta"):
+        hf = transformers.Qwen2VLModel(config)
+    expected, _ = hf.get_rope_index(ids, (ids == pad).int(), torch.tensor(grids))
+    assert torch.equal(encoded.positions, expected[:, 0])
+
+
+def test_bad_images_are_counted_skips_and_odd_sizes_are_resized_as_the_processor_would():
+    from vlm_train.data.reader import SkippedSample
+
+    encoder, _, transform = qwen_encoder()
+    strip = encoder.encode(two_image_sample(sizes=((10, 2500), (60, 90))))  # 250:1, the processor refuses it
+    assert isinstance(strip, SkippedSample) and strip.reason == "bad_image"
+    broken = {**two_image_sample(), "1.png": b"not a png"}
+    assert encoder.encode(broken).reason == "bad_image"
+    _, patches, encoded = encoder.encode(two_image_sample(sizes=((8, 8), (900, 1200))))  # under / over the range
+    pixels = [h * w * 14 * 14 for _, h, w in encoded.image_grids]
+    assert pixels[0] == 56 * 56 and 28 * 28 * 48 < pixels[1] <= 28 * 28 * 64  # 168 x 252: the processor's
+    assert encoded.image_grids[1] == (1, 12, 18) and len(patches) == 16 + 12 * 18
+
+
+def test_packed_rows_carry_each_samples_own_positions():
+    """A packed row's positions are its samples' own, end to end (each from 0): what the model's
+    packed forward needs (tests/test_qwen_vl.py proves the per-token losses equal)."""
+    from vlm_train.data.packing import collate_packed
+    from vlm_train.data.samples import collate
+
+    encoder, tokenizer, _ = qwen_encoder()
+    samples = [encoder.encode(two_image_sample(sizes)) for sizes in (((60, 90), (123, 45)), ((28, 28), (56, 112)))]
+    plain = collate(samples, tokenizer.pad_token_id)
+    packed = collate_packed(samples, tokenizer.pad_token_id, max_length=1024)
+    lengths = plain["attention_mask"].sum(1).tolist()
+    assert packed["input_ids"].shape[0] == 1 and packed["position_ids"].shape == (3, 1, sum(lengths))
+    own = [plain["position_ids"][:, row, :n] for row, n in enumerate(lengths)]
+    assert torch.equal(packed["position_ids"][:, 0], torch.cat(own, dim=1))
+    assert torch.equal(packed["image_grid_thw"], plain["image_grid_thw"])
+
+
+# --- 2 ranks, ZeRO-3, kill -9 -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sized_shards(tmp_path_factory) -> str:
+    """Two shards of 32 toy scenes at five sizes and aspect ratios (48x144 to 96x96), a few text-only."""
+    from tests.helpers import text_sample, write_tar
+    from vlm_train.data import synthetic
+
+    folder, rng = tmp_path_factory.mktemp("qwen_sizes"), random.Random(3)
+    for part in range(2):
+        samples = []
+        for i in range(32):
+            if i % 8 == 7:
+                samples.append(text_sample(f"p{part}-{i:03d}"))
+                continue
+            png_bytes, record = synthetic.make_sample(rng, layout="sizes")
+            samples.append({"__key__": f"p{part}-{i:03d}", "png": png_bytes, "json": json.dumps(record).encode()})
+        write_tar(folder / f"part-{part}.tar", samples)
+    return str(folder / "part-{0..1}.tar")
+
+
+def qwen_run(urls: str, run_dir, *extra: str) -> list[str]:
+    return [
+        "experiment=toy-qwen2_5-vl",
+        f"data.urls={urls}",
+        f"run.dir={run_dir}",
+        f"data.log_keys={run_dir}/keys",
+        "parallel.zero_stage=3",
+        "parallel.zero3_persistence_threshold=0",  # every parameter sharded (the toy's are all small)
+        "vision.freeze=false",
+        "train.precision=fp32",
+        "data.num_workers=1",
+        "data.shuffle_block=8",
+        "train.micro_batch_size=4",
+        "train.max_steps=20",
+        "train.warmup_steps=2",
+        "train.save_every=4",
+        "train.log_every=1",
+        "train.eval=false",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_zero3_trains_a_tiny_qwen2_5_vl_on_two_ranks_and_resumes_bit_identical_after_kill_9(sized_shards, tmp_path):
+    """20 steps on 2 ranks at ZeRO-3 (every parameter sharded, tower trained), images of five sizes:
+    no hang, the loss falls; the job SIGKILLed after step 9 restarts from step 8 and logs the
+    uninterrupted run's losses exactly, each rank reading the same samples in order."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.helpers import REPO, read_metrics, run_cli, step_losses, torchrun
+
+    reference = tmp_path / "whole"
+    result = run_cli(qwen_run(sized_shards, reference), nproc=2, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = step_losses(reference)
+    assert sorted(expected) == list(range(1, 21))
+    assert sum(list(expected.values())[-4:]) / 4 < 0.8 * sum(list(expected.values())[:4]) / 4, expected
+    assert len({r["visual_tokens"] for r in read_metrics(reference) if "loss" in r}) > 3  # sizes vary
+    killed = tmp_path / "killed"
+    job = subprocess.Popen(
+        torchrun(2, "-m", "vlm_train.train", *qwen_run(sized_shards, killed)),
+        cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while 9 not in (step_losses(killed) if (killed / "metrics.jsonl").exists() else {}):
+        assert job.poll() is None and time.monotonic() < deadline, "the job ended (or hung) before step 9"
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    assert (killed / "checkpoints" / "latest").read_text() in ("step_8", "step_12")
+    result = run_cli(qwen_run(sized_shards, killed), nproc=2, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [r for r in read_metrics(killed) if "loss" in r]
+    assert sorted({r["step"] for r in records}) == list(range(1, 21))
+    assert all(r["loss"] == expected[r["step"]] for r in records), (records, expected)
+    for rank in (0, 1):
+        whole = (reference / "keys" / f"keys-rank{rank}.txt").read_text().splitlines()
+        resumed = (killed / "keys" / f"keys-rank{rank}.txt").read_text().splitlines()
+        assert resumed[-8:] == whole[-8:]
