@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 
 import numpy as np
 import pytest
@@ -142,21 +141,9 @@ def test_packed_rows_carry_each_samples_own_positions():
 
 @pytest.fixture(scope="module")
 def sized_shards(tmp_path_factory) -> str:
-    """Two shards of 32 toy scenes at five sizes and aspect ratios (48x144 to 96x96), a few text-only."""
-    from tests.helpers import text_sample, write_tar
-    from vlm_train.data import synthetic
+    from tests.qwen_helpers import write_sized_shards
 
-    folder, rng = tmp_path_factory.mktemp("qwen_sizes"), random.Random(3)
-    for part in range(2):
-        samples = []
-        for i in range(32):
-            if i % 8 == 7:
-                samples.append(text_sample(f"p{part}-{i:03d}"))
-                continue
-            png_bytes, record = synthetic.make_sample(rng, layout="sizes")
-            samples.append({"__key__": f"p{part}-{i:03d}", "png": png_bytes, "json": json.dumps(record).encode()})
-        write_tar(folder / f"part-{part}.tar", samples)
-    return str(folder / "part-{0..1}.tar")
+    return write_sized_shards(tmp_path_factory.mktemp("qwen_sizes"))
 
 
 def qwen_run(urls: str, run_dir, *extra: str) -> list[str]:

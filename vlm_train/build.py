@@ -75,15 +75,13 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
 QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
-def build_qwen_vl_parts(cfg: Config, vocab_size: int, layout) -> tuple[NativeResolutionTower, Connector, CausalLM]:
+def build_qwen_vl_parts(cfg: Config, vocab_size: int, layout) -> tuple[NativeResolutionTower, Connector, Any]:
     """vision.family=qwen2_vl|qwen2_5_vl: the native-resolution tower, the patch merger and the M-RoPE
     decoder, from a whole Qwen2(.5)-VL folder (vision.path = llm.path) or from the size fields."""
     from vlm_train.interop.qwen_vl import load_qwen_vl_parts
     from vlm_train.models.qwen_vl import build_mrope_llm, build_native_tower
 
     family = cfg.vision.family
-    if cfg.llm.backend == "megatron":
-        raise ConfigError(f"vision.family={family}: the M-RoPE decoder runs on llm.backend=hf (TP=1) for now")
     if cfg.connector.name != "patch_merger" or cfg.llm.family != family:
         raise ConfigError(f"vision.family={family} needs connector=patch_merger and llm.family={family}")
     attn = cfg.llm.attn_implementation
@@ -92,11 +90,19 @@ def build_qwen_vl_parts(cfg: Config, vocab_size: int, layout) -> tuple[NativeRes
     if cfg.vision.path or cfg.llm.path:
         if cfg.vision.path != cfg.llm.path:
             raise ConfigError(f"vision.family={family}: vision.path and llm.path name the same Qwen-VL folder")
-        return load_qwen_vl_parts(str(cfg.vision.path), vocab_size, attn)
-    tower = build_native_tower(family, None, native_tower_sizes(cfg))
-    llm = CausalLM(build_mrope_llm(family, mrope_llm_sizes(cfg.llm, vocab_size), attn, cfg.llm.tie_embeddings))
-    connector = build_connector(cfg.connector, tower.hidden_size, llm.hidden_size, tower.num_features)
-    return tower, connector, llm
+        tower, connector, llm = load_qwen_vl_parts(str(cfg.vision.path), vocab_size, attn)
+    else:
+        tower = build_native_tower(family, None, native_tower_sizes(cfg))
+        llm = CausalLM(build_mrope_llm(family, mrope_llm_sizes(cfg.llm, vocab_size), attn, cfg.llm.tie_embeddings))
+        connector = build_connector(cfg.connector, tower.hidden_size, llm.hidden_size, tower.num_features)
+    if cfg.llm.backend != "megatron":
+        return tower, connector, llm
+    if layout is None:
+        raise ConfigError("llm.backend=megatron builds inside a run (it needs the run's layout): use llm.backend=hf")
+    from vlm_train.parallel.engine import run_precision
+    from vlm_train.parallel.tensor_parallel import from_hf_decoder
+
+    return tower, connector, from_hf_decoder(llm, layout, precision=run_precision(cfg))  # the tower stays whole
 
 
 def native_tower_sizes(cfg: Config) -> dict:

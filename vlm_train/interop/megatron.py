@@ -30,6 +30,7 @@ __all__ = ["DecoderShape", "hf_to_megatron", "megatron_to_hf"]
 
 EMBED, OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
 QKV, PROJ = "self_attention.linear_qkv.weight", "self_attention.linear_proj.weight"
+QKV_BIAS = "self_attention.linear_qkv.bias"
 FC1, FC2 = "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"
 
 
@@ -44,6 +45,7 @@ class DecoderShape:
     head_dim: int
     vocab_size: int  # the real vocabulary; the megatron tables hold `padded_vocab(tp)` rows
     tied: bool
+    qkv_bias: bool = False  # Qwen2's q/k/v projections carry biases
 
     def padded_vocab(self, tp: int) -> int:
         """Rows of the vocabulary tables on all TP ranks together."""
@@ -61,6 +63,7 @@ class DecoderShape:
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             vocab_size=vocab_size or config.vocab_size,
             tied=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=bool(getattr(config, "attention_bias", str(config.model_type).startswith("qwen2"))),
         )
 
 
@@ -76,13 +79,13 @@ def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], *weight.shape[1:])])
 
 
-def _qkv_full(hf: dict[str, torch.Tensor], i: int, shape: DecoderShape) -> torch.Tensor:
-    """HF q/k/v -> megatron's fused QKV rows, grouped per KV group."""
-    groups, dh, hidden = shape.num_kv_heads, shape.head_dim, shape.hidden_size
-    q = hf[_hf(i, "self_attn.q_proj.weight")].view(groups, -1, dh, hidden)
-    k = hf[_hf(i, "self_attn.k_proj.weight")].view(groups, 1, dh, hidden)
-    v = hf[_hf(i, "self_attn.v_proj.weight")].view(groups, 1, dh, hidden)
-    return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+def _qkv_full(hf: dict[str, torch.Tensor], i: int, shape: DecoderShape, part: str = "weight") -> torch.Tensor:
+    """HF q/k/v weights (or biases) -> megatron's fused QKV rows, grouped per KV group."""
+    groups, dh = shape.num_kv_heads, shape.head_dim
+    q, k, v = (hf[_hf(i, f"self_attn.{name}_proj.{part}")] for name in "qkv")
+    columns = q.shape[1:]  # (hidden,) for weights, () for biases
+    parts = [q.view(groups, -1, dh, *columns), k.view(groups, 1, dh, *columns), v.view(groups, 1, dh, *columns)]
+    return torch.cat(parts, dim=1).reshape(-1, *columns)
 
 
 def hf_to_megatron(hf: dict[str, torch.Tensor], shape: DecoderShape, tp: int, tp_rank: int) -> dict[str, torch.Tensor]:
@@ -97,6 +100,8 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], shape: DecoderShape, tp: int, tp
         gate, up = hf[_hf(i, "mlp.gate_proj.weight")], hf[_hf(i, "mlp.up_proj.weight")]
         out[_mg(i, "input_layernorm.weight")] = hf[_hf(i, "input_layernorm.weight")].clone()
         out[_mg(i, QKV)] = cut(_qkv_full(hf, i, shape), QKV)
+        if shape.qkv_bias:
+            out[_mg(i, QKV_BIAS)] = cut(_qkv_full(hf, i, shape, "bias"), QKV_BIAS)
         out[_mg(i, PROJ)] = cut(hf[_hf(i, "self_attn.o_proj.weight")], PROJ)
         out[_mg(i, "pre_mlp_layernorm.weight")] = hf[_hf(i, "post_attention_layernorm.weight")].clone()
         out[_mg(i, FC1)] = torch.cat([cut(gate, FC1), cut(up, FC1)])
@@ -123,6 +128,10 @@ def megatron_to_hf(shards: list[dict[str, torch.Tensor]], shape: DecoderShape) -
         hf[_hf(i, "self_attn.q_proj.weight")] = qkv[:, :q_per_group].reshape(-1, hidden)
         hf[_hf(i, "self_attn.k_proj.weight")] = qkv[:, q_per_group].reshape(-1, hidden)
         hf[_hf(i, "self_attn.v_proj.weight")] = qkv[:, q_per_group + 1].reshape(-1, hidden)
+        if shape.qkv_bias:
+            bias = joined(_mg(i, QKV_BIAS), QKV_BIAS).view(groups, q_per_group + 2, dh)
+            for offset, name in ((slice(0, q_per_group), "q"), (q_per_group, "k"), (q_per_group + 1, "v")):
+                hf[_hf(i, f"self_attn.{name}_proj.bias")] = bias[:, offset].reshape(-1)
         hf[_hf(i, "self_attn.o_proj.weight")] = joined(_mg(i, PROJ), PROJ)
         hf[_hf(i, "mlp.gate_proj.weight")] = unshard([gate for gate, _ in fc1], FC1)
         hf[_hf(i, "mlp.up_proj.weight")] = unshard([up for _, up in fc1], FC1)

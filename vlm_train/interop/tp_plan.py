@@ -16,6 +16,7 @@ ROWS, COLS = 0, 1
 DECODER_PLAN: dict[str, int] = {
     "embedding.word_embeddings.weight": ROWS,  # vocabulary, padded to a multiple of TP
     "self_attention.linear_qkv.weight": ROWS,  # whole KV groups per rank (megatron_layout's QKV)
+    "self_attention.linear_qkv.bias": ROWS,  # Qwen2's q/k/v biases, grouped as the weight's rows
     "self_attention.linear_proj.weight": COLS,
     "mlp.linear_fc1.weight": ROWS,  # gate and up each split, then stacked per rank
     "mlp.linear_fc2.weight": COLS,

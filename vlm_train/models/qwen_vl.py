@@ -143,6 +143,22 @@ class MRopeCausalLM(nn.Module):
         return CausalLMOutput(logits=self.lm_head(hidden_BTDl))
 
 
+MROPE_TEXT_MODELS = ("qwen2_vl_text", "qwen2_5_vl_text")  # transformers' model types of M-RoPE decoders
+
+
+def mrope_causal_lm(config: Any) -> MRopeCausalLM:
+    """An M-RoPE causal LM of a Qwen2(.5)-VL text config, randomly initialised (weights to be loaded)."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen2_5
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2
+
+    model_cls = {"qwen2_vl_text": qwen2.Qwen2VLTextModel, "qwen2_5_vl_text": qwen2_5.Qwen2_5_VLTextModel}
+    model = model_cls[config.model_type]._from_config(config)
+    lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    if config.tie_word_embeddings:
+        lm_head.weight = model.embed_tokens.weight
+    return MRopeCausalLM(model, lm_head)
+
+
 def build_mrope_llm(family: str, sizes: dict[str, Any], attn_implementation: str, tie: bool) -> MRopeCausalLM:
     """A Qwen2(.5)-VL decoder from the size fields (`llm.family=qwen2_vl|qwen2_5_vl`)."""
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen2_5

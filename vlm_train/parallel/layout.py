@@ -96,6 +96,7 @@ def decoder_shape(cfg: LLMConfig) -> dict[str, int]:
     if not config_file.is_file():
         raise ConfigError(f"llm.path={cfg.path} has no config.json: give a local Hugging Face checkpoint directory")
     hf = json.loads(config_file.read_text())
+    hf = {**hf, **hf.get("text_config", {})}  # a Qwen-VL folder: the decoder's fields may sit in text_config
     heads = hf["num_attention_heads"]
     return {
         "num_heads": heads,
@@ -115,10 +116,12 @@ def sequence_parallel_refusal() -> str:
 
 
 def check_megatron_decoder(cfg: Config, tp: int) -> None:
-    """The megatron decoder is Llama-family and splits evenly over `tp` ranks (packing, which it
+    """The megatron decoder is Llama-family (or Qwen2(.5)-VL's M-RoPE decoder) and splits evenly over `tp` ranks (packing, which it
     cannot mask, is refused with the config: config.validate)."""
-    if cfg.llm.family not in ("llama", "mistral"):
-        raise LayoutError(f"llm.backend=megatron builds Llama-family decoders, not llm.family={cfg.llm.family}")
+    if cfg.llm.family not in ("llama", "mistral", "qwen2_vl", "qwen2_5_vl"):
+        raise LayoutError(
+            f"llm.backend=megatron builds Llama-family and Qwen2(.5)-VL decoders, not llm.family={cfg.llm.family}"
+        )
     check_decoder_splits(cfg.llm, tp)
 
 

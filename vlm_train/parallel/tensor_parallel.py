@@ -26,6 +26,7 @@ from vlm_train.interop.tp_plan import COLUMN_PARALLEL, ROW_PARALLEL, kv_rows
 from vlm_train.models.connectors import Connector, Placement
 from vlm_train.models.decoder import IGNORE_INDEX, ContextFn, Decoder
 from vlm_train.models.llm import CausalLM, build_llm
+from vlm_train.models.qwen_vl import MROPE_TEXT_MODELS
 from vlm_train.parallel.layout import Layout
 
 ACTIVATION_CHECKPOINTING_REFUSED = (
@@ -53,6 +54,7 @@ class MegatronCausalLM(Decoder):
         # Padding columns of the vocabulary (to a multiple of TP) never win a softmax or an argmax.
         self.register_buffer("vocab_padding", token_ids >= shape.vocab_size, persistent=False)
         self.pads_vocab = shape.padded_vocab(tp) != shape.vocab_size  # else no logits copy to mask them
+        self.mrope = hf_config.model_type in MROPE_TEXT_MODELS  # Qwen2(.5)-VL: 3-D positions [3, B, T]
 
     @property
     def vocab_size(self) -> int:
@@ -86,11 +88,15 @@ class MegatronCausalLM(Decoder):
         """This TP rank's slice of the next-token logits [B, T, V/tp].
 
         Attention is causal; padding is on the right (as vlm_train's batches are), so positions
-        that carry labels never see a padding key. Positions are 0..T-1 (`position_ids_BT` unused).
+        that carry labels never see a padding key. Positions are 0..T-1, or with M-RoPE (Qwen2-VL)
+        `position_ids_BT` [3, B, T].
         """
+        if self.mrope and position_ids_BT is None:
+            positions_T = torch.arange(embeds_BTDl.shape[1], device=embeds_BTDl.device)
+            position_ids_BT = positions_T.expand(3, embeds_BTDl.shape[0], -1)
         logits_BTv = self.gpt(
             input_ids=None,
-            position_ids=None,
+            position_ids=position_ids_BT if self.mrope else None,
             attention_mask=None,
             decoder_input=embeds_BTDl.transpose(0, 1).contiguous(),
         )
@@ -128,7 +134,12 @@ class MegatronCausalLM(Decoder):
         local = {k: v.detach().cpu() for k, v in self.gpt.state_dict().items() if not k.endswith("_extra_state")}
         shards: list[Any] = [None] * self.tp  # all_gather_object fills in each rank's state dict
         dist.all_gather_object(shards, local, group=parallel_state.get_tensor_model_parallel_group())
-        hf_model = AutoModelForCausalLM.from_config(self.hf_config)
+        if self.mrope:
+            from vlm_train.models.qwen_vl import mrope_causal_lm
+
+            hf_model = mrope_causal_lm(self.hf_config)
+        else:
+            hf_model = AutoModelForCausalLM.from_config(self.hf_config)
         hf_model.load_state_dict(megatron_to_hf(shards, self.shape), strict=not self.shape.tied)
         return CausalLM(hf_model)
 
@@ -173,6 +184,8 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
+        add_qkv_bias=shape.qkv_bias,
+        mrope_section=_mrope_section(hf_config),
     )
 
 
@@ -226,8 +239,10 @@ def from_hf_decoder(
     from megatron.core.models.gpt import GPTModel
 
     hf_config = hf_llm.hf_model.config
-    if hf_config.model_type not in ("llama", "mistral"):
-        raise ConfigError(f"llm.backend=megatron builds Llama-family decoders, not '{hf_config.model_type}'")
+    if hf_config.model_type not in ("llama", "mistral", *MROPE_TEXT_MODELS):
+        raise ConfigError(
+            f"llm.backend=megatron builds Llama-family and Qwen2(.5)-VL decoders, not '{hf_config.model_type}'"
+        )
     shape = DecoderShape.from_hf_config(hf_config, vocab_size or hf_llm.vocab_size)
     hf_config.vocab_size = shape.vocab_size
     config = transformer_config(shape, hf_config, layout.tp, precision=precision)
@@ -237,7 +252,7 @@ def from_hf_decoder(
             transformer_layer_spec=layer_spec(fused_attention=hf_config._attn_implementation != "eager"),
             vocab_size=shape.padded_vocab(layout.tp),
             max_sequence_length=hf_config.max_position_embeddings,
-            position_embedding_type="rope",
+            position_embedding_type="mrope" if hf_config.model_type in MROPE_TEXT_MODELS else "rope",
             rotary_base=int(getattr(hf_config, "rope_theta", None) or _rope_theta(hf_config)),
             share_embeddings_and_output_weights=shape.tied,
             parallel_output=True,
@@ -263,6 +278,13 @@ def mark_sharded_parameters(gpt: nn.Module) -> None:
         dim = next((d for kind, d in split_dim.items() if isinstance(module, kind)), None)
         if dim is not None and getattr(module, "weight", None) is not None:
             layers.set_tensor_model_parallel_attributes(module.weight, is_parallel=True, dim=dim, stride=1)
+
+
+def _mrope_section(hf_config) -> list[int] | None:
+    """Qwen2(.5)-VL's rotary pairs per (t, h, w) axis; None for 1-D RoPE."""
+    if hf_config.model_type not in MROPE_TEXT_MODELS:
+        return None
+    return list(hf_config.rope_parameters["mrope_section"])
 
 
 def _rope_theta(hf_config) -> float:

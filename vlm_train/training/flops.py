@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -179,8 +179,13 @@ def _dense_decoder(llm: Decoder) -> PreTrainedModel:
         return hf_model
     from transformers import AutoModelForCausalLM
 
+    from vlm_train.models.qwen_vl import MROPE_TEXT_MODELS, mrope_causal_lm
+
+    hf_config: Any = llm.hf_config
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(llm.hf_config)
+        if hf_config.model_type in MROPE_TEXT_MODELS:
+            return mrope_causal_lm(hf_config)
+        return AutoModelForCausalLM.from_config(hf_config)
 
 
 def _llm_weights(model: VisionLanguageModel) -> int:

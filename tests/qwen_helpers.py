@@ -1,0 +1,102 @@
+"""Helpers the Qwen-VL test modules share (test modules never import each other): tiny random
+Qwen2-VL / Qwen2.5-VL models, batches in Qwen's processor layout, the tiny model's overrides, and
+shards of toy scenes at several sizes."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+IMAGE, VIDEO, START, END = 290, 291, 292, 293
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def tiny_hf(family: str):
+    """A tiny random Qwen2-VL or Qwen2.5-VL (Qwen2.5: window attention in layer 0, full in layer 1)."""
+    import transformers
+
+    torch.manual_seed(0)
+    text = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    )  # fmt: skip
+    if family == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2)
+        config_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    else:
+        vision = dict(
+            depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=4, window_size=56,
+            fullatt_block_indexes=[1], tokens_per_second=2,
+        )  # fmt: skip
+        config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    config = config_cls(
+        text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+        vision_start_token_id=START, vision_end_token_id=END,
+    )  # fmt: skip
+    model = model_cls(config).eval()
+    with torch.no_grad():  # biases and norms away from their 0/1 init, so a dropped one shows
+        for name, param in model.named_parameters():
+            if "bias" in name or "norm" in name or "ln_q" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def qwen_batch(samples: list[list], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Samples of text ids and ("image" | "video", (t, h, w)) parts -> a right-padded batch in
+    Qwen's processor layout (patches [N, 3*2*14*14] random, grids, mm_token_type_ids)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, patches, grids = [], {"image": [], "video": []}, {"image": [], "video": []}
+    for sample in samples:
+        ids: list[int] = []
+        for part in sample:
+            if isinstance(part, int):
+                ids.append(part)
+                continue
+            kind, grid = part
+            t, h, w = grid
+            ids += [START] + [IMAGE if kind == "image" else VIDEO] * (t * h * w // 4) + [END]
+            patches[kind].append(torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=generator))
+            grids[kind].append(list(grid))
+        rows.append(ids)
+    length = max(map(len, rows))
+    input_ids = torch.tensor([ids + [0] * (length - len(ids)) for ids in rows])
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids in rows]),
+        "mm_token_type_ids": (input_ids == IMAGE).int() + 2 * (input_ids == VIDEO).int(),
+    }
+    for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if patches[kind]:
+            batch[key] = torch.cat(patches[kind])
+            batch[f"{kind}_grid_thw"] = torch.tensor(grids[kind])
+    return batch
+
+
+TINY_QWEN = [
+    "vision.family=qwen2_5_vl", "vision.path=null", "vision.patch_size=14", "vision.hidden_size=32",
+    "vision.intermediate_size=64", "vision.num_heads=4", "vision.window_size=56", "vision.full_attention_layers=[1]",
+    "llm.family=qwen2_5_vl", "llm.hidden_size=64", "llm.num_heads=4", "llm.num_kv_heads=2",
+    "llm.intermediate_size=128", "connector=patch_merger", "connector.norm=rmsnorm",
+]  # fmt: skip
+
+
+def write_sized_shards(folder: Path, seed: int = 3) -> str:
+    """Two shards of 32 toy scenes at five sizes and aspect ratios (48x144 to 96x96), a few text-only."""
+    from tests.helpers import text_sample, write_tar
+    from vlm_train.data import synthetic
+
+    rng = random.Random(seed)
+    for part in range(2):
+        samples = []
+        for i in range(32):
+            if i % 8 == 7:
+                samples.append(text_sample(f"p{part}-{i:03d}"))
+                continue
+            png_bytes, record = synthetic.make_sample(rng, layout="sizes")
+            samples.append({"__key__": f"p{part}-{i:03d}", "png": png_bytes, "json": json.dumps(record).encode()})
+        write_tar(folder / f"part-{part}.tar", samples)
+    return str(folder / "part-{0..1}.tar")
