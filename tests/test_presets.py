@@ -55,6 +55,7 @@ EXPECTED = {
     "experiment=llava15-7b-stage1": (7.06e9, "MLPConnector", 576),
     "experiment=llava15-7b-stage2": (7.06e9, "MLPConnector", 576),
     "experiment=qwen2_5-vl-7b-sft": (8.29e9, "PatchMergerConnector", 1),  # slots per 28 px merge unit
+    "experiment=toy-qwen2_5-vl": (6.6e5, "PatchMergerConnector", 1),
     "vision=qwen2_5-vl-7b": (8.29e9, "PatchMergerConnector", 1),
     "llm=qwen2_5-vl-7b": (8.29e9, "PatchMergerConnector", 1),
     "connector=patch_merger": (5.8e5, "PatchMergerConnector", 4),
