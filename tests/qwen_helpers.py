@@ -14,13 +14,14 @@ IMAGE, VIDEO, START, END = 290, 291, 292, 293
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
-def tiny_hf(family: str):
-    """A tiny random Qwen2-VL or Qwen2.5-VL (Qwen2.5: window attention in layer 0, full in layer 1)."""
+def tiny_hf(family: str, vocab_size: int = 300, ids: tuple[int, int, int, int] = (IMAGE, VIDEO, START, END)):
+    """A tiny random Qwen2-VL or Qwen2.5-VL (Qwen2.5: window attention in layer 0, full in layer 1);
+    `ids`: its image, video, vision-start and vision-end token ids."""
     import transformers
 
     torch.manual_seed(0)
     text = dict(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
     )  # fmt: skip
@@ -34,8 +35,8 @@ def tiny_hf(family: str):
         )  # fmt: skip
         config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
     config = config_cls(
-        text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
-        vision_start_token_id=START, vision_end_token_id=END,
+        text_config=text, vision_config=vision, image_token_id=ids[0], video_token_id=ids[1],
+        vision_start_token_id=ids[2], vision_end_token_id=ids[3],
     )  # fmt: skip
     model = model_cls(config).eval()
     with torch.no_grad():  # biases and norms away from their 0/1 init, so a dropped one shows

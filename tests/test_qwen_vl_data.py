@@ -136,6 +136,65 @@ def test_packed_rows_carry_each_samples_own_positions():
     assert torch.equal(packed["image_grid_thw"], plain["image_grid_thw"])
 
 
+def test_a_qwen_folder_trains_as_it_is_with_transformers_logits_and_exports_its_processor(tmp_path, capsys):
+    """A Qwen2.5-VL folder with its tokenizer: `vlm-convert from-hf` prints the overrides that train it as
+    it is; the model they build, fed a sample through vlm_train's own data path (chat template, image
+    patches, grids, positions), gives transformers' logits on the same ids and pixels; its export ships
+    an image processor that makes the training pixels, and a tokenizer with the chat template."""
+    import shutil
+
+    import transformers
+
+    from tests.qwen_helpers import tiny_hf
+    from vlm_train.build import build_model
+    from vlm_train.config import compose
+    from vlm_train.convert import main as convert
+    from vlm_train.data.samples import SampleEncoder, collate
+    from vlm_train.interop import to_hf
+    from vlm_train.train import image_tokens, image_transform
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(QWEN2_VL_TOKENIZER)
+    names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    hf = tiny_hf("qwen2_5_vl", vocab_size=len(tokenizer), ids=tuple(tokenizer.convert_tokens_to_ids(names)))
+    folder = tmp_path / "qwen2_5-vl-tiny"
+    hf.save_pretrained(folder)
+    for file in QWEN2_VL_TOKENIZER.iterdir():
+        shutil.copy(file, folder / file.name)
+    assert convert(["from-hf", str(folder), str(tmp_path / "unused")]) == 0
+    overrides = capsys.readouterr().out.split()
+    assert (
+        overrides[:2] == ["vision.family=qwen2_5_vl", f"vision.path={folder}"] and "connector.norm=rmsnorm" in overrides
+    )
+    cfg = compose(["experiment=toy", *overrides, "vision.max_pixels=50176"])
+    model = build_model(cfg).eval()
+    encoder = SampleEncoder(
+        cfg.data, model_tokenizer := encoder_tokenizer(cfg), image_transform(model), image_tokens(model)
+    )
+    batch = collate([encoder.encode(two_image_sample())], model_tokenizer.pad_token_id)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "image_grid_thw", "position_ids")}
+    pixels = model.vision.normalize(batch["pixel_values"])
+    with torch.no_grad():
+        ours = model(batch["pixel_values"], **inputs).logits
+        expected = hf(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixels,
+            image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=(batch["input_ids"] == model.image_token_id).int(),
+        ).logits  # fmt: skip
+    assert (ours - expected).abs().max() < 1e-4
+    to_hf(model, tmp_path / "export", model_tokenizer, template="hf")
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "export")
+    images = [Image.open(io.BytesIO(two_image_sample()[f"{i}.png"])) for i in range(2)]
+    processed = processor(images=images, return_tensors="pt")
+    assert torch.equal(processed["image_grid_thw"], batch["image_grid_thw"])
+    assert torch.equal(processed["pixel_values"], pixels)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "export").chat_template == tokenizer.chat_template
+
+
+def encoder_tokenizer(cfg):
+    from vlm_train.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(cfg.llm)
+
+
 # --- 2 ranks, ZeRO-3, kill -9 -------------------------------------------------------------------------
 
 

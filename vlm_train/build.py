@@ -39,7 +39,7 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
     llm: Any
     vision: VisionTower
     if cfg.vision.family in QWEN_VL_FAMILIES:
-        native, connector, llm = build_qwen_vl_parts(cfg, len(tokenizer), layout)
+        native, connector, llm = build_qwen_vl_parts(cfg, len(tokenizer), layout, (image_token_id, video_token_id))
         native.min_pixels, native.max_pixels = cfg.vision.min_pixels, cfg.vision.max_pixels
         vision, anyres = native, None
     else:
@@ -75,7 +75,9 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
 QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
-def build_qwen_vl_parts(cfg: Config, vocab_size: int, layout) -> tuple[NativeResolutionTower, Connector, Any]:
+def build_qwen_vl_parts(
+    cfg: Config, vocab_size: int, layout, media_ids: tuple[int, int | None]
+) -> tuple[NativeResolutionTower, Connector, Any]:
     """vision.family=qwen2_vl|qwen2_5_vl: the native-resolution tower, the patch merger and the M-RoPE
     decoder, from a whole Qwen2(.5)-VL folder (vision.path = llm.path) or from the size fields."""
     from vlm_train.interop.qwen_vl import load_qwen_vl_parts
@@ -90,7 +92,7 @@ def build_qwen_vl_parts(cfg: Config, vocab_size: int, layout) -> tuple[NativeRes
     if cfg.vision.path or cfg.llm.path:
         if cfg.vision.path != cfg.llm.path:
             raise ConfigError(f"vision.family={family}: vision.path and llm.path name the same Qwen-VL folder")
-        tower, connector, llm = load_qwen_vl_parts(str(cfg.vision.path), vocab_size, attn)
+        tower, connector, llm = load_qwen_vl_parts(str(cfg.vision.path), vocab_size, attn, media_ids)
     else:
         tower = build_native_tower(family, None, native_tower_sizes(cfg))
         llm = CausalLM(build_mrope_llm(family, mrope_llm_sizes(cfg.llm, vocab_size), attn, cfg.llm.tie_embeddings))

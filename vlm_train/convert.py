@@ -90,11 +90,22 @@ def rebuild_trained_model(folder: Path):
 
 
 def from_hf_command(hf_dir: Path, out: Path) -> None:
-    """Split a HF VLM into the pieces vlm-train's configs load, and print the overrides."""
+    """Split a HF VLM into the pieces vlm-train's configs load, and print the overrides (a Qwen-VL
+    folder trains as it is: only the overrides)."""
     from safetensors.torch import save_file
     from transformers import PreTrainedModel
 
     from vlm_train.interop import from_hf
+    from vlm_train.interop.qwen_vl import qwen_vl_overrides
+
+    qwen = qwen_vl_overrides(hf_dir)
+    if qwen is not None:
+        print(
+            f"note: a Qwen-VL folder trains as it is (vision.path = llm.path); nothing written to {out}",
+            file=sys.stderr,
+        )
+        print(" ".join(qwen))
+        return
 
     model = from_hf(hf_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +170,8 @@ def inspect_command(hf_dir: Path) -> None:
     for name in ("vision", "connector", "llm"):
         module = getattr(model, name)
         print(f"{name:<10} {type(module).__name__:<22} {count_trainable(module):>14,} parameters")
-    print(f"image token id {model.image_token_id}, {model.num_image_tokens} image tokens per image")
+    per = "per 28 px merge unit (native resolution)" if model.native_resolution else "per image"
+    print(f"image token id {model.image_token_id}, {model.num_image_tokens} image tokens {per}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,13 +103,14 @@ def _from_qwen_vl(path) -> VisionLanguageModel:
 
 
 def _to_qwen_vl(model: VisionLanguageModel, path, tokenizer) -> None:
-    from vlm_train.interop.qwen_vl import to_qwen_vl
+    from vlm_train.interop.qwen_vl import save_qwen_vl_processor, to_qwen_vl
 
     hf_model = to_qwen_vl(model, tokenizer)
     if tokenizer is not None:
         _set_generation_tokens(hf_model, tokenizer)
-        tokenizer.save_pretrained(path)
     hf_model.save_pretrained(path)
+    if tokenizer is not None:
+        save_qwen_vl_processor(model, tokenizer, path)
 
 
 def _set_generation_tokens(hf_model: PreTrainedModel, tokenizer) -> None:

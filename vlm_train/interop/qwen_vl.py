@@ -93,7 +93,7 @@ def _vision_marks(tokenizer: PreTrainedTokenizerBase | None) -> dict[str, int]:
 
 
 def load_qwen_vl_parts(
-    path: str, vocab_size: int, attn_implementation: str
+    path: str, vocab_size: int, attn_implementation: str, media_ids: tuple[int, int | None]
 ) -> tuple[NativeResolutionTower, Connector, CausalLM]:
     """(tower, connector, decoder) of a whole Qwen2(.5)-VL folder, for build_model (vision.path =
     llm.path); the decoder attends with `attn_implementation` (the tower keeps sdpa)."""
@@ -110,6 +110,51 @@ def load_qwen_vl_parts(
     rows = hf.model.language_model.embed_tokens.weight.shape[0]
     if vocab_size > rows:
         raise ConfigError(f"the tokenizer has {vocab_size} tokens, more than {path}'s {rows} embedding rows")
+    if (hf.config.image_token_id, hf.config.video_token_id) != media_ids:
+        raise ConfigError(
+            f"the tokenizer's <|image_pad|>/<|video_pad|> ids {media_ids} are not {path}'s image/video token ids "
+            f"{(hf.config.image_token_id, hf.config.video_token_id)}: use the tokenizer saved with the checkpoint"
+        )
     model = qwen_vl_model(hf)
     assert isinstance(model.vision, NativeResolutionTower) and isinstance(model.llm, CausalLM)
     return model.vision, model.connector, model.llm
+
+
+def qwen_vl_overrides(path: str | Path) -> list[str] | None:
+    """The overrides that train a Qwen2(.5)-VL folder as it is; None for any other folder."""
+    config_file = Path(path) / "config.json"
+    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    if model_type not in QWEN_VL_CLASSES:
+        return None
+    norm = "layernorm" if model_type == "qwen2_vl" else "rmsnorm"
+    return [
+        f"vision.family={model_type}",
+        f"vision.path={path}",
+        f"llm.family={model_type}",
+        f"llm.path={path}",
+        f"llm.tokenizer={path}",
+        "connector=patch_merger",
+        f"connector.norm={norm}",
+        "data.template=hf",
+    ]
+
+
+def save_qwen_vl_processor(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
+    """The image processor that prepares images as training did (vision.min/max_pixels, Qwen's
+    normalisation) and the tokenizer with its chat template. transformers builds a Qwen2VLProcessor
+    only with torchvision (its video processor): the two are saved on their own, which
+    `AutoImageProcessor` and `AutoTokenizer` load."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tower = model.vision
+    assert isinstance(tower, NativeResolutionTower), "only native-resolution models export Qwen's processor"
+    Qwen2VLImageProcessorPil(
+        min_pixels=tower.min_pixels,
+        max_pixels=tower.max_pixels,
+        patch_size=tower.patch_size,
+        temporal_patch_size=tower.temporal_patch_size,
+        merge_size=tower.merge_size,
+        image_mean=list(tower.image_mean),
+        image_std=list(tower.image_std),
+    ).save_pretrained(path)
+    tokenizer.save_pretrained(path)
