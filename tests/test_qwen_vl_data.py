@@ -119,6 +119,18 @@ def test_bad_images_are_counted_skips_and_odd_sizes_are_resized_as_the_processor
     assert encoded.image_grids[1] == (1, 12, 18) and len(patches) == 16 + 12 * 18
 
 
+def test_the_visual_token_budget_shrinks_native_images_until_they_fit():
+    """data.max_visual_tokens counts merged tokens (known from the image sizes before decoding): over
+    it, the images are downscaled as a whole until they fit, or the sample is dropped and counted."""
+    encoder, _, transform = qwen_encoder(max_visual_tokens=20)
+    _, patches, encoded = encoder.encode(two_image_sample(sizes=((200, 300), (123, 45))))
+    tokens = sum(h * w // 4 for _, h, w in encoded.image_grids)
+    assert tokens <= 20 < transform.tokens_of((200, 300)) + transform.tokens_of((123, 45))
+    assert len(patches) == 4 * tokens
+    dropping, _, _ = qwen_encoder(max_visual_tokens=20, over_visual_budget="drop")
+    assert dropping.encode(two_image_sample(sizes=((200, 300), (123, 45)))).reason == "visual_budget"
+
+
 def test_packed_rows_carry_each_samples_own_positions():
     """A packed row's positions are its samples' own, end to end (each from 0): what the model's
     packed forward needs (tests/test_qwen_vl.py proves the per-token losses equal)."""
