@@ -85,10 +85,11 @@ TINY_QWEN = [
 ]  # fmt: skip
 
 
-def write_sized_shards(folder: Path, seed: int = 3) -> str:
-    """Two shards of 32 toy scenes at five sizes and aspect ratios (48x144 to 96x96), a few text-only."""
+def write_sized_shards(folder: Path, seed: int = 3, videos: bool = False) -> str:
+    """Two shards of 32 toy scenes at five sizes and aspect ratios (48x144 to 96x96), a few text-only
+    (and with `videos`, a few toy-video clips: data.video=true reads them)."""
     from tests.helpers import text_sample, write_tar
-    from vlm_train.data import synthetic
+    from vlm_train.data import synthetic, synthetic_video
 
     rng = random.Random(seed)
     for part in range(2):
@@ -96,6 +97,10 @@ def write_sized_shards(folder: Path, seed: int = 3) -> str:
         for i in range(32):
             if i % 8 == 7:
                 samples.append(text_sample(f"p{part}-{i:03d}"))
+                continue
+            if videos and i % 8 == 3:
+                members, record = synthetic_video.make_sample(rng)
+                samples.append({"__key__": f"p{part}-{i:03d}", **members, "json": json.dumps(record).encode()})
                 continue
             png_bytes, record = synthetic.make_sample(rng, layout="sizes")
             samples.append({"__key__": f"p{part}-{i:03d}", "png": png_bytes, "json": json.dumps(record).encode()})

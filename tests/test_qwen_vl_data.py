@@ -59,7 +59,8 @@ def qwen_encoder(**data):
     from vlm_train.config import compose
     from vlm_train.data.samples import SampleEncoder
 
-    overrides = ["data.template=hf", "data.max_length=512", *(f"data.{k}={v}" for k, v in data.items())]
+    overrides = ["vision.family=qwen2_5_vl", "data.template=hf", "data.max_length=512"]
+    overrides += [f"data.{k}={v}" for k, v in data.items()]
     cfg = compose(overrides)
     transform = NativeResolutionTransform(max_pixels=28 * 28 * 64)
     tokenizer = AutoTokenizer.from_pretrained(QWEN2_VL_TOKENIZER)
@@ -129,6 +130,52 @@ def test_the_visual_token_budget_shrinks_native_images_until_they_fit():
     assert len(patches) == 4 * tokens
     dropping, _, _ = qwen_encoder(max_visual_tokens=20, over_visual_budget="drop")
     assert dropping.encode(two_image_sample(sizes=((200, 300), (123, 45)))).reason == "visual_budget"
+
+
+def video_sample(frames: list[Image.Image], fps: float = 2.0, image: Image.Image | None = None) -> dict:
+    """A frame-sequence video sample (`<key>.frame.<n>.png` at `fps`), with an image after it when given."""
+    question = "<video>\nWhere does it go?" + (" <image>\nAnd here?" if image is not None else "")
+    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": "Up."}]
+    members = {f"frame.{i}.png": png(frame) for i, frame in enumerate(frames)}
+    if image is not None:
+        members["0.png"] = png(image)
+    return {"__key__": "clip", **members, "json": json.dumps({"conversations": turns, "fps": fps}).encode()}
+
+
+def test_a_video_becomes_temporal_patches_with_qwen2_5_positions():
+    """A 3-frame clip at 2 fps: padded with its last frame to 2 temporal patches (Qwen's video processor
+    pads so), each patch the frames' pixels in the image processor's layout (a clip of one repeated
+    frame gives that image's patches); its <|video_pad|> count, grid, seconds per grid step (2 frames
+    at 2 fps: 1 s) and the sample's positions are those transformers' Qwen2.5-VL computes. A 1-frame
+    clip (fewer frames than the temporal patch) is padded to one patch, never skipped."""
+    import transformers
+
+    encoder, tokenizer, _ = qwen_encoder(video="true")
+    encoder.transform = transform = NativeResolutionTransform(max_pixels=28 * 28 * 64, tokens_per_second=2)
+    frames = [random_image((60, 90), seed) for seed in range(3)]
+    _, patches, encoded = encoder.encode(video_sample(frames, image=random_image((56, 56), 9)))
+    assert encoded.video_grids == [(2, 4, 6)] and encoded.video_seconds == [1.0]
+    assert encoded.videos is not None and len(encoded.videos) == 2 * 4 * 6 and len(patches) == 4 * 4
+    last = transform(frames[2])  # the last temporal patch: frame 2 twice, as an image is itself twice
+    assert torch.equal(encoded.videos[24:], last)
+    video_pad, image_pad = tokenizer.convert_tokens_to_ids(["<|video_pad|>", "<|image_pad|>"])
+    ids = torch.tensor([encoded.input_ids])
+    assert int((ids == video_pad).sum()) == 2 * 4 * 6 // 4 and int((ids == image_pad).sum()) == 4
+    config = transformers.Qwen2_5_VLConfig(
+        text_config={"vocab_size": 16648, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={"depth": 1, "hidden_size": 16, "num_heads": 2, "out_hidden_size": 32, "tokens_per_second": 2},
+        image_token_id=image_pad, video_token_id=video_pad,
+    )  # fmt: skip
+    with torch.device("meta"):
+        hf = transformers.Qwen2_5_VLModel(config)
+    types = (ids == image_pad).int() + 2 * (ids == video_pad).int()
+    expected, _ = hf.get_rope_index(
+        ids, types, torch.tensor(encoded.image_grids), torch.tensor(encoded.video_grids),
+        second_per_grid_ts=torch.tensor(encoded.video_seconds),
+    )  # fmt: skip
+    assert torch.equal(encoded.positions, expected[:, 0])
+    _, _, single = encoder.encode(video_sample(frames[:1]))
+    assert single.video_grids == [(1, 4, 6)] and torch.equal(single.videos, transform(frames[0]))
 
 
 def test_packed_rows_carry_each_samples_own_positions():
@@ -214,12 +261,14 @@ def encoder_tokenizer(cfg):
 def sized_shards(tmp_path_factory) -> str:
     from tests.qwen_helpers import write_sized_shards
 
-    return write_sized_shards(tmp_path_factory.mktemp("qwen_sizes"))
+    return write_sized_shards(tmp_path_factory.mktemp("qwen_sizes"), videos=True)
 
 
 def qwen_run(urls: str, run_dir, *extra: str) -> list[str]:
     return [
         "experiment=toy-qwen2_5-vl",
+        "data.video=true",  # toy clips among the scenes: videos, images and text in every batch mix
+        "data.max_frames=3",
         f"data.urls={urls}",
         f"run.dir={run_dir}",
         f"data.log_keys={run_dir}/keys",
@@ -241,7 +290,8 @@ def qwen_run(urls: str, run_dir, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_zero3_trains_a_tiny_qwen2_5_vl_on_two_ranks_and_resumes_bit_identical_after_kill_9(sized_shards, tmp_path):
-    """20 steps on 2 ranks at ZeRO-3 (every parameter sharded, tower trained), images of five sizes:
+    """20 steps on 2 ranks at ZeRO-3 (every parameter sharded, tower trained), images of five sizes,
+    3-frame clips and text:
     no hang, the loss falls; the job SIGKILLed after step 9 restarts from step 8 and logs the
     uninterrupted run's losses exactly, each rank reading the same samples in order."""
     import os

@@ -401,7 +401,8 @@ def _validate_data(cfg: Config) -> None:
         raise ConfigError("data.weight and every data.mixture weight must be positive")
     if data.samples_per_shard is not None and data.samples_per_shard < 1:
         raise ConfigError(f"data.samples_per_shard={data.samples_per_shard} must be at least 1")
-    if data.video and cfg.vision.anyres is None:
+    native = cfg.vision.family in ("qwen2_vl", "qwen2_5_vl")
+    if data.video and cfg.vision.anyres is None and not native:
         raise ConfigError(
             "data.video=true lays frames out as LLaVA-OneVision does: set vision.anyres (e.g. anyres_max_9)"
         )
@@ -412,10 +413,10 @@ def _validate_data(cfg: Config) -> None:
             f"data.max_tokens_per_batch={data.max_tokens_per_batch} must hold one sample of data.max_length="
             f"{data.max_length} tokens: raise it or lower data.max_length"
         )
-    if cfg.vision.family in ("qwen2_vl", "qwen2_5_vl") and (data.video or data.max_tokens_per_batch is not None):
+    if native and data.max_tokens_per_batch is not None:
         raise ConfigError(
-            f"vision.family={cfg.vision.family}: data.video and data.max_tokens_per_batch are not wired for "
-            "native-resolution images yet (docs/qwen_vl.md)"
+            f"vision.family={cfg.vision.family}: data.max_tokens_per_batch does not split native-resolution "
+            "patches yet (docs/qwen_vl.md)"
         )
     if cfg.vision.min_pixels < 1 or cfg.vision.max_pixels < cfg.vision.min_pixels:
         raise ConfigError(f"vision.min_pixels={cfg.vision.min_pixels} must be >= 1 and <= vision.max_pixels")

@@ -121,8 +121,14 @@ def image_transform(model):
 
     if model.native_resolution:  # Qwen-VL: the image at its own size (within min/max pixels), as patches
         vision = model.vision
+        tokens_per_second = getattr(vision.hf_model.config, "tokens_per_second", None)  # Qwen2.5-VL's
         return NativeResolutionTransform(
-            vision.patch_size, vision.merge_size, vision.temporal_patch_size, vision.min_pixels, vision.max_pixels
+            vision.patch_size,
+            vision.merge_size,
+            vision.temporal_patch_size,
+            vision.min_pixels,
+            vision.max_pixels,
+            tokens_per_second,
         )
     if model.anyres is not None:
         return AnyResTransform(model.vision.image_size, tuple(map(tuple, model.anyres.grid_pinpoints)))

@@ -27,6 +27,7 @@ class NativeResolutionTransform:
     temporal_patch_size: int = 2
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
+    tokens_per_second: float | None = None  # Qwen2.5-VL: temporal positions per second of video (None: Qwen2-VL)
 
     @property
     def size(self) -> int:
@@ -65,6 +66,22 @@ class NativeResolutionTransform:
         if (width, height) != image.size:
             image = image.resize((width, height), Image.Resampling.BICUBIC)
         return self.patches(pixels_view(image).permute(2, 0, 1)[None])
+
+    def video_tokens(self, frames: int, size_hw: tuple[int, int]) -> int:
+        """Visual tokens of `frames` frames of `size_hw`: their temporal pairs' merged blocks."""
+        return -(-frames // self.temporal_patch_size) * self.tokens_of(size_hw)
+
+    def video(self, frames_FCHW: torch.Tensor, times: list[float]) -> tuple[torch.Tensor, tuple[int, int, int], float]:
+        """A clip's frames (all resized alike by `resized`) -> its patches [N, K], grid (t, h, w) and
+        seconds per temporal patch (Qwen2.5-VL's second_per_grid_ts). Frames that do not fill the last
+        temporal patch are padded with the last frame, as Qwen's video processor pads them."""
+        short = -len(frames_FCHW) % self.temporal_patch_size
+        if short:
+            frames_FCHW = torch.cat([frames_FCHW, frames_FCHW[-1:].expand(short, -1, -1, -1)])
+        _, _, height, width = frames_FCHW.shape
+        grid = (len(frames_FCHW) // self.temporal_patch_size, height // self.patch_size, width // self.patch_size)
+        step = times[1] - times[0] if len(times) > 1 else 1.0  # seconds between sampled frames
+        return self.patches(frames_FCHW), grid, self.temporal_patch_size * step
 
     def patches(self, frames_FCHW: torch.Tensor) -> torch.Tensor:
         """Frames of one size [F, 3, H, W] (F a multiple of the temporal patch, or 1: repeated) ->

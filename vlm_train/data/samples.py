@@ -97,14 +97,13 @@ class SampleEncoder:
         self.video_tokens = video_tokens
         self.video_keys = cfg.video_key.split(";")
         self.visual_ids = [self.image_token_id]
-        if cfg.video:
-            if video_tokens is None:
-                raise ValueError("data.video needs the model's tokens per video (an AnyRes model with a video token)")
-            self.visual_ids.append(tokenizer.convert_tokens_to_ids(VIDEO_TOKEN))
         self.native = isinstance(transform, NativeResolutionTransform)
-        if self.native and cfg.video:
-            raise ValueError("data.video with a native-resolution tower (Qwen-VL) is not wired yet: images only")
-        self.video_reader = VideoReader(transform.size, cfg.decode_timeout_s)
+        if cfg.video:
+            if video_tokens is None and not self.native:
+                raise ValueError("data.video needs the model's tokens per video (an AnyRes model with a video token)")
+            self.visual_ids.append(self.video_token_id if self.video_token_id is not None else -1)
+        frame_size = transform.resized if isinstance(transform, NativeResolutionTransform) else transform.size
+        self.video_reader = VideoReader(frame_size, cfg.decode_timeout_s)
         check_template(tokenizer, cfg.template)  # at start-up: data.template=hf needs a chat template
         self.extra_seconds = float(os.environ.get(SLOW_DATA_ENV, "0"))
 
@@ -145,9 +144,13 @@ class SampleEncoder:
         decoded, clips = media
         sizes = [size for _, size in decoded]
         frames = [clip.frames.shape[0] for clip in clips]
+        native_videos = [self.native_video(clip) for clip in clips] if self.native else []
         try:
             turns = self.with_time_instruction(self.conversation(raw), clips)
-            video_tokens = [self.video_tokens(n) for n in frames] if self.video_tokens else []
+            if native_videos:
+                video_tokens = [t * h * w // 4 for _, (t, h, w), _ in native_videos]
+            else:
+                video_tokens = [self.video_tokens(n) for n in frames] if self.video_tokens else []
             encoded = encode(
                 turns, self.tokenizer, self.cfg.template, [tokens_of(s) for s in sizes], video_tokens=video_tokens
             )
@@ -162,6 +165,15 @@ class SampleEncoder:
         encoded = replace(encoded, image_sizes=sizes, videos=videos, video_frames=frames)
         if isinstance(self.transform, NativeResolutionTransform):  # grids, not sizes, go to the model
             encoded = replace(encoded, image_sizes=[], image_grids=[self.transform.grid_of(s) for s in sizes])
+        if native_videos:
+            patches, grids, seconds = zip(*native_videos)
+            encoded = replace(
+                encoded,
+                videos=torch.cat(patches),
+                video_frames=[],
+                video_grids=list(grids),
+                video_seconds=list(seconds),
+            )
         return self.fitted(key, pixels, encoded, len(sizes), len(clips))
 
     def read_media(
@@ -173,9 +185,11 @@ class SampleEncoder:
         try:
             sizes = [self.size_of(blob) for blob in blobs]
             frames = [min(self.video_reader.frame_count(video), self.cfg.max_frames)] if video else []
-            fitting = self.within_budget(sizes, frames, tokens_of)
+            video_cost = self.native_video_cost(video) if video is not None and self.native else None
+            fitting = self.within_budget(sizes, frames, tokens_of, video_cost)
             if fitting is None:
-                return skipped("visual_budget", key, self.over_budget(self.visual_count(sizes, frames, tokens_of)))
+                count = self.visual_count(sizes, frames, tokens_of, video_cost)
+                return skipped("visual_budget", key, self.over_budget(count))
             decoded = [self.decode(blob, size) for blob, size in zip(blobs, fitting[0])]
             clips = [self.video_reader.read(video, count) for count in fitting[1]] if video else []
         except VideoError as err:
@@ -186,32 +200,50 @@ class SampleEncoder:
             return skipped("bad_image", key, f"image does not decode ({err})")
         return decoded, clips
 
-    def visual_count(self, sizes: list[tuple[int, int]], frames: list[int], tokens_of) -> int:
-        """The visual tokens data.max_visual_tokens counts for these images and videos."""
-        image_tokens, video_tokens = self.visual_cost or (tokens_of, self.video_tokens)
+    def visual_count(self, sizes: list[tuple[int, int]], frames: list[int], tokens_of, video_cost=None) -> int:
+        """The visual tokens data.max_visual_tokens counts for these images and videos (`video_cost`:
+        a native-resolution video's tokens per frame count, its frame size being its own)."""
+        image_tokens, video_tokens = self.visual_cost or (tokens_of, video_cost or self.video_tokens)
         return sum(map(image_tokens, sizes)) + sum(map(video_tokens or (lambda count: 0), frames))
 
+    def native_video_cost(self, video: VideoSource) -> Callable[[int], int]:
+        """A native-resolution video's tokens as a function of its frames (its frame size from the header)."""
+        transform = self.transform
+        assert isinstance(transform, NativeResolutionTransform)
+        size = self.video_reader.frame_size(video)
+        return lambda frames: transform.video_tokens(frames, size)
+
+    def native_video(self, clip: Clip) -> tuple[torch.Tensor, tuple[int, int, int], float]:
+        """A decoded clip as a native-resolution tower takes it: patches, grid, seconds per grid step."""
+        transform = self.transform
+        assert isinstance(transform, NativeResolutionTransform)
+        return transform.video(clip.frames, clip.times)
+
     def within_budget(
-        self, sizes: list[tuple[int, int]], frames: list[int], tokens_of: Callable[[tuple[int, int]], int]
+        self,
+        sizes: list[tuple[int, int]],
+        frames: list[int],
+        tokens_of: Callable[[tuple[int, int]], int],
+        video_cost: Callable[[int], int] | None = None,
     ) -> tuple[list[tuple[int, int]], list[int]] | None:
         """The image sizes and video frame counts to read the sample at: as they are when their visual
         tokens fit data.max_visual_tokens; else (over_visual_budget=downscale) the videos' frames cut,
         by 10% steps down to one, then the images all shrunk by the largest factor in steps of 10%
         that fits; None when dropped or when nothing fits."""
         budget = self.cfg.max_visual_tokens
-        if budget is None or self.visual_count(sizes, frames, tokens_of) <= budget:
+        if budget is None or self.visual_count(sizes, frames, tokens_of, video_cost) <= budget:
             return sizes, frames
         if self.cfg.over_visual_budget == "drop":
             return None
         for fewer in fewer_frames(frames):
-            if self.visual_count(sizes, fewer, tokens_of) <= budget:
+            if self.visual_count(sizes, fewer, tokens_of, video_cost) <= budget:
                 return sizes, fewer
         single = [1] * len(frames)
         factor = 1.0
         while factor > 0.01:
             factor *= 0.9
             scaled = [(max(1, round(h * factor)), max(1, round(w * factor))) for h, w in sizes]
-            if self.visual_count(scaled, single, tokens_of) <= budget:
+            if self.visual_count(scaled, single, tokens_of, video_cost) <= budget:
                 return scaled, single
         return None
 
@@ -253,9 +285,12 @@ class SampleEncoder:
         from vlm_train.models.qwen_vl import mrope_positions
 
         grids = torch.tensor(encoded.image_grids, dtype=torch.long).view(-1, 3)
+        video_grids = torch.tensor(encoded.video_grids, dtype=torch.long).view(-1, 3)
+        per_second = self.transform.tokens_per_second  # Qwen2.5-VL: a video's time steps in positions
+        steps = [per_second * seconds for seconds in encoded.video_seconds] if per_second else None
         ids = torch.tensor(encoded.input_ids)[None]
         media = (self.image_token_id, self.video_token_id)
-        positions = mrope_positions(ids, None, media, (grids, None), self.transform.merge_size)
+        positions = mrope_positions(ids, None, media, (grids, video_grids), self.transform.merge_size, steps)
         return replace(encoded, positions=positions[:, 0])
 
     def conversation(self, raw: dict) -> list[dict]:

@@ -71,6 +71,8 @@ class Encoded:
     video_frames: list[int] = field(default_factory=list)  # frames per video
     image_grids: list[tuple[int, int, int]] = field(default_factory=list)  # (t, h, w) patches: native resolution
     positions: torch.Tensor | None = None  # M-RoPE positions [3, L] (native resolution), per sample from 0
+    video_grids: list[tuple[int, int, int]] = field(default_factory=list)  # native resolution: each video's
+    video_seconds: list[float] = field(default_factory=list)  # and its seconds per temporal patch
 
 
 def encode_conversation(
@@ -385,7 +387,12 @@ def check_template(tokenizer, template: str) -> None:
 
 
 VIDEO_INPUTS = ("pixel_values_videos", "video_frames")  # a video batch's model inputs (image_sizes_of)
-NATIVE_INPUTS = ("image_grid_thw", "position_ids")  # a native-resolution (Qwen-VL) batch's own model inputs
+NATIVE_INPUTS = (
+    "image_grid_thw",
+    "video_grid_thw",
+    "second_per_grid_ts",
+    "position_ids",
+)  # a native-resolution (Qwen-VL) batch's own model inputs
 
 
 def image_sizes_of(encoded: list[Encoded], cat=torch.cat) -> dict:
@@ -400,7 +407,12 @@ def image_sizes_of(encoded: list[Encoded], cat=torch.cat) -> dict:
     videos = [enc.videos for enc in encoded if enc.videos is not None]
     if videos:
         media["pixel_values_videos"] = cat(videos)
-        media["video_frames"] = torch.tensor([n for enc in encoded for n in enc.video_frames], dtype=torch.long)
+        video_grids = [grid for enc in encoded for grid in enc.video_grids]
+        if video_grids:  # native resolution: patches of all videos, each one's grid and time step
+            media["video_grid_thw"] = torch.tensor(video_grids, dtype=torch.long)
+            media["second_per_grid_ts"] = torch.tensor([s for enc in encoded for s in enc.video_seconds])
+        else:
+            media["video_frames"] = torch.tensor([n for enc in encoded for n in enc.video_frames], dtype=torch.long)
     return media
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -71,11 +71,26 @@ def time_instruction(clip: Clip) -> str:
 
 
 class VideoReader:
-    """Counts and decodes a sample's video: frames resized to `size` (the tower's), at most
-    `frames` of them, within `timeout_s` seconds per video."""
+    """Counts and decodes a sample's video: frames resized to `size` (the tower's; or a function of
+    a frame's (height, width), a native-resolution tower's), at most `frames` of them, within
+    `timeout_s` seconds per video."""
 
-    def __init__(self, size: int, timeout_s: float):
+    def __init__(self, size: int | Callable[[tuple[int, int]], tuple[int, int]], timeout_s: float):
         self.size, self.timeout_s = size, timeout_s
+
+    def frame_size(self, video: VideoSource) -> tuple[int, int]:
+        """(height, width) of the video's frames, from the file's or the first frame's header."""
+        if video.frames is not None:
+            if not video.frames:
+                raise VideoError("the video has no frames")
+            try:
+                with Image.open(io.BytesIO(video.frames[0])) as image:
+                    return image.height, image.width
+            except (OSError, SyntaxError, ValueError) as err:
+                raise VideoError(f"frame 0 does not decode ({err})") from None
+        with _opened(video.file or b"") as container:
+            context = container.streams.video[0].codec_context
+            return int(context.height), int(context.width)
 
     def frame_count(self, video: VideoSource) -> int:
         """Frames in the video (a file's from its header, or by reading its packets when the header
@@ -133,7 +148,8 @@ class VideoReader:
             return self._resized(image.convert("RGB"))
 
     def _resized(self, image: Image.Image) -> torch.Tensor:
-        resized = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC)
+        height, width = self.size((image.height, image.width)) if callable(self.size) else (self.size, self.size)
+        resized = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
         return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
 
     def _deadline_checked(self, value, deadline: float):

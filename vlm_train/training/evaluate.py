@@ -25,7 +25,9 @@ class Question:
     prompt: list[int]
     answer: str
     sizes: list[tuple[int, int]] = field(default_factory=list)  # the image's (height, width), AnyRes only
-    video: torch.Tensor | None = None  # the sample's video frames [F, 3, S, S] (data.video)
+    video: torch.Tensor | None = None  # the sample's video frames [F, 3, S, S] (data.video; native: patches)
+    video_grid: tuple[int, int, int] | None = None  # native resolution: the video's grid, and
+    video_seconds: float = 1.0  # its seconds per temporal patch
 
 
 def questions_of(raw: dict, encoder: SampleEncoder) -> list[Question]:
@@ -54,11 +56,19 @@ def questions_of(raw: dict, encoder: SampleEncoder) -> list[Question]:
 
 def _video_questions(raw: dict, turns: list[dict], encoder: SampleEncoder) -> list[Question]:
     """A video sample's questions, each asked alone about its video (read as training reads it)."""
-    assert callable(encoder.image_tokens) and encoder.video_tokens is not None  # data.video: AnyRes
+    assert callable(encoder.image_tokens) and (encoder.video_tokens is not None or encoder.native)
     media = encoder.read_media(raw, raw.get("__key__", "?"), encoder.image_tokens)
     if not isinstance(media, tuple) or len(media[1]) != 1 or media[0]:
         return []  # a bad video (counted in training), or images with the video: not a question here
     clip = media[1][0]
+    video, grid, seconds = clip.frames, None, 1.0
+    if encoder.native:
+        video, grid, seconds = encoder.native_video(clip)
+    if grid is not None:
+        tokens = grid[0] * grid[1] * grid[2] // 4
+    else:
+        assert encoder.video_tokens is not None  # data.video with AnyRes: the model's tokens per video
+        tokens = encoder.video_tokens(len(clip.frames))
     questions = []
     for ask, reply in zip(turns[0::2], turns[1::2]):
         text = ask["value"].replace("<video>", "").strip()
@@ -69,12 +79,11 @@ def _video_questions(raw: dict, turns: list[dict], encoder: SampleEncoder) -> li
             encoder.cfg.template,
             [],
             add_generation_prompt=True,
-            video_tokens=[encoder.video_tokens(len(clip.frames))],
+            video_tokens=[tokens],
         )
         pixels = encoder.pixels(None)
-        questions.append(
-            Question(ask.get("kind", "answer"), pixels, encoded.input_ids, reply["value"], [], clip.frames)
-        )
+        kind = ask.get("kind", "answer")
+        questions.append(Question(kind, pixels, encoded.input_ids, reply["value"], [], video, grid, seconds))
     return questions
 
 
@@ -189,7 +198,13 @@ def _add_accuracy(model, questions: list[Question], encoder, max_new_tokens, sum
         sizes = []
     if videos:
         video_inputs["pixel_values_videos"] = torch.cat(videos).to(device)
-        video_inputs["video_frames"] = torch.tensor([len(v) for v in videos], device=device)
+        grids = [q.video_grid for q in questions if q.video_grid is not None]
+        if grids:  # native resolution
+            video_inputs["video_grid_thw"] = torch.tensor(grids, device=device)
+            seconds = [q.video_seconds for q in questions if q.video is not None]
+            video_inputs["second_per_grid_ts"] = torch.tensor(seconds, device=device)
+        else:
+            video_inputs["video_frames"] = torch.tensor([len(v) for v in videos], device=device)
     answers = greedy_generate(
         model,
         pixels,
