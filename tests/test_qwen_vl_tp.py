@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 if __name__ != "__main__":
-    from tests.helpers import REPO, read_metrics, run_cli, step_losses, torchrun
+    from tests.helpers import REPO, read_metrics, step_losses, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -100,42 +100,14 @@ def test_tp2_dp2_trains_a_tiny_qwen2_5_vl_and_resumes_bit_identical_after_kill_9
     """4 ranks (TP=2 x DP=2, ZeRO-1), images of five sizes: 20 steps without a hang, the loss falls;
     SIGKILLed after step 9, the job restarts from its last checkpoint and logs the uninterrupted run's
     losses exactly, each data-parallel rank reading the same samples in order."""
-    import signal
-    import time
-
-    from tests.qwen_helpers import write_sized_shards
+    from tests.qwen_helpers import kill_9_and_resume, write_sized_shards
 
     (tmp_path / "shards").mkdir()
     urls = write_sized_shards(tmp_path / "shards")
-    reference = tmp_path / "whole"
-    result = run_cli(tp_run(urls, reference), nproc=4, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    expected = step_losses(reference)
-    assert sorted(expected) == list(range(1, 21))
-    losses = list(expected.values())
-    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, expected
-    assert len({r["visual_tokens"] for r in read_metrics(reference) if "loss" in r}) > 3  # sizes vary
-    killed = tmp_path / "killed"
-    job = subprocess.Popen(
-        torchrun(4, "-m", "vlm_train.train", *tp_run(urls, killed)),
-        cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 400
-    while 9 not in (step_losses(killed) if (killed / "metrics.jsonl").exists() else {}):
-        assert job.poll() is None and time.monotonic() < deadline, "the job ended (or hung) before step 9"
-        time.sleep(0.2)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait(timeout=30)
-    assert (killed / "checkpoints" / "latest").read_text() in ("step_8", "step_12")
-    result = run_cli(tp_run(urls, killed), nproc=4, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = [r for r in read_metrics(killed) if "loss" in r]
-    assert sorted({r["step"] for r in records}) == list(range(1, 21))
-    assert all(r["loss"] == expected[r["step"]] for r in records), (records, expected)
-    for name in sorted(p.name for p in (reference / "keys").iterdir()):
-        whole = (reference / "keys" / name).read_text().splitlines()
-        resumed = (killed / "keys" / name).read_text().splitlines()
-        assert resumed[-8:] == whole[-8:], name
+    whole = kill_9_and_resume(lambda run_dir: tp_run(urls, run_dir), nproc=4, root=tmp_path)
+    losses = list(step_losses(whole).values())
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    assert len({r["visual_tokens"] for r in read_metrics(whole) if "loss" in r}) > 3  # sizes vary
 
 
 def worker(plan: dict) -> None:
