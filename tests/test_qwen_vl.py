@@ -160,3 +160,18 @@ def ours_with_labels(model, batch: dict):
     inputs = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
     return model(inputs.pop("pixel_values"), **inputs, labels=labels)
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_a_text_only_batch_runs_the_tower_on_a_blank_image(video):
+    """A rank whose micro-batch has no image and no video still runs tower and merger (on one blank
+    28 px image, weight zero): under ZeRO-3 every rank must gather the same parameters, or it hangs."""
+    from tests.helpers import toy_model
+
+    model = toy_model(*TINY_QWEN, "vision.freeze=false", *(["data.video=true"] if video else []))
+    ids = torch.tensor([[2, 5, 6, 7, 3], [2, 8, 9, 3, 0]])
+    mask = (ids != 0).long()
+    out = model(None, ids, mask, labels=ids.masked_fill(mask == 0, IGNORE_INDEX))
+    out.loss.backward()
+    tower_grads = [p.grad for p in model.vision.parameters() if p.requires_grad]
+    assert tower_grads and all(g is not None and not g.any() for g in tower_grads)  # reached, with zeros

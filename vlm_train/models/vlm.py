@@ -314,7 +314,10 @@ class VisionLanguageModel(nn.Module):
         slots = {"image": input_ids_BT == self.image_token_id}
         if self.video_token_id is not None:
             slots["video"] = input_ids_BT == self.video_token_id
-        parts = {"image": tokens_XDl[:images] if media else tokens_XDl, "video": tokens_XDl[images:]}
+        if media:
+            parts = {"image": tokens_XDl[:images], "video": tokens_XDl[images:]}
+        else:  # the blank image's tokens join the image slots (none) with weight zero
+            parts = {"image": tokens_XDl, "video": tokens_XDl[:0]}
         if len(parts["video"]) and "video" not in slots:
             raise ValueError("pixel_values_videos given, but this model has no video token")
         for kind, slots_BT in slots.items():
