@@ -108,6 +108,28 @@ def write_sized_shards(folder: Path, seed: int = 3, videos: bool = False) -> str
     return str(folder / "part-{0..1}.tar")
 
 
+def resumable_run(urls: str, run_dir, *extra: str) -> list[str]:
+    """A 20-step fp32 run of experiment=toy-qwen2_5-vl (tower trained) that `kill_9_and_resume` can
+    kill and resume: a checkpoint every 4 steps, every step logged, each rank's sample keys logged."""
+    return [
+        "experiment=toy-qwen2_5-vl",
+        f"data.urls={urls}",
+        f"run.dir={run_dir}",
+        f"data.log_keys={run_dir}/keys",
+        "vision.freeze=false",
+        "train.precision=fp32",
+        "data.num_workers=1",
+        "data.shuffle_block=8",
+        "train.micro_batch_size=4",
+        "train.max_steps=20",
+        "train.warmup_steps=2",
+        "train.save_every=4",
+        "train.log_every=1",
+        "train.eval=false",
+        *extra,
+    ]
+
+
 def kill_9_and_resume(overrides_of, nproc: int, root: Path, kill_after: int = 9, timeout: int = 600) -> Path:
     """A 20-step job (`overrides_of(run_dir)`, saving every 4 steps, logging sample keys) run whole; run
     again, its whole launch SIGKILLed after step `kill_after`, and restarted: the restart logs the

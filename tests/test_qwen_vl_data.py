@@ -264,28 +264,17 @@ def sized_shards(tmp_path_factory) -> str:
     return write_sized_shards(tmp_path_factory.mktemp("qwen_sizes"), videos=True)
 
 
-def qwen_run(urls: str, run_dir, *extra: str) -> list[str]:
-    return [
-        "experiment=toy-qwen2_5-vl",
+def qwen_run(urls: str, run_dir) -> list[str]:
+    from tests.qwen_helpers import resumable_run
+
+    return resumable_run(
+        urls,
+        run_dir,
         "data.video=true",  # toy clips among the scenes: videos, images and text in every batch mix
         "data.max_frames=3",
-        f"data.urls={urls}",
-        f"run.dir={run_dir}",
-        f"data.log_keys={run_dir}/keys",
         "parallel.zero_stage=3",
         "parallel.zero3_persistence_threshold=0",  # every parameter sharded (the toy's are all small)
-        "vision.freeze=false",
-        "train.precision=fp32",
-        "data.num_workers=1",
-        "data.shuffle_block=8",
-        "train.micro_batch_size=4",
-        "train.max_steps=20",
-        "train.warmup_steps=2",
-        "train.save_every=4",
-        "train.log_every=1",
-        "train.eval=false",
-        *extra,
-    ]
+    )
 
 
 @pytest.mark.slow

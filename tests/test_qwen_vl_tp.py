@@ -74,26 +74,10 @@ def parity_report(report_file: Path, env) -> None:
         report_file.write_text(json.dumps(report))
 
 
-def tp_run(urls: str, run_dir, *extra: str) -> list[str]:
-    return [
-        "experiment=toy-qwen2_5-vl",
-        f"data.urls={urls}",
-        f"run.dir={run_dir}",
-        f"data.log_keys={run_dir}/keys",
-        "parallel.tensor_parallel=2",
-        "parallel.zero_stage=1",
-        "vision.freeze=false",
-        "train.precision=fp32",
-        "data.num_workers=1",
-        "data.shuffle_block=8",
-        "train.micro_batch_size=4",
-        "train.max_steps=20",
-        "train.warmup_steps=2",
-        "train.save_every=4",
-        "train.log_every=1",
-        "train.eval=false",
-        *extra,
-    ]
+def tp_run(urls: str, run_dir) -> list[str]:
+    from tests.qwen_helpers import resumable_run
+
+    return resumable_run(urls, run_dir, "parallel.tensor_parallel=2", "parallel.zero_stage=1")
 
 
 def test_tp2_dp2_trains_a_tiny_qwen2_5_vl_and_resumes_bit_identical_after_kill_9(tmp_path):
