@@ -329,14 +329,34 @@ QWEN2_5_VL_7B_CONFIG = {  # Qwen2.5-VL-7B-Instruct's config.json (its token ids 
 }  # fmt: skip
 
 
+QWEN3_VL_8B_CONFIG = {  # Qwen3-VL-8B-Instruct's config.json (its token ids those of the vendored tokenizer)
+    "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl", "tie_word_embeddings": False,
+    "vision_start_token_id": 16643, "vision_end_token_id": 16644, "image_token_id": 16646, "video_token_id": 16647,
+    "text_config": {
+        "model_type": "qwen3_vl_text", "attention_bias": False, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 4096, "intermediate_size": 12288, "max_position_embeddings": 262144,
+        "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"},
+        "rope_theta": 5000000, "vocab_size": 151936,
+    },
+    "vision_config": {
+        "model_type": "qwen3_vl", "deepstack_visual_indexes": [8, 16, 24], "depth": 27,
+        "hidden_act": "gelu_pytorch_tanh", "hidden_size": 1152, "in_channels": 3, "intermediate_size": 4304,
+        "num_heads": 16, "num_position_embeddings": 2304, "out_hidden_size": 4096, "patch_size": 16,
+        "spatial_merge_size": 2, "temporal_patch_size": 2,
+    },
+}  # fmt: skip
+
+
 QWEN2_VL_TOKENIZER = REPO / "tests" / "assets" / "tokenizers" / "qwen2-vl"
 CHECKPOINT_CONFIGS: dict[str, dict[str, dict]] = {
     "vision": {
         "clip-vit-l-336px": CLIP_L_336_CONFIG,
         "siglip-so400m-384px": SIGLIP_SO400M_384_CONFIG,
         "qwen2_5-vl-7b": QWEN2_5_VL_7B_CONFIG,  # one folder for vision.path and llm.path
+        "qwen3-vl-8b": QWEN3_VL_8B_CONFIG,
     },
-    "llm": {"vicuna-7b": LLAMA2_7B_CONFIG, "qwen2_5-vl-7b": QWEN2_5_VL_7B_CONFIG},
+    "llm": {"vicuna-7b": LLAMA2_7B_CONFIG, "qwen2_5-vl-7b": QWEN2_5_VL_7B_CONFIG, "qwen3-vl-8b": QWEN3_VL_8B_CONFIG},
 }
 
 

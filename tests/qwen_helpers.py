@@ -11,12 +11,15 @@ from pathlib import Path
 import torch
 
 IMAGE, VIDEO, START, END = 290, 291, 292, 293
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16}
+TIMESTAMP = 30  # stands for a Qwen3-VL video frame's "<t seconds>" text
 
 
 def tiny_hf(family: str, vocab_size: int = 300, ids: tuple[int, int, int, int] = (IMAGE, VIDEO, START, END)):
-    """A tiny random Qwen2-VL or Qwen2.5-VL (Qwen2.5: window attention in layer 0, full in layer 1);
-    `ids`: its image, video, vision-start and vision-end token ids."""
+    """A tiny random Qwen2-VL, Qwen2.5-VL (window attention in layer 0, full in layer 1) or Qwen3-VL
+    (DeepStack from tower layers 0 and 1 into decoder layers 0 and 1, a 6 x 6 position-embedding
+    grid); `ids`: its image, video, vision-start and vision-end token ids."""
     import transformers
 
     torch.manual_seed(0)
@@ -28,6 +31,13 @@ def tiny_hf(family: str, vocab_size: int = 300, ids: tuple[int, int, int, int] =
     if family == "qwen2_vl":
         vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2)
         config_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    elif family == "qwen3_vl":
+        vision = dict(
+            depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=4, patch_size=16,
+            num_position_embeddings=36, deepstack_visual_indexes=[0, 1],
+        )  # fmt: skip
+        text |= dict(head_dim=16, rope_parameters=text["rope_parameters"] | {"mrope_interleaved": True})
+        config_cls, model_cls = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
     else:
         vision = dict(
             depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=4, window_size=56,
@@ -41,14 +51,16 @@ def tiny_hf(family: str, vocab_size: int = 300, ids: tuple[int, int, int, int] =
     model = model_cls(config).eval()
     with torch.no_grad():  # biases and norms away from their 0/1 init, so a dropped one shows
         for name, param in model.named_parameters():
-            if "bias" in name or "norm" in name or "ln_q" in name:
+            if "bias" in name or "norm" in name or "ln_q" in name or "pos_embed" in name:
                 param.add_(torch.randn_like(param) * 0.1)
     return model
 
 
-def qwen_batch(samples: list[list], seed: int = 0) -> dict[str, torch.Tensor]:
+def qwen_batch(samples: list[list], seed: int = 0, family: str = "qwen2_vl") -> dict[str, torch.Tensor]:
     """Samples of text ids and ("image" | "video", (t, h, w)) parts -> a right-padded batch in
-    Qwen's processor layout (patches [N, 3*2*14*14] random, grids, mm_token_type_ids)."""
+    Qwen's processor layout (patches [N, 3*2*p*p] random, grids, mm_token_type_ids); Qwen3-VL's
+    videos as its processor writes them, each temporal patch after a timestamp in its own span."""
+    patch = PATCH[family]
     generator = torch.Generator().manual_seed(seed)
     rows, patches, grids = [], {"image": [], "video": []}, {"image": [], "video": []}
     for sample in samples:
@@ -59,8 +71,11 @@ def qwen_batch(samples: list[list], seed: int = 0) -> dict[str, torch.Tensor]:
                 continue
             kind, grid = part
             t, h, w = grid
-            ids += [START] + [IMAGE if kind == "image" else VIDEO] * (t * h * w // 4) + [END]
-            patches[kind].append(torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=generator))
+            if kind == "video" and family == "qwen3_vl":
+                ids += ([TIMESTAMP, START] + [VIDEO] * (h * w // 4) + [END]) * t
+            else:
+                ids += [START] + [IMAGE if kind == "image" else VIDEO] * (t * h * w // 4) + [END]
+            patches[kind].append(torch.randn(t * h * w, 3 * 2 * patch * patch, generator=generator))
             grids[kind].append(list(grid))
         rows.append(ids)
     length = max(map(len, rows))
@@ -83,6 +98,15 @@ TINY_QWEN = [
     "llm.family=qwen2_5_vl", "llm.hidden_size=64", "llm.num_heads=4", "llm.num_kv_heads=2",
     "llm.intermediate_size=128", "connector=patch_merger", "connector.norm=rmsnorm",
 ]  # fmt: skip
+
+
+TINY_QWEN3 = [
+    "vision.family=qwen3_vl", "vision.path=null", "vision.patch_size=16", "vision.hidden_size=32",
+    "vision.intermediate_size=64", "vision.num_heads=4", "vision.num_layers=2", "vision.deepstack_layers=[0,1]",
+    "vision.num_position_embeddings=36", "llm.family=qwen3_vl", "llm.hidden_size=64", "llm.num_heads=4",
+    "llm.num_kv_heads=2", "llm.intermediate_size=128", "connector=patch_merger", "connector.norm=layernorm",
+]  # fmt: skip
+TINY = {"qwen2_5_vl": TINY_QWEN, "qwen3_vl": TINY_QWEN3}
 
 
 def write_sized_shards(folder: Path, seed: int = 3, videos: bool = False) -> str:

@@ -41,9 +41,12 @@ def presets() -> dict[str, list[str]]:
 # Options that build only together with others: the Qwen-VL parts are one model, and patch_merger merges
 # 2 x 2 blocks of patches (the toy tower's 3 x 3 grid becomes 4 x 4)
 QWEN_VL_7B = ["vision=qwen2_5-vl-7b", "llm=qwen2_5-vl-7b", "connector=patch_merger"]
+QWEN3_VL_8B = ["vision=qwen3-vl-8b", "llm=qwen3-vl-8b", "connector=patch_merger"]
 COMPANIONS = {
     "vision=qwen2_5-vl-7b": QWEN_VL_7B[1:],
     "llm=qwen2_5-vl-7b": QWEN_VL_7B[::2],
+    "vision=qwen3-vl-8b": QWEN3_VL_8B[1:],
+    "llm=qwen3-vl-8b": QWEN3_VL_8B[::2],
     "connector=patch_merger": ["vision.patch_size=12"],
 }
 
@@ -58,6 +61,10 @@ EXPECTED = {
     "experiment=toy-qwen2_5-vl": (6.6e5, "PatchMergerConnector", 1),
     "vision=qwen2_5-vl-7b": (8.29e9, "PatchMergerConnector", 1),
     "llm=qwen2_5-vl-7b": (8.29e9, "PatchMergerConnector", 1),
+    "experiment=qwen3-vl-8b-sft": (8.77e9, "PatchMergerConnector", 1),  # 8,767,123,696: transformers' count
+    "experiment=toy-qwen3-vl": (6.6e5, "PatchMergerConnector", 1),
+    "vision=qwen3-vl-8b": (8.77e9, "PatchMergerConnector", 1),
+    "llm=qwen3-vl-8b": (8.77e9, "PatchMergerConnector", 1),
     "connector=patch_merger": (5.8e5, "PatchMergerConnector", 4),
     "data=qwen-vl-sft": (5.8e5, "MLPConnector", 9),
     "vision=clip-tiny": (5.8e5, "MLPConnector", 9),
@@ -110,7 +117,8 @@ def required_values(missing: list[str], overrides: list[str], root: Path) -> lis
                 pytest.fail(
                     f"{group}={option} needs {key}: add its config.json to CHECKPOINT_CONFIGS in tests/helpers.py"
                 )
-            tokenizer = {"vicuna-7b": LLAMA2_TOKENIZER, "qwen2_5-vl-7b": QWEN2_VL_TOKENIZER}.get(option)
+            qwen = {"qwen2_5-vl-7b": QWEN2_VL_TOKENIZER, "qwen3-vl-8b": QWEN2_VL_TOKENIZER}
+            tokenizer = {"vicuna-7b": LLAMA2_TOKENIZER, **qwen}.get(option)
             folder = write_config_only_folder(root / option, CHECKPOINT_CONFIGS[group][option], tokenizer)
             values.append(f"{key}={folder}")
         elif key == "data.urls":

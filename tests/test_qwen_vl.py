@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.qwen_helpers import END, FAMILIES, IMAGE, START, TINY_QWEN, qwen_batch, tiny_hf
+from tests.qwen_helpers import END, FAMILIES, IMAGE, START, TINY, qwen_batch, tiny_hf
 from vlm_train.interop import from_hf, to_hf
 from vlm_train.models.vlm import IGNORE_INDEX
 
@@ -42,7 +42,7 @@ def test_import_and_export_give_transformers_logits(family, tmp_path):
     exported = getattr(transformers, type(hf).__name__).from_pretrained(tmp_path / "export").eval()
     with torch.no_grad():
         for name, samples in SAMPLES.items():
-            batch = qwen_batch(samples)
+            batch = qwen_batch(samples, family=family)
             expected = real(hf(**batch).logits, batch)
             got = real(ours(model, batch), batch)
             assert (got - expected).abs().max() < 1e-4, name
@@ -55,7 +55,7 @@ def test_positions_are_transformers_rope_index(family):
     hf = tiny_hf(family)
     model = from_hf_model(hf)
     for samples in SAMPLES.values():
-        batch = qwen_batch(samples)
+        batch = qwen_batch(samples, family=family)
         expected, _ = hf.model.get_rope_index(
             batch["input_ids"], batch["mm_token_type_ids"], batch.get("image_grid_thw"),
             batch.get("video_grid_thw"), attention_mask=batch["attention_mask"],
@@ -83,7 +83,7 @@ def test_a_packed_batch_gives_the_unpacked_per_token_losses(family):
     assert isinstance(model.llm, CausalLM)
     model.llm.hf_model.model.config._attn_implementation = register_varlen_attention()
     samples = SAMPLES["multi-image"][:1] + SAMPLES["video"][:1] + [[20, 21, 22, 23, 24]]
-    batch = qwen_batch(samples)
+    batch = qwen_batch(samples, family=family)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
     lengths = batch["attention_mask"].sum(1).tolist()
     packed = {k: v for k, v in batch.items() if "grid" in k or "pixel" in k}
@@ -131,18 +131,45 @@ def test_vlm_plan_sizes_qwen2_5_vl_7b_from_a_config_only_folder(tmp_path, capsys
     assert "this config (ZeRO-3, TP=1, llm.activation_checkpointing=true)" in out and "fits 80GB" in out
 
 
-def test_a_tiny_qwen2_5_vl_builds_from_sizes_and_exports(tmp_path):
-    """`vision.family=qwen2_5_vl` from the size fields: a model transformers loads back after export,
-    with the same logits, and whose gradient reaches tower, merger and decoder."""
+def test_vlm_plan_sizes_qwen3_vl_8b_from_a_config_only_folder(tmp_path, capsys):
+    """experiment=qwen3-vl-8b-sft builds at meta size: 8,767,123,696 parameters, transformers' own count
+    (its ViT 415,891,440 frozen; the merger and the three DeepStack mergers 160,496,896)."""
+    import transformers
+
+    from tests.helpers import QWEN2_VL_TOKENIZER, QWEN3_VL_8B_CONFIG, write_config_only_folder
+    from vlm_train.plan import main
+
+    folder = write_config_only_folder(tmp_path / "qwen3-vl-8b", QWEN3_VL_8B_CONFIG, QWEN2_VL_TOKENIZER)
+    code = main(["experiment=qwen3-vl-8b-sft", f"vision.path={folder}", f"llm.path={folder}"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    with torch.device("meta"):
+        config = transformers.Qwen3VLConfig.from_pretrained(folder)
+        reference = sum(p.numel() for p in transformers.Qwen3VLForConditionalGeneration(config).parameters())
+    assert reference == 8_767_123_696
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in out.splitlines()
+        if line.split()[:1] in (["vision"], ["connector"], ["total"])
+    }
+    assert rows["vision"] == ["0", "415,891,440"] and rows["connector"] == ["160,496,896", "0"]
+    assert sum(int(n.replace(",", "")) for n in rows["total"]) == reference
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_a_tiny_qwen_vl_builds_from_sizes_and_exports(family, tmp_path):
+    """`vision.family=qwen2_5_vl|qwen3_vl` from the size fields: a model transformers loads back after
+    export, with the same logits, and whose gradient reaches tower, merger(s) and decoder."""
     import transformers
 
     from tests.helpers import toy_model
     from vlm_train.data.tokenizer import build_toy_tokenizer
+    from vlm_train.interop.qwen_vl import QWEN_VL_CLASSES
 
-    model = toy_model(*TINY_QWEN, "vision.freeze=false").eval()
+    model = toy_model(*TINY[family], "vision.freeze=false").eval()
     tokenizer = build_toy_tokenizer()
     image = model.image_token_id
-    batch = qwen_batch([[5, 6, ("image", (1, 4, 6)), 7], [8, ("image", (1, 2, 2)), 9, 10]])
+    batch = qwen_batch([[5, 6, ("image", (1, 4, 6)), 7], [8, ("image", (1, 2, 2)), 9, 10]], family=family)
     batch["input_ids"] = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE, image)
     batch["input_ids"] = batch["input_ids"].masked_fill((batch["input_ids"] == START) | (batch["input_ids"] == END), 7)
     batch["mm_token_type_ids"] = (batch["input_ids"] == image).int()
@@ -151,7 +178,7 @@ def test_a_tiny_qwen2_5_vl_builds_from_sizes_and_exports(tmp_path):
     for part in (model.vision, model.connector, model.llm):
         assert all(p.grad is not None for p in part.parameters() if p.requires_grad), type(part).__name__
     to_hf(model, tmp_path / "export", tokenizer)
-    exported = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
+    exported = getattr(transformers, QWEN_VL_CLASSES[family]).from_pretrained(tmp_path / "export").eval()
     with torch.no_grad():
         assert (real(exported(**batch).logits, batch) - real(ours(model, batch), batch)).abs().max() < 1e-4
 
@@ -162,16 +189,17 @@ def ours_with_labels(model, batch: dict):
     return model(inputs.pop("pixel_values"), **inputs, labels=labels)
 
 
-@pytest.mark.parametrize("video", [False, True])
-def test_a_text_only_batch_runs_the_tower_on_a_blank_image(video):
-    """A rank whose micro-batch has no image and no video still runs tower and merger (on one blank
+@pytest.mark.parametrize(("family", "video"), [("qwen2_5_vl", False), ("qwen2_5_vl", True), ("qwen3_vl", True)])
+def test_a_text_only_batch_runs_the_tower_on_a_blank_image(family, video):
+    """A rank whose micro-batch has no image and no video still runs tower and merger(s) (on one blank
     28 px image, weight zero): under ZeRO-3 every rank must gather the same parameters, or it hangs."""
     from tests.helpers import toy_model
 
-    model = toy_model(*TINY_QWEN, "vision.freeze=false", *(["data.video=true"] if video else []))
+    model = toy_model(*TINY[family], "vision.freeze=false", *(["data.video=true"] if video else []))
     ids = torch.tensor([[2, 5, 6, 7, 3], [2, 8, 9, 3, 0]])
     mask = (ids != 0).long()
     out = model(None, ids, mask, labels=ids.masked_fill(mask == 0, IGNORE_INDEX))
     out.loss.backward()
     tower_grads = [p.grad for p in model.vision.parameters() if p.requires_grad]
     assert tower_grads and all(g is not None and not g.any() for g in tower_grads)  # reached, with zeros
+    assert all(p.grad is not None for p in model.connector.parameters())  # Qwen3: its DeepStack mergers too

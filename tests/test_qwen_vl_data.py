@@ -53,7 +53,7 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def qwen_encoder(**data):
+def qwen_encoder(transform: NativeResolutionTransform | None = None, **data):
     from transformers import AutoTokenizer
 
     from vlm_train.config import compose
@@ -62,7 +62,7 @@ def qwen_encoder(**data):
     overrides = ["vision.family=qwen2_5_vl", "data.template=hf", "data.max_length=512"]
     overrides += [f"data.{k}={v}" for k, v in data.items()]
     cfg = compose(overrides)
-    transform = NativeResolutionTransform(max_pixels=28 * 28 * 64)
+    transform = transform or NativeResolutionTransform(max_pixels=28 * 28 * 64)
     tokenizer = AutoTokenizer.from_pretrained(QWEN2_VL_TOKENIZER)
     return SampleEncoder(cfg.data, tokenizer, transform, transform.tokens_of), tokenizer, transform
 
@@ -178,6 +178,39 @@ def test_a_video_becomes_temporal_patches_with_qwen2_5_positions():
     assert single.video_grids == [(1, 4, 6)] and torch.equal(single.videos, transform(frames[0]))
 
 
+def test_a_qwen3_vl_video_is_timestamped_temporal_patches_with_transformers_positions():
+    """Qwen3-VL writes a video as its processor does: each temporal patch after its timestamp (the mean
+    of its two frames' times, to one decimal: 3 frames at 2 fps -> 0.25 s and 1.0 s) in its own
+    <|vision_start|> ... <|vision_end|>; the sample's positions are transformers' Qwen3-VL get_rope_index
+    (each temporal patch placed as an image); one video counted, not two."""
+    import transformers
+
+    transform = NativeResolutionTransform(16, max_pixels=32 * 32 * 64, timestamps=True)
+    encoder, tokenizer, _ = qwen_encoder(transform, video="true")
+    frames = [random_image((60, 90), seed) for seed in range(3)]
+    _, patches, encoded = encoder.encode(video_sample(frames, image=random_image((64, 64), 9)))
+    (t, h, w), image_grid = encoded.video_grids[0], transform.grid_of((64, 64))
+    assert (t, h, w) == (2, *transform.grid_of((60, 90))[1:]) and encoded.num_videos == 1
+    per_patch = "<|vision_start|>" + "<|video_pad|>" * (h * w // 4) + "<|vision_end|>"
+    image = "<|vision_start|>" + "<|image_pad|>" * (image_grid[1] * image_grid[2] // 4) + "<|vision_end|>"
+    text = tokenizer.decode(encoded.input_ids)
+    assert f"user\n<0.2 seconds>{per_patch}<1.0 seconds>{per_patch}\nWhere does it go? {image}\nAnd" in text
+    assert tokenizer(text).input_ids == encoded.input_ids  # the timestamps tokenised in their context
+    video_pad, image_pad = tokenizer.convert_tokens_to_ids(["<|video_pad|>", "<|image_pad|>"])
+    ids = torch.tensor([encoded.input_ids])
+    config = transformers.Qwen3VLConfig(
+        text_config={"vocab_size": 16648, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={"depth": 1, "hidden_size": 16, "num_heads": 2, "out_hidden_size": 32},
+        image_token_id=image_pad, video_token_id=video_pad,
+    )  # fmt: skip
+    with torch.device("meta"):
+        hf = transformers.Qwen3VLModel(config)
+    types = (ids == image_pad).int() + 2 * (ids == video_pad).int()
+    grids = torch.tensor(encoded.image_grids), torch.tensor(encoded.video_grids)
+    expected, _ = hf.get_rope_index(ids, types, *grids)
+    assert torch.equal(encoded.positions, expected[:, 0])
+
+
 def test_packed_rows_carry_each_samples_own_positions():
     """A packed row's positions are its samples' own, end to end (each from 0): what the model's
     packed forward needs (tests/test_qwen_vl.py proves the per-token losses equal)."""
@@ -195,8 +228,11 @@ def test_packed_rows_carry_each_samples_own_positions():
     assert torch.equal(packed["image_grid_thw"], plain["image_grid_thw"])
 
 
-def test_a_qwen_folder_trains_as_it_is_with_transformers_logits_and_exports_its_processor(tmp_path, capsys):
-    """A Qwen2.5-VL folder with its tokenizer: `vlm-convert from-hf` prints the overrides that train it as
+@pytest.mark.parametrize(("family", "norm"), [("qwen2_5_vl", "rmsnorm"), ("qwen3_vl", "layernorm")])
+def test_a_qwen_folder_trains_as_it_is_with_transformers_logits_and_exports_its_processor(
+    family, norm, tmp_path, capsys
+):
+    """A Qwen2.5-VL (Qwen3-VL: 16 px patches, [-1, 1] pixels, DeepStack) folder with its tokenizer: `vlm-convert from-hf` prints the overrides that train it as
     it is; the model they build, fed a sample through vlm_train's own data path (chat template, image
     patches, grids, positions), gives transformers' logits on the same ids and pixels; its export ships
     an image processor that makes the training pixels, and a tokenizer with the chat template."""
@@ -214,15 +250,15 @@ def test_a_qwen_folder_trains_as_it_is_with_transformers_logits_and_exports_its_
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(QWEN2_VL_TOKENIZER)
     names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
-    hf = tiny_hf("qwen2_5_vl", vocab_size=len(tokenizer), ids=tuple(tokenizer.convert_tokens_to_ids(names)))
-    folder = tmp_path / "qwen2_5-vl-tiny"
+    hf = tiny_hf(family, vocab_size=len(tokenizer), ids=tuple(tokenizer.convert_tokens_to_ids(names)))
+    folder = tmp_path / f"{family}-tiny"
     hf.save_pretrained(folder)
     for file in QWEN2_VL_TOKENIZER.iterdir():
         shutil.copy(file, folder / file.name)
     assert convert(["from-hf", str(folder), str(tmp_path / "unused")]) == 0
     overrides = capsys.readouterr().out.split()
     assert (
-        overrides[:2] == ["vision.family=qwen2_5_vl", f"vision.path={folder}"] and "connector.norm=rmsnorm" in overrides
+        overrides[:2] == [f"vision.family={family}", f"vision.path={folder}"] and f"connector.norm={norm}" in overrides
     )
     cfg = compose(["experiment=toy", *overrides, "vision.max_pixels=50176"])
     model = build_model(cfg).eval()

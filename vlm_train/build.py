@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from vlm_train.config import Config, LLMConfig, VisionConfig
+from vlm_train.config import QWEN_VL_FAMILIES, Config, LLMConfig, VisionConfig
 from vlm_train.data.tokenizer import load_tokenizer, media_token_ids
 from vlm_train.errors import ConfigError
 from vlm_train.models import (
@@ -19,6 +19,7 @@ from vlm_train.models import (
 )
 from vlm_train.models.anyres import AnyResLayout
 from vlm_train.models.connectors import Connector, load_connector_weights
+from vlm_train.models.connectors.patch_merger import PatchMergerConnector
 from vlm_train.models.qwen_vl import NativeResolutionTower
 from vlm_train.models.varlen_attention import register_varlen_attention
 
@@ -72,14 +73,11 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
     return model
 
 
-QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-
-
 def build_qwen_vl_parts(
     cfg: Config, vocab_size: int, layout, media_ids: tuple[int, int | None]
 ) -> tuple[NativeResolutionTower, Connector, Any]:
-    """vision.family=qwen2_vl|qwen2_5_vl: the native-resolution tower, the patch merger and the M-RoPE
-    decoder, from a whole Qwen2(.5)-VL folder (vision.path = llm.path) or from the size fields."""
+    """vision.family=qwen2_vl|qwen2_5_vl|qwen3_vl: the native-resolution tower, the patch merger(s) and
+    the M-RoPE decoder, from a whole Qwen-VL folder (vision.path = llm.path) or from the size fields."""
     from vlm_train.interop.qwen_vl import load_qwen_vl_parts
     from vlm_train.models.qwen_vl import build_mrope_llm, build_native_tower
 
@@ -95,8 +93,9 @@ def build_qwen_vl_parts(
         tower, connector, llm = load_qwen_vl_parts(str(cfg.vision.path), vocab_size, attn, media_ids)
     else:
         tower = build_native_tower(family, None, native_tower_sizes(cfg))
-        llm = CausalLM(build_mrope_llm(family, mrope_llm_sizes(cfg.llm, vocab_size), attn, cfg.llm.tie_embeddings))
-        connector = build_connector(cfg.connector, tower.hidden_size, llm.hidden_size, tower.num_features)
+        sizes = mrope_llm_sizes(cfg.llm, vocab_size, family)
+        llm = CausalLM(build_mrope_llm(family, sizes, attn, cfg.llm.tie_embeddings))
+        connector = build_native_connector(cfg, tower, llm.hidden_size)
     if cfg.llm.backend != "megatron":
         return tower, connector, llm
     if layout is None:
@@ -107,46 +106,66 @@ def build_qwen_vl_parts(
     return tower, connector, from_hf_decoder(llm, layout, precision=run_precision(cfg))  # the tower stays whole
 
 
+def build_native_connector(cfg: Config, tower: NativeResolutionTower, llm_dim: int) -> Connector:
+    """connector=patch_merger for a native-resolution tower: Qwen3-VL's (LayerNorm, and one merger per
+    DeepStack layer) or the configured one (Qwen2-VL: LayerNorm, Qwen2.5-VL: RMSNorm)."""
+    if tower.family != "qwen3_vl":
+        return build_connector(cfg.connector, tower.hidden_size, llm_dim, tower.num_features)
+    if cfg.connector.norm != "layernorm":
+        raise ConfigError("vision.family=qwen3_vl: Qwen3-VL's patch merger normalises with connector.norm=layernorm")
+    return PatchMergerConnector.qwen3(tower.hf_model.config, len(tower.deepstack_layers))
+
+
 def native_tower_sizes(cfg: Config) -> dict:
-    """transformers' vision config fields of a Qwen2-VL / Qwen2.5-VL ViT from vision.* sizes."""
+    """transformers' vision config fields of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL ViT from vision.* sizes."""
     vision, width = cfg.vision, cfg.vision.hidden_size
     common = dict(depth=vision.num_layers, num_heads=vision.num_heads, patch_size=vision.patch_size)
     if vision.family == "qwen2_vl":
         return common | dict(
             embed_dim=width, mlp_ratio=vision.intermediate_size / width, hidden_size=cfg.llm.hidden_size
         )
-    return common | dict(
-        hidden_size=width,
-        intermediate_size=vision.intermediate_size,
-        out_hidden_size=cfg.llm.hidden_size,
-        window_size=vision.window_size,
-        fullatt_block_indexes=list(vision.full_attention_layers),
-    )
+    common |= dict(hidden_size=width, intermediate_size=vision.intermediate_size, out_hidden_size=cfg.llm.hidden_size)
+    if vision.family == "qwen3_vl":
+        return common | dict(
+            num_position_embeddings=vision.num_position_embeddings,
+            deepstack_visual_indexes=list(vision.deepstack_layers),
+        )
+    return common | dict(window_size=vision.window_size, fullatt_block_indexes=list(vision.full_attention_layers))
 
 
-def mrope_llm_sizes(llm: LLMConfig, vocab_size: int) -> dict:
-    """transformers' text config fields of a Qwen2(.5)-VL decoder; M-RoPE sections default to Qwen's
-    split of the rotary pairs (1/4 temporal, 3/8 height, 3/8 width: 16/24/24 at head width 128)."""
+def mrope_llm_sizes(llm: LLMConfig, vocab_size: int, family: str = "qwen2_5_vl") -> dict:
+    """transformers' text config fields of a Qwen-VL decoder; M-RoPE sections default to Qwen's split
+    of the rotary pairs (1/4 temporal, 3/8 height, 3/8 width: 16/24/24 at head width 128; Qwen3-VL,
+    interleaved: 24/20/20)."""
     pairs = llm.hidden_size // llm.num_heads // 2
-    section = llm.mrope_section or [
-        pairs // 4,
-        (pairs - pairs // 4) // 2,
-        pairs - pairs // 4 - (pairs - pairs // 4) // 2,
-    ]
+    section = llm.mrope_section or _default_mrope_section(pairs, family)
     if sum(section) != pairs:
         raise ConfigError(f"llm.mrope_section={section} must sum to the head width / 2 = {pairs}")
-    return dict(
-        vocab_size=vocab_size,
-        hidden_size=llm.hidden_size,
-        intermediate_size=llm.intermediate_size,
-        num_hidden_layers=llm.num_layers,
-        num_attention_heads=llm.num_heads,
-        num_key_value_heads=llm.num_kv_heads,
-        max_position_embeddings=llm.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": llm.rope_theta, "mrope_section": section},
-        bos_token_id=None,  # Qwen's ids; the run's tokenizer gives its own to generation
-        eos_token_id=None,
+    rope = {"rope_type": "default", "rope_theta": llm.rope_theta, "mrope_section": section}
+    qwen3 = dict(head_dim=2 * pairs, rope_parameters=rope | {"mrope_interleaved": True}) if family == "qwen3_vl" else {}
+    return (
+        dict(
+            vocab_size=vocab_size,
+            hidden_size=llm.hidden_size,
+            intermediate_size=llm.intermediate_size,
+            num_hidden_layers=llm.num_layers,
+            num_attention_heads=llm.num_heads,
+            num_key_value_heads=llm.num_kv_heads,
+            max_position_embeddings=llm.max_position_embeddings,
+            rope_parameters=rope,
+            bos_token_id=None,  # Qwen's ids; the run's tokenizer gives its own to generation
+            eos_token_id=None,
+        )
+        | qwen3
     )
+
+
+def _default_mrope_section(pairs: int, family: str) -> list[int]:
+    if family == "qwen3_vl":
+        height = pairs * 5 // 16
+        return [pairs - 2 * height, height, height]
+    temporal = pairs // 4
+    return [temporal, (pairs - temporal) // 2, pairs - temporal - (pairs - temporal) // 2]
 
 
 def build_anyres(cfg: VisionConfig, tower: VisionTower, llm_dim: int) -> AnyResLayout | None:

@@ -17,6 +17,7 @@ from vlm_train.errors import ConfigError
 
 MISSING: Any = "???"  # omegaconf's marker for a required value
 
+QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # native-resolution towers, M-RoPE decoders
 CONFIG_DIR = Path(os.environ.get("VLM_TRAIN_CONFIGS", Path(__file__).resolve().parents[1] / "configs"))
 
 
@@ -25,8 +26,8 @@ class VisionConfig:
     """A Hugging Face CLIP or SigLIP vision tower."""
 
     name: str = "clip-tiny"  # readable id, e.g. clip-vit-l-336px
-    # clip | siglip (| blip2 | idefics2: towers imported from those VLMs, path only) | qwen2_vl | qwen2_5_vl
-    # (native resolution: the path is a whole Qwen2(.5)-VL folder, the same as llm.path; docs/qwen_vl.md)
+    # clip | siglip (| blip2 | idefics2: towers imported from those VLMs, path only) | qwen2_vl | qwen2_5_vl |
+    # qwen3_vl (native resolution: the path is a whole Qwen-VL folder, the same as llm.path; docs/qwen_vl.md)
     family: str = "clip"
     path: str | None = MISSING  # local HF checkpoint dir; null: build from the size fields below
     image_size: int = 48
@@ -44,13 +45,17 @@ class VisionConfig:
     anyres: str | None = None
     # tile grids (rows, columns) an image may be resized to; LLaVA-NeXT's pinpoints / image_size
     anyres_grids: list[list[int]] = field(default_factory=lambda: [[1, 2], [2, 1], [2, 2], [1, 3], [3, 1]])
-    # Native resolution (qwen2_vl, qwen2_5_vl): images resized to multiples of 28 px within these pixel counts
-    # (the Qwen processor's min_pixels / max_pixels); Qwen2.5-VL's window attention: window in pixels and the
-    # layers that attend over the whole image instead
+    # Native resolution (qwen2_vl, qwen2_5_vl, qwen3_vl): images resized to multiples of patch x 2 px (28; Qwen3:
+    # 32) within these pixel counts (the Qwen processor's min_pixels / max_pixels); Qwen2.5-VL's window
+    # attention: window in pixels and the layers that attend over the whole image instead
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
     window_size: int = 112
     full_attention_layers: list[int] = field(default_factory=list)
+    # Qwen3-VL: the tower layers whose features DeepStack adds to the decoder's first layers (8B: [8, 16, 24]),
+    # and its learned absolute position grid (2304 = 48 x 48, interpolated to each image's grid)
+    deepstack_layers: list[int] = field(default_factory=list)
+    num_position_embeddings: int = 2304
 
 
 @dataclass
@@ -59,9 +64,7 @@ class LLMConfig:
 
     name: str = "llama-tiny"
     backend: str = "auto"  # hf | megatron (megatron-core, tensor parallel) | auto: megatron when TP > 1, else hf
-    family: str = (
-        "llama"  # llama | qwen2_vl | qwen2_5_vl (M-RoPE) build from the size fields; any causal LM loads from a path
-    )
+    family: str = "llama"  # llama | qwen2_vl | qwen2_5_vl | qwen3_vl (M-RoPE) build from the size fields; any causal LM from a path
     path: str | None = MISSING  # local HF checkpoint dir; null: build from the size fields below
     tokenizer: str | None = None  # local tokenizer dir; "toy" = the built-in toy tokenizer; None = path
     hidden_size: int = 128
@@ -72,7 +75,8 @@ class LLMConfig:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 512
     tie_embeddings: bool = False
-    mrope_section: list[int] | None = None  # qwen2_vl/qwen2_5_vl: rotary pairs per (t, h, w); None: 1/4, 3/8, 3/8
+    # qwen2_vl/qwen2_5_vl/qwen3_vl: rotary pairs per (t, h, w); None: 1/4, 3/8, 3/8 (Qwen3: 3/8, 5/16, 5/16)
+    mrope_section: list[int] | None = None
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     freeze: bool = False
     activation_checkpointing: bool = False  # recompute each decoder layer in backward (HF gradient checkpointing)
@@ -306,9 +310,9 @@ class Config:
 
 
 _CHOICES = {
-    "vision.family": ("clip", "siglip", "blip2", "idefics2", "qwen2_vl", "qwen2_5_vl"),
+    "vision.family": ("clip", "siglip", "blip2", "idefics2", *QWEN_VL_FAMILIES),
     "llm.backend": ("auto", "hf", "megatron"),
-    "llm.family": ("llama", "mistral", "opt", "qwen2_vl", "qwen2_5_vl"),
+    "llm.family": ("llama", "mistral", "opt", *QWEN_VL_FAMILIES),
     "data.template": ("chat", "plain", "vicuna_v1", "hf"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "train.precision": ("auto", "bf16", "fp32"),
@@ -401,7 +405,7 @@ def _validate_data(cfg: Config) -> None:
         raise ConfigError("data.weight and every data.mixture weight must be positive")
     if data.samples_per_shard is not None and data.samples_per_shard < 1:
         raise ConfigError(f"data.samples_per_shard={data.samples_per_shard} must be at least 1")
-    native = cfg.vision.family in ("qwen2_vl", "qwen2_5_vl")
+    native = cfg.vision.family in QWEN_VL_FAMILIES
     if data.video and cfg.vision.anyres is None and not native:
         raise ConfigError(
             "data.video=true lays frames out as LLaVA-OneVision does: set vision.anyres (e.g. anyres_max_9)"

@@ -129,6 +129,7 @@ def image_transform(model):
             vision.min_pixels,
             vision.max_pixels,
             tokens_per_second,
+            timestamps=vision.family == "qwen3_vl",
         )
     if model.anyres is not None:
         return AnyResTransform(model.vision.image_size, tuple(map(tuple, model.anyres.grid_pinpoints)))

@@ -1,7 +1,7 @@
-"""Images for a native-resolution tower (Qwen2-VL, Qwen2.5-VL), as Qwen's image processor makes them.
+"""Images for a native-resolution tower (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), as Qwen's image processor makes them.
 
 An image keeps (close to) its own size: `smart_resize` (transformers' own) rounds each side to a
-multiple of 28 px (patch 14 x merge 2) within `min_pixels`..`max_pixels`, keeping the aspect ratio;
+multiple of 28 px (patch 14 x merge 2; Qwen3-VL: 32) within `min_pixels`..`max_pixels`, keeping the aspect ratio;
 the resize is bicubic, as the processor's. The resized image is cut into 14 px patches in merge-unit
 order (each 2 x 2 block's four patches in a row, blocks row by row), each patch repeated over the
 temporal patch (2: an image is a one-frame video), flattened channel-major: uint8 [N, 3 x 2 x 14 x 14].
@@ -28,6 +28,7 @@ class NativeResolutionTransform:
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
     tokens_per_second: float | None = None  # Qwen2.5-VL: temporal positions per second of video (None: Qwen2-VL)
+    timestamps: bool = False  # Qwen3-VL: each temporal patch of a video in its own span after its timestamp
 
     @property
     def size(self) -> int:
@@ -82,6 +83,13 @@ class NativeResolutionTransform:
         grid = (len(frames_FCHW) // self.temporal_patch_size, height // self.patch_size, width // self.patch_size)
         step = times[1] - times[0] if len(times) > 1 else 1.0  # seconds between sampled frames
         return self.patches(frames_FCHW), grid, self.temporal_patch_size * step
+
+    def patch_times(self, times: list[float]) -> list[float]:
+        """Each temporal patch's time in seconds (Qwen3-VL's timestamps): the mean of its first and last
+        frame's, the last patch filled with the last frame as `video` fills it."""
+        t = self.temporal_patch_size
+        times = list(times) + [times[-1]] * (-len(times) % t)
+        return [(times[i] + times[i + t - 1]) / 2 for i in range(0, len(times), t)]
 
     def patches(self, frames_FCHW: torch.Tensor) -> torch.Tensor:
         """Frames of one size [F, 3, H, W] (F a multiple of the temporal patch, or 1: repeated) ->

@@ -152,7 +152,12 @@ class SampleEncoder:
             else:
                 video_tokens = [self.video_tokens(n) for n in frames] if self.video_tokens else []
             encoded = encode(
-                turns, self.tokenizer, self.cfg.template, [tokens_of(s) for s in sizes], video_tokens=video_tokens
+                turns,
+                self.tokenizer,
+                self.cfg.template,
+                [tokens_of(s) for s in sizes],
+                video_tokens=video_tokens,
+                video_timestamps=self.video_timestamps(clips),
             )
         except ImageCountError as err:
             return skipped("image_token_mismatch", key, str(err))
@@ -212,6 +217,13 @@ class SampleEncoder:
         assert isinstance(transform, NativeResolutionTransform)
         size = self.video_reader.frame_size(video)
         return lambda frames: transform.video_tokens(frames, size)
+
+    def video_timestamps(self, clips: list[Clip]) -> list[list[float]]:
+        """Qwen3-VL: each clip's temporal patches' times (its prompt writes them); others: none."""
+        transform = self.transform
+        if not isinstance(transform, NativeResolutionTransform) or not transform.timestamps:
+            return []
+        return [transform.patch_times(clip.times) for clip in clips]
 
     def native_video(self, clip: Clip) -> tuple[torch.Tensor, tuple[int, int, int], float]:
         """A decoded clip as a native-resolution tower takes it: patches, grid, seconds per grid step."""
@@ -282,12 +294,14 @@ class SampleEncoder:
         """Native resolution: the sample's M-RoPE positions [3, L], computed here, once per sample."""
         if not isinstance(self.transform, NativeResolutionTransform):
             return encoded
-        from vlm_train.models.qwen_vl import mrope_positions
+        from vlm_train.models.qwen_vl import mrope_positions, per_frame_grids
 
         grids = torch.tensor(encoded.image_grids, dtype=torch.long).view(-1, 3)
         video_grids = torch.tensor(encoded.video_grids, dtype=torch.long).view(-1, 3)
         per_second = self.transform.tokens_per_second  # Qwen2.5-VL: a video's time steps in positions
         steps = [per_second * seconds for seconds in encoded.video_seconds] if per_second else None
+        if self.transform.timestamps:  # Qwen3-VL: each temporal patch placed as an image of its own
+            video_grids = per_frame_grids(video_grids)
         ids = torch.tensor(encoded.input_ids)[None]
         media = (self.image_token_id, self.video_token_id)
         positions = mrope_positions(ids, None, media, (grids, video_grids), self.transform.merge_size, steps)

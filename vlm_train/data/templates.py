@@ -103,15 +103,22 @@ def encode(
     image_tokens: int | Sequence[int],
     add_generation_prompt: bool = False,
     video_tokens: Sequence[int] = (),
+    video_timestamps: Sequence[Sequence[float]] = (),
 ) -> Encoded:
     """`encode_conversation`, with the number of images (the pipeline checks it against the sample's).
     `<video>` markers (data.video) become `video_tokens[k]` copies of the `<video>` id for the k-th
-    video; templates place them as they place images (rendered as `<image>`, same length)."""
+    video; templates place them as they place images (rendered as `<image>`, same length). With
+    `video_timestamps` (Qwen3-VL: each video's temporal patches' times in seconds), the k-th video
+    is written as Qwen3-VL's processor writes it: each temporal patch after its timestamp, in its
+    own <|vision_start|> ... <|vision_end|> (`video_tokens[k]` split evenly over them)."""
     if template not in RENDERERS:
         raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
     check_turns(turns, template, add_generation_prompt)
     image_id, video_id = media_token_ids(tokenizer)
     media = media_kinds(turns)
+    videos = media.count(VIDEO_TOKEN)
+    if video_timestamps:
+        turns, media, video_tokens = timestamped_videos(turns, video_tokens, video_timestamps)
     if VIDEO_TOKEN in media:
         turns = [{**turn, "value": turn["value"].replace(VIDEO_TOKEN, IMAGE_TOKEN)} for turn in turns]
     if template == "hf" and is_qwen_vl_tokenizer(tokenizer):  # as Qwen-VL's chat template renders an image item
@@ -123,7 +130,30 @@ def encode(
             f"a {VIDEO_TOKEN} marker, but the tokenizer has no video token (data.video=true adds it)"
         )
     video = (video_id, video_tokens) if VIDEO_TOKEN in media and video_id is not None else None
-    return expand_images(ids, labels, image_id, image_tokens, media, video)
+    encoded = expand_images(ids, labels, image_id, image_tokens, media, video)
+    if video_timestamps:  # the videos, not their temporal patches
+        encoded.num_videos = videos
+    return encoded
+
+
+def timestamped_videos(
+    turns: list[dict], video_tokens: Sequence[int], timestamps: Sequence[Sequence[float]]
+) -> tuple[list[dict], list[str], list[int]]:
+    """Each of the first len(timestamps) `<video>` markers -> one `<{t:.1f} seconds><video>` per
+    temporal patch (Qwen3-VL's processor's text, its timestamps to one decimal); the markers in
+    order and the tokens per marker, to match."""
+    videos = iter(enumerate(timestamps))
+
+    def frames(match: re.Match) -> str:
+        index, times = next(videos, (None, ()))
+        return "".join(f"<{t:.1f} seconds>{VIDEO_TOKEN}" for t in times) if index is not None else match.group(0)
+
+    out = [{**turn, "value": re.sub(re.escape(VIDEO_TOKEN), frames, turn["value"])} for turn in turns]
+    per_patch = [
+        [count // len(timestamps[index])] * len(timestamps[index]) if index < len(timestamps) else [count]
+        for index, count in enumerate(video_tokens)
+    ]
+    return out, media_kinds(out), [count for counts in per_patch for count in counts]
 
 
 MEDIA_MARKER = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")

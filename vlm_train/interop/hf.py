@@ -47,6 +47,7 @@ def from_hf(path: str | Path) -> VisionLanguageModel:
         "idefics2": _from_idefics2,
         "qwen2_vl": _from_qwen_vl,
         "qwen2_5_vl": _from_qwen_vl,
+        "qwen3_vl": _from_qwen_vl,
     }
     if model_type not in importers:
         raise ConfigError(f"{path} is a '{model_type}' model; vlm_train imports {', '.join(importers)}")

@@ -2,9 +2,10 @@
 
     Qwen2VLForConditionalGeneration    <-> vision.family=qwen2_vl,   connector=patch_merger (LayerNorm)
     Qwen2_5_VLForConditionalGeneration <-> vision.family=qwen2_5_vl, connector=patch_merger (RMSNorm)
+    Qwen3VLForConditionalGeneration    <-> vision.family=qwen3_vl,   connector=patch_merger (+ DeepStack)
 
 As for LLaVA (interop/hf.py), conversion moves transformers' modules: the ViT (its merger taken
-out) becomes the native-resolution tower, the merger the connector, the language model and head
+out) becomes the native-resolution tower, the merger (Qwen3: and its DeepStack mergers) the connector, the language model and head
 the M-RoPE decoder; an export builds the HF model on the meta device and hands them back.
 """
 
@@ -28,12 +29,14 @@ if TYPE_CHECKING:
 QWEN_VL_CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
 }
-_CONFIG_CLASSES = {"qwen2_vl": "Qwen2VLConfig", "qwen2_5_vl": "Qwen2_5_VLConfig"}
+_CONFIG_CLASSES = {"qwen2_vl": "Qwen2VLConfig", "qwen2_5_vl": "Qwen2_5_VLConfig", "qwen3_vl": "Qwen3VLConfig"}
+_MERGERS = ("merger", "deepstack_merger_list")  # the ViT's children that the connector holds
 
 
 def from_qwen_vl(path: str | Path) -> VisionLanguageModel:
-    """A local Qwen2-VL or Qwen2.5-VL checkpoint folder -> a VisionLanguageModel (fp32)."""
+    """A local Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint folder -> a VisionLanguageModel (fp32)."""
     import transformers
 
     model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
@@ -42,11 +45,11 @@ def from_qwen_vl(path: str | Path) -> VisionLanguageModel:
 
 
 def qwen_vl_model(hf: PreTrainedModel) -> VisionLanguageModel:
-    """Re-parent a Qwen2(.5)-VL model's modules (the model given is taken apart)."""
+    """Re-parent a Qwen-VL model's modules (the model given is taken apart)."""
     config = hf.config
-    merger = hf.model.visual.merger
+    merger, deepstack = hf.model.visual.merger, getattr(hf.model.visual, "deepstack_merger_list", None)
     tower = NativeResolutionTower(hf.model.visual, config.model_type)
-    connector = PatchMergerConnector(merger, tower.merge_size, num_patches=tower.num_features)
+    connector = PatchMergerConnector(merger, tower.merge_size, tower.num_features, deepstack)
     llm = CausalLM(MRopeCausalLM(hf.model.language_model, hf.lm_head))
     return VisionLanguageModel(tower, connector, llm, config.image_token_id, None, config.video_token_id)
 
@@ -57,10 +60,12 @@ def to_qwen_vl(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase | 
 
     tower, connector, llm = model.vision, model.connector, model.llm
     if not isinstance(tower, NativeResolutionTower):
-        raise ConfigError("Qwen-VL checkpoints carry a native-resolution ViT: export vision.family=qwen2_vl|qwen2_5_vl")
+        raise ConfigError(
+            "Qwen-VL checkpoints carry a native-resolution ViT: export vision.family=qwen2_vl|qwen2_5_vl|qwen3_vl"
+        )
     assert isinstance(connector, PatchMergerConnector), "to_hf picks the exporter by the connector's type"
     if not isinstance(llm, CausalLM) or not isinstance(llm.hf_model, MRopeCausalLM):
-        raise ConfigError("Qwen-VL checkpoints carry a Qwen2-VL decoder: export llm.family=qwen2_vl|qwen2_5_vl")
+        raise ConfigError("Qwen-VL checkpoints carry an M-RoPE decoder: export llm.family=qwen2_vl|qwen2_5_vl|qwen3_vl")
     decoder = llm.hf_model
     vision_config = tower.hf_model.config.to_dict()
     width_key = "hidden_size" if tower.family == "qwen2_vl" else "out_hidden_size"
@@ -76,9 +81,11 @@ def to_qwen_vl(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase | 
     with torch.device("meta"):
         hf = getattr(transformers, QWEN_VL_CLASSES[tower.family])(config)
     for name, child in tower.hf_model.named_children():
-        if name != "merger":
+        if name not in _MERGERS:
             setattr(hf.model.visual, name, child)
     hf.model.visual.merger = connector.merger
+    if tower.deepstack_layers:
+        hf.model.visual.deepstack_merger_list = connector.deepstack
     hf.model.language_model, hf.lm_head = decoder.model, decoder.lm_head
     return hf
 
@@ -95,7 +102,7 @@ def _vision_marks(tokenizer: PreTrainedTokenizerBase | None) -> dict[str, int]:
 def load_qwen_vl_parts(
     path: str, vocab_size: int, attn_implementation: str, media_ids: tuple[int, int | None]
 ) -> tuple[NativeResolutionTower, Connector, CausalLM]:
-    """(tower, connector, decoder) of a whole Qwen2(.5)-VL folder, for build_model (vision.path =
+    """(tower, connector, decoder) of a whole Qwen-VL folder, for build_model (vision.path =
     llm.path); the decoder attends with `attn_implementation` (the tower keeps sdpa)."""
     import transformers
 
@@ -121,12 +128,12 @@ def load_qwen_vl_parts(
 
 
 def qwen_vl_overrides(path: str | Path) -> list[str] | None:
-    """The overrides that train a Qwen2(.5)-VL folder as it is; None for any other folder."""
+    """The overrides that train a Qwen-VL folder as it is; None for any other folder."""
     config_file = Path(path) / "config.json"
     model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
     if model_type not in QWEN_VL_CLASSES:
         return None
-    norm = "layernorm" if model_type == "qwen2_vl" else "rmsnorm"
+    norm = "rmsnorm" if model_type == "qwen2_5_vl" else "layernorm"
     return [
         f"vision.family={model_type}",
         f"vision.path={path}",

@@ -1,10 +1,13 @@
-"""The Qwen-VL family's parts (Qwen2-VL, Qwen2.5-VL), as transformers' own modules re-parented:
+"""The Qwen-VL family's parts (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), as transformers' own modules re-parented:
 
-- `NativeResolutionTower`: the ViT that reads an image at its own size (any multiple of 28 px) as
-  a sequence of 14 px patches, with 2-D RoPE, and Qwen2.5's window attention; its output is every
-  patch's features in merge-unit order (each 2 x 2 block of patches, four rows in a row), the
-  order its PatchMerger reads (connectors/patch_merger.py);
-- `MRopeCausalLM`: the decoder whose rotary positions are 3-D (temporal, height, width: M-RoPE);
+- `NativeResolutionTower`: the ViT that reads an image at its own size (any multiple of 28 px; Qwen3:
+  32) as a sequence of 14 px (16 px) patches, with 2-D RoPE, Qwen2.5's window attention, Qwen3's
+  interpolated absolute position embeddings; its output is every patch's features in merge-unit
+  order (each 2 x 2 block of patches, four rows in a row), the order its PatchMerger reads
+  (connectors/patch_merger.py), and for Qwen3 (DeepStack) also those of its `deepstack_layers`;
+- `MRopeCausalLM`: the decoder whose rotary positions are 3-D (temporal, height, width: M-RoPE;
+  Qwen3: interleaved), and which adds Qwen3's DeepStack features to the visual tokens' hidden
+  states after its first layers (`deepstack`);
 - `mrope_positions`: those positions, as transformers' `get_rope_index` computes them, per sample
   (packed rows restart at every sample).
 
@@ -14,7 +17,9 @@ per patch, Dv tower width, B rows, T tokens, Dl decoder width.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,8 +30,13 @@ from vlm_train.models.vision import VisionTower
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-# Qwen2-VL's and Qwen2.5-VL's normalisation (OpenAI CLIP's), as their image processors apply it.
+# Qwen2-VL's and Qwen2.5-VL's normalisation (OpenAI CLIP's), as their image processors apply it;
+# Qwen3-VL's is [-1, 1] (mean and std 0.5, its preprocessor_config.json).
 QWEN_IMAGE_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+QWEN3_IMAGE_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+# the processors' default pixel ranges (Qwen3-VL's preprocessor_config.json: 256 to 16384 merge units)
+DEFAULT_PIXELS = {"qwen2_vl": (56 * 56, 28 * 28 * 1280), "qwen2_5_vl": (56 * 56, 28 * 28 * 1280)}
+DEFAULT_PIXELS["qwen3_vl"] = (65536, 16777216)
 
 
 class MergeUnits(nn.Module):
@@ -42,9 +52,11 @@ class MergeUnits(nn.Module):
 
 
 class NativeResolutionTower(VisionTower):
-    """Qwen2-VL's / Qwen2.5-VL's ViT without its merger: patches [N, K] and each image's (or video's)
-    grid (t, h, w) in patches -> features [N, Dv], merge-unit order. `image_size` is the smallest
-    image (one merge unit): the blank image a rank without media runs under ZeRO-3."""
+    """Qwen2-VL's / Qwen2.5-VL's / Qwen3-VL's ViT without its mergers: patches [N, K] and each image's
+    (or video's) grid (t, h, w) in patches -> features [N, Dv], merge-unit order; with DeepStack
+    (Qwen3-VL) [1 + k, N, Dv]: the last layer's, then each of the k `deepstack_layers`' (which the
+    connector's DeepStack mergers read). `image_size` is the smallest image (one merge unit): the
+    blank image a rank without media runs under ZeRO-3."""
 
     native_resolution = True
 
@@ -60,10 +72,15 @@ class NativeResolutionTower(VisionTower):
         self.hidden_size: int = config.embed_dim if family == "qwen2_vl" else config.hidden_size
         self.image_size = self.patch_size * self.merge_size
         self.num_features = self.merge_size**2
-        self.image_mean, self.image_std = QWEN_IMAGE_STATS
+        self.image_mean, self.image_std = QWEN3_IMAGE_STATS if family == "qwen3_vl" else QWEN_IMAGE_STATS
         # the processor's pixel range images are resized into (vision.min_pixels / max_pixels)
-        self.min_pixels, self.max_pixels = 56 * 56, 28 * 28 * 1280
+        self.min_pixels, self.max_pixels = DEFAULT_PIXELS[family]
+        self.deepstack_layers: list[int] = list(getattr(config, "deepstack_visual_indexes", []))
         hf_model.merger = MergeUnits(self.merge_size**2)
+        if self.deepstack_layers:
+            hf_model.deepstack_merger_list = nn.ModuleList(
+                MergeUnits(self.merge_size**2) for _ in self.deepstack_layers
+            )
 
     @property
     def patch_values(self) -> int:
@@ -83,8 +100,11 @@ class NativeResolutionTower(VisionTower):
     def forward(self, patches_NK: torch.Tensor, grids_G3: torch.Tensor | None = None) -> torch.Tensor:
         if grids_G3 is None:
             raise ValueError("a native-resolution tower needs each image's grid (image_grid_thw / video_grid_thw)")
-        units = self.hf_model(patches_NK, grid_thw=grids_G3).pooler_output
-        return units.reshape(-1, self.hidden_size)
+        out = self.hf_model(patches_NK, grid_thw=grids_G3)
+        features_NDv = out.pooler_output.reshape(-1, self.hidden_size)
+        if not self.deepstack_layers:
+            return features_NDv
+        return torch.stack([features_NDv, *(units.reshape(-1, self.hidden_size) for units in out.deepstack_features)])
 
     def blank(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """One smallest black image's patches and grid (a rank without media runs it under ZeRO-3)."""
@@ -93,7 +113,7 @@ class NativeResolutionTower(VisionTower):
 
 
 def build_native_tower(family: str, path: str | None, sizes: dict[str, Any]) -> NativeResolutionTower:
-    """`vision.family=qwen2_vl|qwen2_5_vl`: the ViT of a Qwen2(.5)-VL folder (`vision.path`, as
+    """`vision.family=qwen2_vl|qwen2_5_vl|qwen3_vl`: the ViT of a Qwen2(.5)-VL folder (`vision.path`, as
     `vlm-convert from-hf` writes it) or, without a path, one built from the size fields."""
     model_cls, config_cls = _vision_classes(family)
     if path:
@@ -104,16 +124,20 @@ def build_native_tower(family: str, path: str | None, sizes: dict[str, Any]) -> 
 def _vision_classes(family: str) -> tuple[Any, Any]:
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen2_5
     from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3
 
     return {
         "qwen2_vl": (qwen2.Qwen2VisionTransformerPretrainedModel, qwen2.Qwen2VLVisionConfig),
         "qwen2_5_vl": (qwen2_5.Qwen2_5_VisionTransformerPretrainedModel, qwen2_5.Qwen2_5_VLVisionConfig),
+        "qwen3_vl": (qwen3.Qwen3VLVisionModel, qwen3.Qwen3VLVisionConfig),
     }[family]
 
 
 class MRopeCausalLM(nn.Module):
-    """Qwen2(.5)-VL's language model and head as a causal LM (transformers has no such class): what
-    `CausalLM` wraps. Positions [3, B, T] (M-RoPE) or [B, T] (text: the three the same)."""
+    """Qwen2(.5)/3-VL's language model and head as a causal LM (transformers has no such class): what
+    `CausalLM` wraps. Positions [3, B, T] (M-RoPE) or [B, T] (text: the three the same). Inside
+    `deepstack(...)`, a Qwen3-VL decoder adds the DeepStack features to the visual tokens' hidden
+    states after its first layers, as transformers' Qwen3VLTextModel does."""
 
     supports_gradient_checkpointing = True
 
@@ -122,6 +146,17 @@ class MRopeCausalLM(nn.Module):
         self.model = model
         self.lm_head = lm_head
         self.config = model.config
+        self._deepstack: dict[str, Any] = {}
+
+    @contextlib.contextmanager
+    def deepstack(self, visual_BT: torch.Tensor, features: list[torch.Tensor]) -> Iterator[None]:
+        """Forwards in this context add `features[i]` [X, Dl] (X = visual tokens, row-major order of
+        `visual_BT`) to the hidden states at `visual_BT` after decoder layer i."""
+        self._deepstack = {"visual_pos_masks": visual_BT, "deepstack_visual_embeds": features}
+        try:
+            yield
+        finally:
+            self._deepstack = {}
 
     @property
     def base_model(self) -> nn.Module:
@@ -139,20 +174,29 @@ class MRopeCausalLM(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, **kwargs: Any) -> Any:
         from transformers.modeling_outputs import CausalLMOutput
 
-        hidden_BTDl = self.model(inputs_embeds=inputs_embeds, **kwargs).last_hidden_state
+        hidden_BTDl = self.model(inputs_embeds=inputs_embeds, **kwargs, **self._deepstack).last_hidden_state
         return CausalLMOutput(logits=self.lm_head(hidden_BTDl))
 
 
-MROPE_TEXT_MODELS = ("qwen2_vl_text", "qwen2_5_vl_text")  # transformers' model types of M-RoPE decoders
+MROPE_TEXT_MODELS = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")  # transformers' M-RoPE decoders
+
+
+def _text_classes(family: str) -> tuple[Any, Any]:
+    """transformers' (text model, text config) classes of a Qwen-VL family."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen2_5
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3
+
+    return {
+        "qwen2_vl": (qwen2.Qwen2VLTextModel, qwen2.Qwen2VLTextConfig),
+        "qwen2_5_vl": (qwen2_5.Qwen2_5_VLTextModel, qwen2_5.Qwen2_5_VLTextConfig),
+        "qwen3_vl": (qwen3.Qwen3VLTextModel, qwen3.Qwen3VLTextConfig),
+    }[family]
 
 
 def mrope_causal_lm(config: Any) -> MRopeCausalLM:
-    """An M-RoPE causal LM of a Qwen2(.5)-VL text config, randomly initialised (weights to be loaded)."""
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen2_5
-    from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2
-
-    model_cls = {"qwen2_vl_text": qwen2.Qwen2VLTextModel, "qwen2_5_vl_text": qwen2_5.Qwen2_5_VLTextModel}
-    model = model_cls[config.model_type]._from_config(config)
+    """An M-RoPE causal LM of a Qwen-VL text config, randomly initialised (weights to be loaded)."""
+    model = _text_classes(config.model_type.removesuffix("_text"))[0]._from_config(config)
     lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
     if config.tie_word_embeddings:
         lm_head.weight = model.embed_tokens.weight
@@ -160,14 +204,8 @@ def mrope_causal_lm(config: Any) -> MRopeCausalLM:
 
 
 def build_mrope_llm(family: str, sizes: dict[str, Any], attn_implementation: str, tie: bool) -> MRopeCausalLM:
-    """A Qwen2(.5)-VL decoder from the size fields (`llm.family=qwen2_vl|qwen2_5_vl`)."""
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen2_5
-    from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2
-
-    model_cls, config_cls = {
-        "qwen2_vl": (qwen2.Qwen2VLTextModel, qwen2.Qwen2VLTextConfig),
-        "qwen2_5_vl": (qwen2_5.Qwen2_5_VLTextModel, qwen2_5.Qwen2_5_VLTextConfig),
-    }[family]
+    """A Qwen-VL decoder from the size fields (`llm.family=qwen2_vl|qwen2_5_vl|qwen3_vl`)."""
+    model_cls, config_cls = _text_classes(family)
     config = config_cls(**sizes, tie_word_embeddings=tie)
     config._attn_implementation = attn_implementation
     model = model_cls._from_config(config, attn_implementation=attn_implementation)
@@ -177,6 +215,14 @@ def build_mrope_llm(family: str, sizes: dict[str, Any], attn_implementation: str
     else:
         nn.init.normal_(lm_head.weight, std=config.initializer_range)
     return MRopeCausalLM(model, lm_head)
+
+
+def per_frame_grids(video_grids_V3: torch.Tensor) -> torch.Tensor:
+    """Qwen3-VL's video grids as its positions read them: each temporal patch a (1, h, w) grid of its
+    own (the text gives each its timestamp and <|vision_start|> ... <|vision_end|>)."""
+    grids = video_grids_V3.repeat_interleave(video_grids_V3[:, 0], dim=0).clone()
+    grids[:, 0] = 1
+    return grids
 
 
 def mrope_positions(

@@ -7,7 +7,7 @@ or video (cross-attention), Dv tower width, Dl decoder width, V vocabulary.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +18,9 @@ from vlm_train.errors import ConfigError
 from vlm_train.models.anyres import AnyResLayout
 from vlm_train.models.connectors.base import Connector, Placement
 from vlm_train.models.connectors.cross_attention import CrossAttentionConnector
-from vlm_train.models.connectors.patch_merger import PatchMergerConnector
 from vlm_train.models.decoder import IGNORE_INDEX, Decoder, token_cross_entropy
 from vlm_train.models.images import Images, Videos, anyres_images, padded_images, videos_of
-from vlm_train.models.qwen_vl import NativeResolutionTower, mrope_positions
+from vlm_train.models.native_media import embed_native, fill_slots, native_positions
 from vlm_train.models.vision import VisionTower
 
 __all__ = ["IGNORE_INDEX", "VLMOutput", "VisionLanguageModel", "token_cross_entropy"]
@@ -61,7 +60,7 @@ class VisionLanguageModel(nn.Module):
     With cross-attention, each image (and video) has ONE slot, marking where it occurs; its visual
     tokens (with AnyRes those of its layout) are the media the decoder's gated blocks read.
 
-    A native-resolution tower (Qwen2-VL, Qwen2.5-VL) takes Qwen's processor layout: `pixel_values`
+    A native-resolution tower (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) takes Qwen's processor layout: `pixel_values`
     [N, K] the images' patches, `image_grid_thw` [I, 3] each image's (t, h, w) in patches (videos:
     `pixel_values_videos`, `video_grid_thw`, Qwen2.5-VL's `second_per_grid_ts`); each merged 2 x 2
     block fills one slot, and `position_ids` [3, B, T] (M-RoPE) are computed per sample when not given.
@@ -127,10 +126,9 @@ class VisionLanguageModel(nn.Module):
     ) -> VLMOutput:
         if self.native_resolution:
             grids = (image_grid_thw, video_grid_thw)
-            embeds_BTDl = self.embed_native(input_ids, (pixel_values, pixel_values_videos), grids)
+            embeds_BTDl, condition = embed_native(self, input_ids, (pixel_values, pixel_values_videos), grids)
             if position_ids is None:
                 position_ids = self.mrope_positions(input_ids, attention_mask, grids, second_per_grid_ts)
-            condition: AbstractContextManager = nullcontext()
         elif self.connector.placement == Placement.SEQUENCE:
             images = self.images(pixel_values, image_sizes, pixel_attention_mask, batch_num_images)
             videos = self.videos(pixel_values_videos, video_frames)
@@ -287,45 +285,6 @@ class VisionLanguageModel(nn.Module):
         assert isinstance(connector, CrossAttentionConnector)  # check_anyres_connector lets no other through
         return connector.conditioned(slots_BT | video_slots_BT, media_IMDl, keys_IM)
 
-    def embed_native(
-        self,
-        input_ids_BT: torch.Tensor,
-        patches: tuple[torch.Tensor | None, torch.Tensor | None],
-        grids: tuple[torch.Tensor | None, torch.Tensor | None],
-    ) -> torch.Tensor:
-        """Token embeddings with the images' and then the videos' merged patches in their slots, from
-        one tower call (ZeRO-3: every rank makes the same calls; without media, a blank image's)."""
-        tower = self.vision
-        assert isinstance(tower, NativeResolutionTower), "only a native-resolution tower reads patches and grids"
-        media = [(p, g) for p, g in zip(patches, grids) if p is not None and p.numel()]
-        if any(grid is None for _, grid in media):
-            raise ValueError("a native-resolution tower needs image_grid_thw / video_grid_thw with its patches")
-        if media:
-            patches_NK, grids_G3 = (torch.cat(part) for part in zip(*media))
-        else:
-            patches_NK, grids_G3 = tower.blank(input_ids_BT.device)
-        connector = self.connector
-        if not isinstance(connector, PatchMergerConnector):
-            raise ConfigError("a native-resolution tower's patches are merged by connector=patch_merger")
-        tokens_XDl = connector.merge_units(self.tower_features(patches_NK, grids_G3))
-        image_grids = grids[0] if patches[0] is not None and patches[0].numel() else None
-        images = int(image_grids.prod(-1).sum()) // tower.merge_size**2 if image_grids is not None else 0
-        embeds_BTDl = self.llm.embed(input_ids_BT)
-        slots = {"image": input_ids_BT == self.image_token_id}
-        if self.video_token_id is not None:
-            slots["video"] = input_ids_BT == self.video_token_id
-        if media:
-            parts = {"image": tokens_XDl[:images], "video": tokens_XDl[images:]}
-        else:  # the blank image's tokens join the image slots (none) with weight zero
-            parts = {"image": tokens_XDl, "video": tokens_XDl[:0]}
-        if len(parts["video"]) and "video" not in slots:
-            raise ValueError("pixel_values_videos given, but this model has no video token")
-        for kind, slots_BT in slots.items():
-            if slots_BT.any() and not len(parts[kind]):
-                raise ValueError(f"input_ids hold {kind} tokens but no {kind} patches were given")
-            embeds_BTDl = fill_slots(embeds_BTDl, slots_BT, parts[kind], f"{kind} grids", f"{kind}-token slots")
-        return embeds_BTDl
-
     def mrope_positions(
         self,
         input_ids_BT: torch.Tensor,
@@ -333,17 +292,8 @@ class VisionLanguageModel(nn.Module):
         grids: tuple[torch.Tensor | None, torch.Tensor | None],
         second_per_grid_ts: torch.Tensor | None,
     ) -> torch.Tensor:
-        """M-RoPE positions [3, B, T] per sample (`attention_mask_BT`: padding mask or packed segments).
-        Qwen2.5-VL spaces a video's temporal positions by tokens_per_second x seconds per grid step."""
-        tower = self.vision
-        assert isinstance(tower, NativeResolutionTower), "M-RoPE positions come from a native-resolution tower's grids"
-        steps = None
-        tokens_per_second = getattr(tower.hf_model.config, "tokens_per_second", None)
-        if tokens_per_second is not None and grids[1] is not None:
-            seconds = second_per_grid_ts if second_per_grid_ts is not None else torch.ones(len(grids[1]))
-            steps = [float(s) * tokens_per_second for s in seconds.tolist()]
-        media_ids = (self.image_token_id, self.video_token_id)
-        return mrope_positions(input_ids_BT, attention_mask_BT, media_ids, grids, tower.merge_size, steps)
+        """M-RoPE positions [3, B, T] per sample (models/native_media.py)."""
+        return native_positions(self, input_ids_BT, attention_mask_BT, grids, second_per_grid_ts)
 
     def resample_per_image(self, features_TPDv: torch.Tensor, tiles: list[int]) -> torch.Tensor:
         """AnyRes with a resampler (qformer, perceiver): each image's tiles' patches (base view
@@ -400,17 +350,3 @@ def padded_media(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
     media_IMDl = nn.utils.rnn.pad_sequence(items, batch_first=True)
     lengths_I = torch.tensor([len(item) for item in items], device=media_IMDl.device)
     return media_IMDl, torch.arange(media_IMDl.shape[1], device=media_IMDl.device)[None] < lengths_I[:, None]
-
-
-def fill_slots(
-    embeds_BTDl: torch.Tensor, slots_BT: torch.Tensor, visual_XDl: torch.Tensor, what: str, slots: str
-) -> torch.Tensor:
-    """`embeds_BTDl` with `visual_XDl` in its slots, in order; without slots, the visual tokens are
-    added with weight zero (so every parameter that made them still gets a gradient)."""
-    if not slots_BT.any():
-        return embeds_BTDl + 0.0 * visual_XDl.sum()
-    if visual_XDl.shape[0] != int(slots_BT.sum()):
-        raise ValueError(
-            f"{what} give {visual_XDl.shape[0]} visual tokens but input_ids hold {int(slots_BT.sum())} {slots}"
-        )
-    return embeds_BTDl.masked_scatter(slots_BT.unsqueeze(-1), visual_XDl.to(embeds_BTDl.dtype))

@@ -80,6 +80,7 @@ def _video_questions(raw: dict, turns: list[dict], encoder: SampleEncoder) -> li
             [],
             add_generation_prompt=True,
             video_tokens=[tokens],
+            video_timestamps=encoder.video_timestamps([clip]),
         )
         pixels = encoder.pixels(None)
         kind = ask.get("kind", "answer")

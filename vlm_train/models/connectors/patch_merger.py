@@ -1,7 +1,8 @@
 """Qwen2-VL's PatchMerger: each 2 x 2 block of patches -> one visual token (a quarter of the tokens).
 
-The merger is transformers' own module (Qwen2-VL: LayerNorm; Qwen2.5-VL: RMSNorm, `norm=rmsnorm`),
-so a Qwen-VL import hands it over as it is. It reads merge units: a native-resolution tower
+The merger is transformers' own module (Qwen2-VL: LayerNorm; Qwen2.5-VL: RMSNorm, `norm=rmsnorm`;
+Qwen3-VL: its own, with one more merger per DeepStack layer of the tower, `deepstack`), so a Qwen-VL
+import hands it over as it is. It reads merge units: a native-resolution tower
 (models/qwen_vl.py) gives its patches in that order already (`merge_units`); a fixed-grid tower's
 patch grid [I, G*G, Dv] is regrouped into 2 x 2 blocks first (`forward`), so the connector works
 with CLIP and SigLIP towers too (G even).
@@ -23,11 +24,25 @@ from vlm_train.models.connectors.base import Connector
 class PatchMergerConnector(Connector[PatchMergerConnectorConfig]):
     config_class = PatchMergerConnectorConfig
 
-    def __init__(self, merger: nn.Module, merge_size: int, num_patches: int):
+    def __init__(self, merger: nn.Module, merge_size: int, num_patches: int, deepstack: nn.ModuleList | None = None):
         super().__init__()
         self.merger = merger
         self.merge_size = merge_size
         self.num_tokens = num_patches // merge_size**2
+        self.deepstack = deepstack if deepstack is not None else nn.ModuleList()
+
+    @classmethod
+    def qwen3(cls, tower_config, deepstack_layers: int) -> PatchMergerConnector:
+        """Qwen3-VL's merger (LayerNorm before the 2 x 2 shuffle) and one merger per DeepStack layer
+        (LayerNorm after it), from the tower's transformers config."""
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionPatchMerger
+
+        merger = Qwen3VLVisionPatchMerger(tower_config, use_postshuffle_norm=False)
+        deepstack = nn.ModuleList(
+            Qwen3VLVisionPatchMerger(tower_config, use_postshuffle_norm=True) for _ in range(deepstack_layers)
+        )
+        merge = tower_config.spatial_merge_size
+        return cls(merger, merge, merge**2, deepstack)
 
     @classmethod
     def from_config(
@@ -44,6 +59,10 @@ class PatchMergerConnector(Connector[PatchMergerConnectorConfig]):
     def merge_units(self, patches_NDv: torch.Tensor) -> torch.Tensor:
         """Patches in merge-unit order [N, Dv] -> visual tokens [N / m^2, Dl]."""
         return self.merger(patches_NDv)
+
+    def merge_deepstack(self, layer: int, patches_NDv: torch.Tensor) -> torch.Tensor:
+        """The k-th DeepStack layer's patches (merge-unit order) [N, Dv] -> its tokens [N / m^2, Dl]."""
+        return self.deepstack[layer](patches_NDv)
 
     def forward(self, features_IPDv: torch.Tensor) -> torch.Tensor:
         """A fixed-grid tower's patch grid [I, G*G, Dv] -> [I, G*G / m^2, Dl], blocks in row-major order."""
