@@ -132,11 +132,11 @@ def write_sized_shards(folder: Path, seed: int = 3, videos: bool = False) -> str
     return str(folder / "part-{0..1}.tar")
 
 
-def resumable_run(urls: str, run_dir, *extra: str) -> list[str]:
-    """A 20-step fp32 run of experiment=toy-qwen2_5-vl (tower trained) that `kill_9_and_resume` can
-    kill and resume: a checkpoint every 4 steps, every step logged, each rank's sample keys logged."""
+def resumable_run(urls: str, run_dir, *extra: str, experiment: str = "toy-qwen2_5-vl") -> list[str]:
+    """A 20-step fp32 run of `experiment` (tower trained) that `kill_9_and_resume` can kill and
+    resume: a checkpoint every 4 steps, every step logged, each rank's sample keys logged."""
     return [
-        "experiment=toy-qwen2_5-vl",
+        f"experiment={experiment}",
         f"data.urls={urls}",
         f"run.dir={run_dir}",
         f"data.log_keys={run_dir}/keys",
@@ -152,42 +152,3 @@ def resumable_run(urls: str, run_dir, *extra: str) -> list[str]:
         "train.eval=false",
         *extra,
     ]
-
-
-def kill_9_and_resume(overrides_of, nproc: int, root: Path, kill_after: int = 9, timeout: int = 600) -> Path:
-    """A 20-step job (`overrides_of(run_dir)`, saving every 4 steps, logging sample keys) run whole; run
-    again, its whole launch SIGKILLed after step `kill_after`, and restarted: the restart logs the
-    whole run's losses exactly, and each rank reads the same samples in the same order. Returns the
-    whole run's folder."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from tests.helpers import REPO, read_metrics, run_cli, step_losses, torchrun
-
-    whole, killed = root / "whole", root / "killed"
-    result = run_cli(overrides_of(whole), nproc=nproc, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    expected = step_losses(whole)
-    assert sorted(expected) == list(range(1, 21))
-    job = subprocess.Popen(
-        torchrun(nproc, "-m", "vlm_train.train", *overrides_of(killed)),
-        cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + timeout
-    while kill_after not in (step_losses(killed) if (killed / "metrics.jsonl").exists() else {}):
-        assert job.poll() is None and time.monotonic() < deadline, f"the job ended (or hung) before step {kill_after}"
-        time.sleep(0.2)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait(timeout=30)
-    assert int((killed / "checkpoints" / "latest").read_text().removeprefix("step_")) < 20
-    result = run_cli(overrides_of(killed), nproc=nproc, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = [r for r in read_metrics(killed) if "loss" in r]
-    assert sorted({r["step"] for r in records}) == list(range(1, 21))
-    assert all(r["loss"] == expected[r["step"]] for r in records), (records, expected)
-    for name in sorted(p.name for p in (whole / "keys").iterdir()):
-        tail = [(run / "keys" / name).read_text().splitlines()[-8:] for run in (whole, killed)]
-        assert tail[0] == tail[1], name
-    return whole

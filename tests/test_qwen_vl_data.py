@@ -300,7 +300,7 @@ def sized_shards(tmp_path_factory) -> str:
     return write_sized_shards(tmp_path_factory.mktemp("qwen_sizes"), videos=True)
 
 
-def qwen_run(urls: str, run_dir) -> list[str]:
+def qwen_run(urls: str, run_dir, experiment: str = "toy-qwen2_5-vl") -> list[str]:
     from tests.qwen_helpers import resumable_run
 
     return resumable_run(
@@ -310,6 +310,7 @@ def qwen_run(urls: str, run_dir) -> list[str]:
         "data.max_frames=3",
         "parallel.zero_stage=3",
         "parallel.zero3_persistence_threshold=0",  # every parameter sharded (the toy's are all small)
+        experiment=experiment,
     )
 
 
@@ -318,10 +319,22 @@ def test_zero3_trains_a_tiny_qwen2_5_vl_on_two_ranks_and_resumes_bit_identical_a
     """20 steps on 2 ranks at ZeRO-3 (every parameter sharded, tower trained), images of five sizes,
     3-frame clips and text: no hang, the loss falls; the job SIGKILLed after step 9 restarts from its
     checkpoint and logs the uninterrupted run's losses exactly, each rank reading the same samples."""
-    from tests.helpers import read_metrics, step_losses
-    from tests.qwen_helpers import kill_9_and_resume
+    from tests.helpers import kill_9_and_resume, read_metrics, step_losses
 
     whole = kill_9_and_resume(lambda run_dir: qwen_run(sized_shards, run_dir), nproc=2, root=tmp_path, timeout=400)
     losses = list(step_losses(whole).values())
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
     assert len({r["visual_tokens"] for r in read_metrics(whole) if "loss" in r}) > 3  # sizes vary
+
+
+@pytest.mark.slow
+def test_zero3_trains_a_tiny_qwen3_vl_with_deepstack_on_two_ranks(sized_shards, tmp_path):
+    """Qwen3-VL through the CLI on 2 ranks at ZeRO-3 (every parameter sharded, tower trained): images of
+    five sizes, timestamped clips and text in the batches (a micro-batch without media runs a blank
+    image through tower and DeepStack mergers: tests/test_qwen_vl.py): 20 steps, no hang, the loss falls."""
+    from tests.helpers import run_cli, step_losses
+
+    result = run_cli(qwen_run(sized_shards, tmp_path / "run", "toy-qwen3-vl"), nproc=2, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = list(step_losses(tmp_path / "run").values())
+    assert len(losses) == 20 and sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses

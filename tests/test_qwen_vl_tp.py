@@ -84,7 +84,8 @@ def test_tp2_dp2_trains_a_tiny_qwen2_5_vl_and_resumes_bit_identical_after_kill_9
     """4 ranks (TP=2 x DP=2, ZeRO-1), images of five sizes: 20 steps without a hang, the loss falls;
     SIGKILLed after step 9, the job restarts from its last checkpoint and logs the uninterrupted run's
     losses exactly, each data-parallel rank reading the same samples in order."""
-    from tests.qwen_helpers import kill_9_and_resume, write_sized_shards
+    from tests.helpers import kill_9_and_resume
+    from tests.qwen_helpers import write_sized_shards
 
     (tmp_path / "shards").mkdir()
     urls = write_sized_shards(tmp_path / "shards")

@@ -65,6 +65,49 @@ def test_varlen_function_equals_dense_mask_reference(heads, kv_heads, dtype):
         torch.testing.assert_close(grad, reference, atol=grad_tol, rtol=0)
 
 
+def test_the_fused_call_fits_each_torch_releases_varlen_attn(monkeypatch):
+    """torch's varlen_attn (CUDA only) took no `enable_gqa` in torch 2.11: packing crashed at step 1
+    on an H200 with it (2026-12-04). The call adapts to the signature: given 2.11's, grouped keys and
+    values are repeated to the query heads; given 2.13's, enable_gqa is passed. Each stand-in has that
+    release's signature and computes causal attention per segment from the documented arguments."""
+    from vlm_train.models.varlen_attention import fused_causal
+
+    def per_segment(query, key, value, cu_seq_q, window_size, scale, enable_gqa=False):
+        assert window_size == (-1, 0)  # causal
+        lengths = cu_seq_q.diff().tolist()
+        outs = [
+            F.scaled_dot_product_attention(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale,
+                enable_gqa=enable_gqa,
+            ).transpose(0, 1)
+            for q, k, v in zip(query.split(lengths), key.split(lengths), value.split(lengths))
+        ]  # fmt: skip
+        return torch.cat(outs)
+
+    def torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                   window_size=(-1, -1)):  # fmt: skip
+        assert query.shape[1] == key.shape[1], "torch 2.11's kernel takes as many key heads as query heads"
+        return per_segment(query, key, value, cu_seq_q, window_size, scale)
+
+    def torch_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                   window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):  # fmt: skip
+        assert enable_gqa == (query.shape[1] != key.shape[1])
+        return per_segment(query, key, value, cu_seq_q, window_size, scale, enable_gqa)
+
+    torch.manual_seed(0)
+    _, varlen = packed_sequences(SEGMENTS)
+    cu_seqlens, length = varlen["cu_seq_lens_q"], SEGMENTS.numel()
+    for kv_heads in (6, 2):
+        query = torch.randn(length, 6, 16)
+        key, value = torch.randn(length, kv_heads, 16), torch.randn(length, kv_heads, 16)
+        expected = dense_reference(
+            *(t.view(*SEGMENTS.shape, -1, 16).transpose(1, 2) for t in (query, key, value)), SEGMENTS, scale=0.3
+        ).reshape(length, 6, 16)
+        for release in (torch_2_11, torch_2_13):
+            got = fused_causal(release, query, key, value, cu_seqlens, varlen["max_length_q"], 0.3)
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
 def test_packed_positions_restart_and_kernel_choice():
     # RoPE scores depend on position differences only: the decoder tests below pass with positions
     # that do not restart, so this is what checks them (OPT-style learned positions need them)

@@ -67,10 +67,25 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
     # Never trained: tower parts no gradient reaches (ZeRO would wait for it), fixed connector parts.
     for param in vision.unused_parameters() + connector.fixed_parameters():
         param.requires_grad_(False)
+    _add_lora(cfg, model)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("vision, llm and connector are all frozen: nothing would train")
     _enable_activation_checkpointing(model, cfg)
     return model
+
+
+def _add_lora(cfg: Config, model: VisionLanguageModel) -> None:
+    """vision.lora / llm.lora: the component's weights frozen, LoRA updates on its linear layers."""
+    from vlm_train.models.lora import add_lora
+
+    if cfg.llm.lora.rank and cfg.llm.backend == "megatron":
+        raise ConfigError("llm.lora with llm.backend=megatron (tensor parallelism) is not built yet: use TP=1 (hf)")
+    if cfg.vision.lora.rank:
+        _set_trainable(model.vision, False)
+        add_lora(model.vision, cfg.vision.lora, "vision.lora", model.vision.unused_parameters())
+    if cfg.llm.lora.rank:
+        _set_trainable(model.llm, False)
+        add_lora(model.llm, cfg.llm.lora, "llm.lora")
 
 
 def build_qwen_vl_parts(

@@ -22,6 +22,19 @@ CONFIG_DIR = Path(os.environ.get("VLM_TRAIN_CONFIGS", Path(__file__).resolve().p
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA on a component's linear layers (models/lora.py): its base weights frozen, a rank-`rank`
+    update B A x (alpha / rank) trained. rank 0: no LoRA."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # linear layers by name: a module whose name is a target or ends in ".<target>" (PEFT's
+    # target_modules); "all-linear": every nn.Linear but the output head
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
 class VisionConfig:
     """A Hugging Face CLIP or SigLIP vision tower."""
 
@@ -56,6 +69,7 @@ class VisionConfig:
     # and its learned absolute position grid (2304 = 48 x 48, interpolated to each image's grid)
     deepstack_layers: list[int] = field(default_factory=list)
     num_position_embeddings: int = 2304
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -80,6 +94,7 @@ class LLMConfig:
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     freeze: bool = False
     activation_checkpointing: bool = False  # recompute each decoder layer in backward (HF gradient checkpointing)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -395,6 +410,13 @@ def validate(cfg: Config) -> None:
     if not cfg.run.lock_stale_s > 0:
         raise ConfigError(f"run.lock_stale_s={cfg.run.lock_stale_s} must be positive (seconds)")
     _validate_data(cfg)
+    for component in ("vision", "llm"):
+        lora = _get(cfg, f"{component}.lora")
+        if lora.rank < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1 or (lora.rank and not lora.targets):
+            raise ConfigError(
+                f"{component}.lora: rank={lora.rank} (0: none), alpha={lora.alpha} (> 0), dropout={lora.dropout} "
+                f"(0 to 1) and targets={list(lora.targets)} (at least one) are out of range"
+            )
 
 
 def _validate_data(cfg: Config) -> None:

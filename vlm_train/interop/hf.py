@@ -28,6 +28,7 @@ from vlm_train.models.connectors.mlp import MLPConnector
 from vlm_train.models.connectors.patch_merger import PatchMergerConnector
 from vlm_train.models.connectors.perceiver import PerceiverConnector
 from vlm_train.models.connectors.qformer import QFormerConnector
+from vlm_train.models.lora import merge_lora
 
 if TYPE_CHECKING:
     from transformers import LlavaProcessor, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
@@ -61,13 +62,15 @@ def to_hf(
     template: str = "vicuna_v1",
     image_aspect_ratio: str = "crop",
 ) -> None:
-    """Write `model` as the HF family of its connector; `from_pretrained` then loads it.
+    """Write `model` as the HF family of its connector; `from_pretrained` then loads it. LoRA updates
+    (vision.lora, llm.lora) are merged into their weights first, in place.
 
     With the `tokenizer`, a LLaVA export also ships its processor (`AutoProcessor` and
     `pipeline("image-text-to-text")` work on the folder): an image processor that prepares images
     as `image_aspect_ratio` did in training, the tokenizer, and a chat template that renders the
     training `template` (data.template), so prompts are tokenized as vlm_train tokenized them.
     """
+    merge_lora(model)
     if isinstance(model.connector, PatchMergerConnector):
         _to_qwen_vl(model, path, tokenizer)
         return

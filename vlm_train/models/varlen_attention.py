@@ -18,6 +18,7 @@ H query heads, K key/value heads (H a multiple of K: grouped-query attention), D
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -81,17 +82,42 @@ def varlen_causal_attention(
     dropout: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention within each segment of the flattened tokens; [N, H, D]."""
-    gqa = query_NHD.shape[1] != key_NKD.shape[1]
     kernel = varlen_kernel(query_NHD.device, query_NHD.dtype, query_NHD.shape[-1], dropout)
     if kernel == "torch varlen_attn":
         varlen_attn = torch_varlen_attn()
         assert varlen_attn is not None
-        # window (-1, 0): no limit to the left, nothing to the right, i.e. causal
-        return varlen_attn(
-            query_NHD, key_NKD, value_NKD, cu_seqlens, cu_seqlens, max_length, max_length,
-            scale=scale, window_size=(-1, 0), enable_gqa=gqa,
-        )  # fmt: skip
+        return fused_causal(varlen_attn, query_NHD, key_NKD, value_NKD, cu_seqlens, max_length, scale)
     return _sdpa_per_segment(query_NHD, key_NKD, value_NKD, cu_seqlens, scale, dropout)
+
+
+def fused_causal(
+    varlen_attn: Callable[..., Any],
+    query_NHD: torch.Tensor,
+    key_NKD: torch.Tensor,
+    value_NKD: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_length: int,
+    scale: float | None,
+) -> torch.Tensor:
+    """torch's `varlen_attn`, causal. Its `enable_gqa` came after its first release (torch 2.11 has
+    none, 2.13 has it): where it is missing, grouped keys and values are repeated to the query heads."""
+    extra: dict[str, Any] = {}
+    if query_NHD.shape[1] != key_NKD.shape[1]:
+        if _takes_enable_gqa(varlen_attn):
+            extra["enable_gqa"] = True
+        else:
+            groups = query_NHD.shape[1] // key_NKD.shape[1]
+            key_NKD, value_NKD = key_NKD.repeat_interleave(groups, 1), value_NKD.repeat_interleave(groups, 1)
+    # window (-1, 0): no limit to the left, nothing to the right, i.e. causal
+    return varlen_attn(
+        query_NHD, key_NKD, value_NKD, cu_seqlens, cu_seqlens, max_length, max_length,
+        scale=scale, window_size=(-1, 0), **extra,
+    )  # fmt: skip
+
+
+@functools.cache
+def _takes_enable_gqa(function: Callable[..., Any]) -> bool:
+    return "enable_gqa" in inspect.signature(function).parameters
 
 
 @torch.compiler.disable  # the segment lengths are data: a compiled block runs this loop eagerly
