@@ -1,0 +1,80 @@
+"""DPO's objective (training/dpo.py) against TRL's formula, its sequence log-probs against per-token
+cross-entropy, and its reference model: the policy's weights with the LoRA updates off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers import make_batch, toy_model
+from vlm_train.models.vlm import IGNORE_INDEX
+from vlm_train.training.dpo import dpo_terms, reference_logps, sequence_logps
+
+
+def trl_dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                 beta, label_smoothing):  # fmt: skip
+    """TRL's DPOTrainer.dpo_loss for loss_type="sigmoid" (trl/trainer/dpo_trainer.py), as written there."""
+    pi_logratios = policy_chosen_logps - policy_rejected_logps
+    ref_logratios = reference_chosen_logps - reference_rejected_logps
+    logits = pi_logratios - ref_logratios
+    losses = (
+        -F.logsigmoid(beta * logits) * (1 - label_smoothing)
+        - F.logsigmoid(-beta * logits) * label_smoothing
+    )  # fmt: skip
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+@pytest.mark.parametrize(("beta", "label_smoothing"), [(0.1, 0.0), (0.5, 0.0), (0.1, 0.2)])
+def test_dpo_loss_rewards_and_gradients_equal_trls(beta, label_smoothing):
+    torch.manual_seed(0)
+    policy = (torch.randn(16, dtype=torch.float64) * 20 - 40).requires_grad_()
+    reference = torch.randn(16, dtype=torch.float64) * 20 - 40
+    terms = dpo_terms(policy, reference, beta, label_smoothing)
+    (grad,) = torch.autograd.grad(terms.losses_P.mean(), policy)
+    trl_policy = policy.detach().clone().requires_grad_()
+    expected = trl_dpo_loss(*trl_policy.chunk(2), *reference.chunk(2), beta, label_smoothing)
+    (expected_grad,) = torch.autograd.grad(expected[0].mean(), trl_policy)
+    for got, want in zip((terms.losses_P, terms.chosen_rewards_P, terms.rejected_rewards_P), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+    metrics = terms.metrics()
+    chosen, rejected = expected[1], expected[2]
+    assert metrics["rewards/accuracies"] == pytest.approx(float((chosen > rejected).double().mean()))
+    assert metrics["rewards/margins"] == pytest.approx(float((chosen - rejected).mean()))
+    with pytest.raises(ValueError, match="beta > 0"):
+        dpo_terms(policy, reference, 0.0)
+
+
+def test_sequence_logps_sum_the_labelled_tokens_log_probabilities():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[:, :3] = IGNORE_INDEX  # the prompt
+    labels[2, 5:] = IGNORE_INDEX  # padding
+    per_token = -F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
+    torch.testing.assert_close(sequence_logps(logits, labels), per_token.sum(-1), rtol=1e-6, atol=1e-6)
+
+
+def test_the_reference_is_the_policy_with_its_lora_updates_off():
+    """After the updates moved, the reference log-probs are the base model's exactly (no second copy);
+    the policy's differ. Without LoRA there is no reference in the model: a one-line error."""
+    from vlm_train.data.tokenizer import build_toy_tokenizer
+    from vlm_train.models.lora import lora_layers
+
+    tokenizer = build_toy_tokenizer()
+    base, policy = toy_model(tokenizer=tokenizer).eval(), toy_model("llm.lora.rank=4", tokenizer=tokenizer).eval()
+    with torch.no_grad():
+        for _, layer in lora_layers(policy):
+            layer.lora.lora_B.weight.normal_(std=0.1)
+    pixel_values, input_ids, mask, labels = make_batch(base, tokenizer)
+    inputs = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": mask}
+    with torch.no_grad():
+        expected = sequence_logps(base(**inputs).logits, labels)
+        moved = sequence_logps(policy(**inputs).logits, labels)
+    assert torch.equal(reference_logps(policy, inputs, labels), expected)
+    assert not torch.allclose(moved, expected)
+    with pytest.raises(ValueError, match="give vision.lora or llm.lora"):
+        reference_logps(base, inputs, labels)
