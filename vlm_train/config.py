@@ -208,7 +208,8 @@ class DataConfig:
     synthetic_dir: str | None = None  # generate the toy scenes here when `urls` matches nothing
     synthetic_train: int = 20000  # toy scenes to generate (train split)
     synthetic_eval: int = 400  # toy scenes to generate (held-out split)
-    synthetic_layout: str = "square"  # square (48 px scenes) | sizes (several aspect ratios, small objects) | video
+    # square (48 px scenes) | sizes (several aspect ratios, small objects) | video | preference (objective=dpo pairs)
+    synthetic_layout: str = "square"
     # plain (LLaVA stage 1) | vicuna_v1 (LLaVA-1.5) | hf (the tokenizer's chat_template) | chat (the toy's)
     template: str = "chat"
     image_aspect_ratio: str = "crop"  # crop (short side, centre crop) | pad (LLaVA's expand2square) | resize
@@ -239,6 +240,7 @@ class DataConfig:
     # as many forwards as it needs, longest samples together (docs/data_pipeline.md); at least data.max_length
     max_tokens_per_batch: int | None = None
     log_keys: str | None = None  # debug: a folder where each rank appends the sample keys of every batch it takes
+    preference: bool = False  # samples are chosen/rejected pairs (set from objective=dpo, not by hand)
 
 
 @dataclass
@@ -313,7 +315,18 @@ class WandbConfig:
 
 
 @dataclass
+class DPOConfig:
+    """objective=dpo (training/dpo.py): TRL's sigmoid DPO loss."""
+
+    beta: float = 0.1  # the KL penalty's weight: how far the policy may move from the reference
+    label_smoothing: float = 0.0  # conservative DPO: the chance a preference label is wrong (< 0.5)
+
+
+@dataclass
 class Config:
+    # sft: next-token loss on the answers | dpo: preference pairs (chosen / rejected replies), docs/dpo.md
+    objective: str = "sft"
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     connector: Any = MISSING  # one of the connector schemas, chosen by the `connector` group
@@ -326,6 +339,7 @@ class Config:
 
 _CHOICES = {
     "vision.family": ("clip", "siglip", "blip2", "idefics2", *QWEN_VL_FAMILIES),
+    "objective": ("sft", "dpo"),
     "llm.backend": ("auto", "hf", "megatron"),
     "llm.family": ("llama", "mistral", "opt", *QWEN_VL_FAMILIES),
     "data.template": ("chat", "plain", "vicuna_v1", "hf"),
@@ -334,7 +348,7 @@ _CHOICES = {
     "train.grad_reduce_dtype": ("fp32", "bf16"),
     "train.optimizer": ("adamw", "sgd"),
     "data.image_aspect_ratio": ("crop", "pad", "resize"),
-    "data.synthetic_layout": ("square", "sizes", "video"),
+    "data.synthetic_layout": ("square", "sizes", "video", "preference"),
     "data.over_visual_budget": ("downscale", "drop"),
     "wandb.mode": ("disabled", "offline", "online"),
     "run.lock": ("fcntl", "heartbeat", "off"),
@@ -410,6 +424,7 @@ def validate(cfg: Config) -> None:
     if not cfg.run.lock_stale_s > 0:
         raise ConfigError(f"run.lock_stale_s={cfg.run.lock_stale_s} must be positive (seconds)")
     _validate_data(cfg)
+    _validate_objective(cfg)
     for component in ("vision", "llm"):
         lora = _get(cfg, f"{component}.lora")
         if lora.rank < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1 or (lora.rank and not lora.targets):
@@ -417,6 +432,23 @@ def validate(cfg: Config) -> None:
                 f"{component}.lora: rank={lora.rank} (0: none), alpha={lora.alpha} (> 0), dropout={lora.dropout} "
                 f"(0 to 1) and targets={list(lora.targets)} (at least one) are out of range"
             )
+
+
+def _validate_objective(cfg: Config) -> None:
+    cfg.data.preference = cfg.objective == "dpo"
+    if cfg.objective != "dpo":
+        return
+    if not cfg.dpo.beta > 0 or not 0 <= cfg.dpo.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.beta={cfg.dpo.beta} must be > 0 and dpo.label_smoothing in [0, 0.5)")
+    if cfg.data.packing or cfg.data.max_tokens_per_batch is not None:
+        raise ConfigError(
+            "objective=dpo reads each pair as two rows: data.packing and data.max_tokens_per_batch are off"
+        )
+    if not (cfg.llm.lora.rank or cfg.vision.lora.rank):
+        raise ConfigError(
+            "objective=dpo takes its reference from the base weights with LoRA off: set llm.lora.rank (and/or "
+            "vision.lora.rank); DPO with full tuning (a frozen reference copy) is not built yet"
+        )
 
 
 def _validate_data(cfg: Config) -> None:

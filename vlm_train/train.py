@@ -108,7 +108,8 @@ def _train(cfg: Config, layout, device) -> None:
     finally:
         batches.close()  # loader workers ignore SIGTERM (signals are the trainer's): end them in order
     if cfg.train.eval and cfg.data.eval_urls:
-        evaluate_run(trainer, cfg, tokenizer, image_transform(model))
+        evaluate = evaluate_preferences if cfg.objective == "dpo" else evaluate_run
+        evaluate(trainer, cfg, tokenizer, image_transform(model))
     dist.barrier()
     metrics.close()
 
@@ -207,6 +208,31 @@ def evaluate_run(trainer, cfg: Config, tokenizer, transform) -> None:
         world=trainer.layout.dp,
         device=trainer.device,
     )
+    trainer.metrics.log({"step": trainer.step, **results})
+
+
+def evaluate_preferences(trainer, cfg: Config, tokenizer, transform) -> None:
+    """objective=dpo: held-out preference accuracy of the policy and of its reference, every rank
+    scoring every pair (the same forwards on each: ZeRO-3 gathers stay in step)."""
+    from vlm_train.data.pipeline import SampleEncoder, read_eval_records
+    from vlm_train.data.samples import collate
+    from vlm_train.training.dpo import preference_accuracy
+
+    assert cfg.data.eval_urls  # the caller checked
+    model = trainer.engine.module
+    encoder = SampleEncoder(
+        cfg.data, tokenizer, transform, image_tokens(model), video_tokens(model), visual_cost(model)
+    )
+    pairs = [pair for pair in map(encoder, read_eval_records(cfg.data.eval_urls, cfg.data.eval_samples)) if pair]
+    size = cfg.train.micro_batch_size
+    batches = (
+        trainer.model_inputs(collate(pairs[start : start + size], tokenizer.pad_token_id))
+        for start in range(0, len(pairs), size)
+    )
+    was_training = model.training
+    model.eval()
+    results = preference_accuracy(model, batches)
+    model.train(was_training)
     trainer.metrics.log({"step": trainer.step, **results})
 
 

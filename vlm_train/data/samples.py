@@ -20,6 +20,7 @@ from PIL import Image
 
 from vlm_train.config import DataConfig
 from vlm_train.data.native_resolution import NativeResolutionTransform
+from vlm_train.data.preference import PairError, preference_turns
 from vlm_train.data.preprocess import AnyResTransform, ImageTransform
 from vlm_train.data.reader import SkippedSample
 from vlm_train.data.templates import (
@@ -58,6 +59,9 @@ SKIP_REASONS: tuple[str, ...] = (
     "visual_budget",  # more visual tokens than data.max_visual_tokens (dropped, or no downscale fits)
     "bad_video",  # a video that does not decode, is truncated or has no frames; or one while data.video=false
     "decode_timeout",  # a video whose decode ran past data.decode_timeout_s
+    "not_a_pair",  # objective=dpo: no chosen and rejected replies (data/preference.py)
+    "identical_pair",  # objective=dpo: the chosen and rejected replies are the same
+    "prompt_mismatch",  # objective=dpo: chosen and rejected conversations with different prompts
 )
 REASON_INDEX = {reason: index for index, reason in enumerate(SKIP_REASONS)}
 
@@ -113,6 +117,31 @@ class SampleEncoder:
         return None if isinstance(result, SkippedSample) else result
 
     def encode(self, raw: dict) -> tuple[str, torch.Tensor, Encoded] | SkippedSample:
+        if self.cfg.preference:
+            return self.encode_pair(raw)
+        return self.encode_one(raw)
+
+    def encode_pair(self, raw: dict) -> tuple[str, torch.Tensor, Encoded] | SkippedSample:
+        """objective=dpo: the prompt with each reply, encoded as any sample is (media, template, budget,
+        truncation); the chosen one carries the rejected one (`Encoded.rejected`)."""
+        key = raw.get("__key__", "?")
+        try:
+            prompt, chosen, rejected = preference_turns(json.loads(raw[self.cfg.text_key]))
+        except PairError as err:
+            return skipped(err.reason, key, str(err))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            return skipped("not_a_pair", key, f"no preference pair in '{self.cfg.text_key}' ({err})")
+        results = []
+        for reply in (chosen, rejected):
+            record = json.dumps({"conversations": [*prompt, reply]}).encode()
+            result = self.encode_one({**raw, self.cfg.text_key: record})
+            if isinstance(result, SkippedSample):
+                return result
+            results.append(result)
+        (_, pixels, encoded), (_, _, encoded_rejected) = results
+        return key, pixels, replace(encoded, rejected=encoded_rejected)
+
+    def encode_one(self, raw: dict) -> tuple[str, torch.Tensor, Encoded] | SkippedSample:
         key = raw.get("__key__", "?")
         if self.extra_seconds:
             time.sleep(self.extra_seconds)
@@ -408,7 +437,9 @@ def skipped(reason: str, key: str, why: str) -> SkippedSample:
 
 def collate(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int, cat=torch.cat, video_cat=torch.cat) -> dict:
     """Right-padded batch: pixel_values [I,3,S,S] (concatenated by `cat`), input_ids/attention_mask/labels
-    [B,T], keys; AnyRes image_sizes, and videos (`video_cat`): see templates.image_sizes_of."""
+    [B,T], keys; AnyRes image_sizes, and videos (`video_cat`): see templates.image_sizes_of. A
+    preference pair is two rows, chosen then rejected, each with the pair's media."""
+    samples = [row for sample in samples for row in pair_rows(sample)]
     length = max(len(enc.input_ids) for _, _, enc in samples)
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
@@ -430,6 +461,14 @@ def collate(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int, cat=t
     }
 
 
+def pair_rows(sample: tuple[str, torch.Tensor, Encoded]) -> list[tuple[str, torch.Tensor, Encoded]]:
+    """A sample as its rows: itself, or a preference pair's chosen and rejected rows."""
+    key, pixels, encoded = sample
+    if encoded.rejected is None:
+        return [sample]
+    return [(key, pixels, replace(encoded, rejected=None)), (key, pixels, encoded.rejected)]
+
+
 def empty_pixels(transform) -> torch.Tensor:
     """A transform's output for no image: [0, 3, S, S], or native resolution's [0, K] patches."""
     if isinstance(transform, NativeResolutionTransform):
@@ -444,4 +483,5 @@ def placeholder(sample: tuple[str, torch.Tensor, Encoded] | None, pad_id: int, e
     if sample is None:
         return "skipped:", empty, Encoded([pad_id], [IGNORE_INDEX], 0)
     key, pixels, enc = sample
-    return f"skipped:{key}", pixels, replace(enc, labels=[IGNORE_INDEX] * len(enc.labels))
+    rejected = enc.rejected and replace(enc.rejected, labels=[IGNORE_INDEX] * len(enc.rejected.labels))
+    return f"skipped:{key}", pixels, replace(enc, labels=[IGNORE_INDEX] * len(enc.labels), rejected=rejected)

@@ -160,6 +160,10 @@ def check(record: Record, images: Path, videos: Path) -> Checked:
     value = record.value
     if not isinstance(value, dict):
         raise RecordProblem("not_an_object", f"a record must be a JSON object, found {type(value).__name__}")
+    if "chosen" in value or "rejected" in value:  # a preference pair (vlm-shards preference)
+        from vlm_train.data.shard_preference import check_pair
+
+        return check_pair(record, value, images)
     image_markers, video_markers = _check_conversations(value.get("conversations"))
     image, video = _image_field(value), _video_field(value)
     if image and video:

@@ -3,6 +3,8 @@
     vlm-shards llava --json data.json --images DIR --out OUT [--videos DIR] [--max-count N] [--max-size 1G] [--workers K]
     vlm-shards captions --csv pairs.csv --images DIR --out OUT [--image-column image] [--caption-column caption]
     vlm-shards captions --jsonl pairs.jsonl --images DIR --out OUT
+    vlm-shards preference --json pairs.jsonl --images DIR --out OUT   preference pairs (objective=dpo):
+               RLAIF-V, TRL or vlm_train layout (data/shard_preference.py)
     vlm-shards manifest DIR    count the samples of existing shards (LAION/CC style) into DIR/manifest.json
 
 A sample is `<key>.json` (the LLaVA record: id, image, conversations) plus `<key>.<ext>` holding
@@ -30,6 +32,7 @@ from functools import partial
 from pathlib import Path
 
 from vlm_train.data.shard_manifest import manifest_command
+from vlm_train.data.shard_preference import read_preference
 from vlm_train.data.shard_records import Checked, Record, RejectedRecord, check_or_skip, read_captions, read_llava
 from vlm_train.data.shard_util import DEFAULT_IMAGE_KEYS, brace_pattern, parallel_map, shell_words
 from vlm_train.errors import DataError, UserError, report
@@ -180,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "llava":
             records = read_llava(args.json)
+        elif args.command == "preference":
+            records = read_preference(args.json)
         else:
             records = read_captions(args.csv or args.jsonl, args.image_column, args.caption_column)
         prepare_out(args.out, args.force)
@@ -197,6 +202,9 @@ def _parser() -> argparse.ArgumentParser:
     llava = commands.add_parser("llava", help="LLaVA-format JSON/JSONL + an image folder -> shards")
     llava.add_argument("--json", type=Path, required=True, help="a JSON list of records, or JSON lines (.jsonl)")
     llava.add_argument("--videos", type=Path, help="video paths are relative to this folder (default: --images)")
+    preference = commands.add_parser("preference", help="preference pairs (RLAIF-V, TRL) -> shards for DPO")
+    preference.add_argument("--json", type=Path, required=True, help="a JSON list of records, or JSON lines")
+    preference.set_defaults(videos=None)
     captions = commands.add_parser("captions", help="image-caption pairs (CSV or JSON lines) -> shards")
     source = captions.add_mutually_exclusive_group(required=True)
     source.add_argument("--csv", type=Path, help="a CSV file with a header row")
@@ -204,7 +212,7 @@ def _parser() -> argparse.ArgumentParser:
     captions.add_argument("--image-column", default="image", help="the field holding the image path")
     captions.add_argument("--caption-column", default="caption", help="the field holding the caption")
     captions.set_defaults(videos=None)
-    for command in (llava, captions):
+    for command in (llava, preference, captions):
         command.add_argument("--images", type=Path, required=True, help="image paths are relative to this folder")
         command.add_argument("--out", type=Path, required=True, help="folder for shard-NNNNNN.tar and manifest.json")
         command.add_argument("--max-count", type=int, default=10000, help="samples per shard at most")
@@ -212,7 +220,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--force", action="store_true", help="replace shards already in --out")
     manifest = commands.add_parser("manifest", help="count the samples of existing shards into manifest.json")
     manifest.add_argument("folder", type=Path)
-    for command in (llava, captions, manifest):
+    for command in (llava, preference, captions, manifest):
         command.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes")
     return parser
 

@@ -11,6 +11,9 @@ the JSON in LLaVA's conversation format) plus a `manifest.json` of sample counts
 px a side) with an object as small as the square scenes' (10-13 px), for AnyRes
 (experiment=toy-anyres): a centre crop to the tower's 48 px loses the object when it sits outside
 the middle and halves it otherwise; tiles at the image's own resolution keep it whole.
+
+`--layout preference` writes preference pairs for objective=dpo (experiment=toy-dpo): a square scene,
+"what color is the <shape> ?", the right colour chosen and another one, drawn at random, rejected.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 CELL = 16  # pixels per grid cell; the image is 3 x 3 cells
 SIZES = ((48, 144), (144, 48), (96, 96), (48, 96), (96, 48))  # (height, width) of `--layout sizes` scenes
-LAYOUTS = ("square", "sizes")
+LAYOUTS = ("square", "sizes", "preference")
 QUESTION_KINDS = ("caption", "color", "shape", "position")
 # Accuracy of a uniform guess over each question's answers (captions: effectively zero).
 CHANCE = {"caption": 0.0, "color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "position": 1 / len(POSITIONS)}
@@ -118,6 +121,8 @@ def make_sample(rng: random.Random, max_objects: int = 1, layout: str = "square"
     ("which shape is red?" after "red"), and the model would learn to copy instead of to look.
     """
     scene = make_scene(rng, max_objects)
+    if layout == "preference":
+        return preference_sample(scene, rng)
     kind = rng.choice(QUESTION_KINDS)
     q, a = question(scene, kind, rng)
     conversations = [{"from": "human", "value": f"<image>\n{q}", "kind": kind}, {"from": "gpt", "value": a}]
@@ -128,6 +133,16 @@ def make_sample(rng: random.Random, max_objects: int = 1, layout: str = "square"
     else:
         render(scene, rng).save(buffer, format="PNG")
     return buffer.getvalue(), {"conversations": conversations, "scene": scene}
+
+
+def preference_sample(scene: list[dict], rng: random.Random) -> tuple[bytes, dict]:
+    """A colour question with the right colour chosen and a wrong one rejected (data/preference.py)."""
+    q, answer = question(scene, "color", rng)
+    wrong = rng.choice([colour for colour in COLORS if colour != answer])
+    prompt = [{"from": "human", "value": f"<image>\n{q}", "kind": "color"}]
+    buffer = io.BytesIO()
+    render(scene, rng).save(buffer, format="PNG")
+    return buffer.getvalue(), {"conversations": prompt, "chosen": answer, "rejected": wrong, "scene": scene}
 
 
 def write_split(

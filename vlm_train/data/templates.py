@@ -73,6 +73,7 @@ class Encoded:
     positions: torch.Tensor | None = None  # M-RoPE positions [3, L] (native resolution), per sample from 0
     video_grids: list[tuple[int, int, int]] = field(default_factory=list)  # native resolution: each video's
     video_seconds: list[float] = field(default_factory=list)  # and its seconds per temporal patch
+    rejected: Encoded | None = None  # objective=dpo: the pair's rejected reply (this one: the chosen)
 
 
 def encode_conversation(

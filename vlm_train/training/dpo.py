@@ -15,6 +15,7 @@ Legend: P pairs, B rows (2P: the chosen replies, then the rejected ones), T toke
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,12 +44,14 @@ class DPOTerms:
 
 
 def sequence_logps(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    """Each row's summed next-token log-probability of its labelled tokens [B] (fp32)."""
-    labels = labels_BT[:, 1:]
-    labelled_BT = labels != IGNORE_INDEX
-    logps_BTV = F.log_softmax(logits_BTV[:, :-1].float(), dim=-1)
-    token_logps = logps_BTV.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (token_logps * labelled_BT).sum(-1)
+    """Each row's summed next-token log-probability of its labelled tokens [B] (fp32; only the N
+    labelled positions are taken to fp32, as token_cross_entropy does)."""
+    labels_BT = labels_BT[:, 1:]
+    labelled_BT = labels_BT != IGNORE_INDEX
+    logits_NV = logits_BTV[:, :-1][labelled_BT].float()
+    token_logps_N = -F.cross_entropy(logits_NV, labels_BT[labelled_BT], reduction="none")
+    rows_N = labelled_BT.nonzero()[:, 0]
+    return torch.zeros(len(labels_BT), device=logits_BTV.device).index_add(0, rows_N, token_logps_N)
 
 
 def dpo_terms(
@@ -75,3 +78,65 @@ def reference_logps(model: Any, inputs: dict[str, Any], labels_BT: torch.Tensor)
     with lora_disabled(model):
         logits_BTV = model(**inputs).logits
     return sequence_logps(logits_BTV, labels_BT)
+
+
+def pairs_first(rows_B: torch.Tensor) -> torch.Tensor:
+    """Rows as the loader lays pairs out (chosen, rejected, chosen, ...) -> all chosen, then all rejected."""
+    return rows_B.view(-1, 2).t().flatten()
+
+
+def labelled_pairs(labels_BT: torch.Tensor) -> torch.Tensor:
+    """[P] bool: pairs whose chosen row has labels (a skipped sample's stand-in has none)."""
+    return (labels_BT[0::2, 1:] != IGNORE_INDEX).any(-1)
+
+
+STATS = ("pairs", "chosen", "rejected", "correct")  # what `dpo_forward` sums, in this order
+
+
+def dpo_forward(engine: Any, inputs: dict[str, Any], cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch of pairs: the summed DPO loss of its labelled pairs (differentiable), and
+    [pairs, sum of chosen rewards, sum of rejected rewards, pairs whose chosen reward is higher]."""
+    labels_BT = inputs["labels"]
+    inputs = {name: value for name, value in inputs.items() if name != "labels"}
+    reference_B = pairs_first(reference_logps(engine.module, inputs, labels_BT))
+    policy_B = pairs_first(sequence_logps(engine(**inputs).logits, labels_BT))
+    terms = dpo_terms(policy_B, reference_B, cfg.beta, cfg.label_smoothing)
+    valid_P = labelled_pairs(labels_BT)
+    chosen, rejected = terms.chosen_rewards_P * valid_P, terms.rejected_rewards_P * valid_P
+    correct = (terms.chosen_rewards_P > terms.rejected_rewards_P) & valid_P
+    stats = torch.stack([valid_P.sum(), chosen.sum(), rejected.sum(), correct.sum()]).double()
+    return (terms.losses_P * valid_P).sum(), stats
+
+
+def step_metrics(stats: torch.Tensor) -> dict[str, float]:
+    """The step's DPO metrics (TRL's names) from the summed `dpo_forward` stats of all ranks."""
+    pairs, chosen, rejected, correct = stats.tolist()
+    pairs = max(pairs, 1.0)
+    return {
+        "rewards/chosen": chosen / pairs,
+        "rewards/rejected": rejected / pairs,
+        "rewards/margins": (chosen - rejected) / pairs,
+        "rewards/accuracies": correct / pairs,
+    }
+
+
+@torch.no_grad()
+def preference_accuracy(model: Any, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Held-out pairs: how often the policy gives the chosen reply a higher log-probability than the
+    rejected one, and how often the reference (LoRA off) does."""
+    wins = torch.zeros(3, dtype=torch.float64)  # policy, reference, pairs
+    for inputs in batches:
+        labels_BT = inputs["labels"]
+        forward = {name: value for name, value in inputs.items() if name != "labels"}
+        policy_P2 = pairs_first(sequence_logps(model(**forward).logits, labels_BT)).view(2, -1)
+        reference_P2 = pairs_first(reference_logps(model, forward, labels_BT)).view(2, -1)
+        valid_P = labelled_pairs(labels_BT)
+        for index, logps in enumerate((policy_P2, reference_P2)):
+            wins[index] += float(((logps[0] > logps[1]) & valid_P).sum())
+        wins[2] += float(valid_P.sum())
+    policy, reference, pairs = wins.tolist()
+    return {
+        "eval_preference_accuracy": policy / max(pairs, 1.0),
+        "eval_reference_preference_accuracy": reference / max(pairs, 1.0),
+        "eval_pairs": int(pairs),
+    }

@@ -26,7 +26,7 @@ from vlm_train.models.vlm import IGNORE_INDEX
 from vlm_train.parallel.engine import TrainEngine, resolve_precision
 from vlm_train.parallel.layout import Layout
 from vlm_train.parallel.signals import Preempted, StopFlag, requeue_slurm_job
-from vlm_train.training import checkpoint, deadline
+from vlm_train.training import checkpoint, deadline, dpo
 from vlm_train.training.flops import TrainingFlops, mfu, peak_flops
 from vlm_train.training.metrics import MetricsLogger, memory_gb
 from vlm_train.training.rng import rng_state, set_rng_state
@@ -87,6 +87,8 @@ class Trainer:
         self.stall_warning = StallWarning(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self.logged_steps = LoggedSteps(cfg.train.log_every, cfg.train.max_steps)
         self.nan_steps = {int(s) for s in os.environ.get("VLM_TRAIN_NAN_STEPS", "").split(",") if s.strip()}
+        self.dpo_stats = torch.zeros(len(dpo.STATS), dtype=torch.float64)  # objective=dpo: this rank's, this step
+        self.dpo_metrics: dict[str, float] = {}  # objective=dpo: the last step's rewards, all ranks
 
     def fit(self) -> None:
         train = self.cfg.train
@@ -133,14 +135,15 @@ class Trainer:
         self.stop_counts = counts
         self.saves_writing = counts.saves_writing
         # The engine divides by grad_accum and averages gradients over dp ranks; undo both so the
-        # gradient is that of (sum of token losses) / (answer tokens in the global batch).
+        # gradient is that of (sum of token losses) / (answer tokens in the global batch); DPO: of
+        # (sum of pair losses) / (pairs in the global batch).
         scale = self.cfg.train.grad_accum * self.layout.dp / max(counts.answer_tokens, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for index, mb in enumerate(micro_batches):
             self.engine.begin_micro_batch(last=index == len(micro_batches) - 1)
             with timer.phase("forward"):
                 # only the loss is kept: the output's logits [B, T, V] are freed before backward
-                mb_loss_sum = self.inject_fault(self.engine(**self.model_inputs(mb)).loss_sum)
+                mb_loss_sum = self.inject_fault(self.micro_batch_loss(mb))
             with timer.phase("backward"):
                 self.engine.backward(mb_loss_sum * scale)
             loss_sum += mb_loss_sum.detach().double()
@@ -148,6 +151,9 @@ class Trainer:
                 with timer.phase("optimizer"):
                     self.engine.micro_step()
         global_loss = float(self.all_reduce(loss_sum)) / max(counts.answer_tokens, 1.0)
+        if self.cfg.objective == "dpo":
+            self.dpo_metrics = dpo.step_metrics(self.all_reduce(self.dpo_stats.to(self.device)))
+            self.dpo_stats.zero_()
         with timer.phase("optimizer"):
             # A non-finite loss on any rank cancels the update everywhere (the engine knows how).
             result = self.engine.step(skip=not math.isfinite(global_loss), grad_norm=self.step + 1 in self.logged_steps)
@@ -156,6 +162,21 @@ class Trainer:
             self.count_bad_step(global_loss)
         self.count_skipped_samples(counts.skipped_by_reason, counts.samples)
         return global_loss, int(counts.samples), int(counts.tokens)
+
+    def micro_batch_loss(self, mb: dict) -> torch.Tensor:
+        """The summed loss of a micro-batch: its answer tokens' cross-entropy, or (objective=dpo)
+        its pairs' DPO losses."""
+        if self.cfg.objective != "dpo":
+            return self.engine(**self.model_inputs(mb)).loss_sum
+        loss_sum, stats = dpo.dpo_forward(self.engine, self.model_inputs(mb), self.cfg.dpo)
+        self.dpo_stats += stats.cpu()
+        return loss_sum
+
+    def loss_units(self, mb: dict) -> float:
+        """What the loss is a mean over: answer tokens, or (objective=dpo) labelled pairs."""
+        if self.cfg.objective == "dpo":
+            return float(dpo.labelled_pairs(mb["labels"]).sum())
+        return float((mb["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def forwards_of(self, loaded: list[dict]) -> list[dict]:
         """The step's forwards: its loaded batches, each cut to data.max_tokens_per_batch when set."""
@@ -199,7 +220,7 @@ class Trainer:
         self.local_visual_tokens = float(sum(self.flops.visual_tokens(mb) for mb in micro_batches))
         local = torch.tensor(
             [
-                sum(float((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches),
+                sum(self.loss_units(mb) for mb in micro_batches),
                 sum(float(mb["input_ids"].shape[0]) for mb in micro_batches),
                 sum(float((mb["attention_mask"] > 0).sum()) for mb in micro_batches),  # packed: sample numbers
                 float(self.stop_flag.raised),  # a signal on any rank stops every rank after this step
@@ -287,6 +308,7 @@ class Trainer:
             record["bad_steps"] = self.bad_steps
         if self.grad_norm is not None:
             record["grad_norm"] = float(self.grad_norm)
+        record.update(self.dpo_metrics)
         if self.cfg.data.max_tokens_per_batch is not None:
             record["forwards"] = self.step_forwards  # per rank: the most any rank needed (token budget)
         if self.skipped_by_reason.any():

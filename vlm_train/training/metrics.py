@@ -41,6 +41,11 @@ class MetricsLogger:
         print(self._console_line(record), flush=True)
 
     def _console_line(self, record: dict) -> str:
+        if "eval_preference_accuracy" in record:
+            return (
+                f"eval  step {record['step']}  preference_accuracy {record['eval_preference_accuracy']:.3f}  "
+                f"(reference {record['eval_reference_preference_accuracy']:.3f}, {record['eval_pairs']} pairs)"
+            )
         if "eval_accuracy" in record:
             kinds = " ".join(
                 f"{k[len('eval_accuracy_') :]} {v:.2f}" for k, v in record.items() if k.startswith("eval_accuracy_")
@@ -55,7 +60,9 @@ class MetricsLogger:
         return (
             f"[{bar}] step {record['step']:>{width}}/{self.max_steps}  loss {_number(record['loss'])}  "
             f"lr {record['lr']:.2e}  {record['samples_per_s']:.1f} samples/s  "
-            f"{record['tokens_per_s']:.0f} tokens/s" + (f"  mfu {record['mfu']:.2%}" if "mfu" in record else "")
+            f"{record['tokens_per_s']:.0f} tokens/s"
+            + (f"  mfu {record['mfu']:.2%}" if "mfu" in record else "")
+            + (f"  reward accuracy {record['rewards/accuracies']:.2f}" if "rewards/accuracies" in record else "")
         )
 
     def close(self) -> None:
