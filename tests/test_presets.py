@@ -63,6 +63,7 @@ EXPECTED = {
     "llm=qwen2_5-vl-7b": (8.29e9, "PatchMergerConnector", 1),
     "experiment=qwen3-vl-8b-sft": (8.77e9, "PatchMergerConnector", 1),  # 8,767,123,696: transformers' count
     "experiment=toy-qwen3-vl": (6.6e5, "PatchMergerConnector", 1),
+    "experiment=toy-dpo": (6.2e5, "MLPConnector", 9),  # the toy + LoRA updates on the decoder
     "vision=qwen3-vl-8b": (8.77e9, "PatchMergerConnector", 1),
     "llm=qwen3-vl-8b": (8.77e9, "PatchMergerConnector", 1),
     "connector=patch_merger": (5.8e5, "PatchMergerConnector", 4),

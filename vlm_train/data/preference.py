@@ -12,7 +12,11 @@ or whose prompts differ is a counted skip (not_a_pair, identical_pair, prompt_mi
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from typing import Any
+
+from vlm_train.data.reader import SkippedSample, skipped
 
 
 class PairError(ValueError):
@@ -40,3 +44,24 @@ def preference_turns(record: dict[str, Any]) -> tuple[list[dict], dict, dict]:
     if pair[0].get("value") == pair[1].get("value"):
         raise PairError("identical_pair", "the chosen and rejected replies are the same")
     return prompt, pair[0], pair[1]
+
+
+def encode_pair(encoder: Any, raw: dict) -> tuple[str, Any, Any] | SkippedSample:
+    """A raw preference sample through `encoder` (a SampleEncoder): the prompt with each reply, encoded
+    as any sample is (media, template, budget, truncation); the chosen one carries the rejected one
+    (`Encoded.rejected`), or the skip that stopped either."""
+    key, text_key = raw.get("__key__", "?"), encoder.cfg.text_key
+    try:
+        prompt, chosen, rejected = preference_turns(json.loads(raw[text_key]))
+    except PairError as err:
+        return skipped(err.reason, key, str(err))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        return skipped("not_a_pair", key, f"no preference pair in '{text_key}' ({err})")
+    results = []
+    for reply in (chosen, rejected):
+        result = encoder.encode_one({**raw, text_key: json.dumps({"conversations": [*prompt, reply]}).encode()})
+        if isinstance(result, SkippedSample):
+            return result
+        results.append(result)
+    (_, pixels, encoded), (_, _, encoded_rejected) = results
+    return key, pixels, replace(encoded, rejected=encoded_rejected)

@@ -163,3 +163,9 @@ def count_samples(url: str) -> int:
     except tarfile.TarError as err:
         log.warning("shard %s is unreadable after %d samples: %s", url, count, err)
     return count
+
+
+def skipped(reason: str, key: str, why: str) -> SkippedSample:
+    """A bad sample: logged, and counted under `reason` (one of samples.SKIP_REASONS)."""
+    log.warning("skipping sample %s: %s", key, why)
+    return SkippedSample(reason, key)

@@ -20,9 +20,9 @@ from PIL import Image
 
 from vlm_train.config import DataConfig
 from vlm_train.data.native_resolution import NativeResolutionTransform
-from vlm_train.data.preference import PairError, preference_turns
+from vlm_train.data.preference import encode_pair
 from vlm_train.data.preprocess import AnyResTransform, ImageTransform
-from vlm_train.data.reader import SkippedSample
+from vlm_train.data.reader import SkippedSample, skipped
 from vlm_train.data.templates import (
     ConversationError,
     Encoded,
@@ -118,28 +118,8 @@ class SampleEncoder:
 
     def encode(self, raw: dict) -> tuple[str, torch.Tensor, Encoded] | SkippedSample:
         if self.cfg.preference:
-            return self.encode_pair(raw)
+            return encode_pair(self, raw)
         return self.encode_one(raw)
-
-    def encode_pair(self, raw: dict) -> tuple[str, torch.Tensor, Encoded] | SkippedSample:
-        """objective=dpo: the prompt with each reply, encoded as any sample is (media, template, budget,
-        truncation); the chosen one carries the rejected one (`Encoded.rejected`)."""
-        key = raw.get("__key__", "?")
-        try:
-            prompt, chosen, rejected = preference_turns(json.loads(raw[self.cfg.text_key]))
-        except PairError as err:
-            return skipped(err.reason, key, str(err))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            return skipped("not_a_pair", key, f"no preference pair in '{self.cfg.text_key}' ({err})")
-        results = []
-        for reply in (chosen, rejected):
-            record = json.dumps({"conversations": [*prompt, reply]}).encode()
-            result = self.encode_one({**raw, self.cfg.text_key: record})
-            if isinstance(result, SkippedSample):
-                return result
-            results.append(result)
-        (_, pixels, encoded), (_, _, encoded_rejected) = results
-        return key, pixels, replace(encoded, rejected=encoded_rejected)
 
     def encode_one(self, raw: dict) -> tuple[str, torch.Tensor, Encoded] | SkippedSample:
         key = raw.get("__key__", "?")
@@ -428,11 +408,6 @@ def document_turns(texts: list[str | None]) -> list[dict]:
     image) as turns: each image a human turn `<image>` (no labels), each text an answer turn. With
     data.template=plain this is the document itself: image tokens, then text, labels on the text."""
     return [{"from": "human", "value": "<image>"} if t is None else {"from": "gpt", "value": t} for t in texts]
-
-
-def skipped(reason: str, key: str, why: str) -> SkippedSample:
-    log.warning("skipping sample %s: %s", key, why)
-    return SkippedSample(reason, key)
 
 
 def collate(samples: list[tuple[str, torch.Tensor, Encoded]], pad_id: int, cat=torch.cat, video_cat=torch.cat) -> dict:
