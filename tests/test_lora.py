@@ -44,6 +44,38 @@ def test_lora_starts_from_the_base_model_exactly_and_only_the_updates_train():
     assert not torch.allclose(moved, base(*batch[:3]).logits)
 
 
+def test_the_updates_export_as_a_peft_adapter_that_peft_puts_back_on_the_base(tmp_path):
+    """`to_hf(..., lora="adapter")`: the base LLaVA in the folder (LoRA'd layers at their base weights),
+    the updates in folder/lora; peft.PeftModel on that base gives the trained model's logits (1e-5),
+    with the tower's rank (2) and the decoder's (4) told apart (rank_pattern)."""
+    import json
+
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    from vlm_train.data.tokenizer import build_toy_tokenizer
+    from vlm_train.interop import to_hf
+    from vlm_train.models.lora import lora_layers
+
+    tokenizer = build_toy_tokenizer()
+    model = toy_model(*LORA, tokenizer=tokenizer).eval()
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora.lora_B.weight.normal_(std=0.05)
+    pixel_values, input_ids, mask, _ = make_batch(model, tokenizer)
+    with torch.no_grad():
+        expected = model(pixel_values, input_ids, mask).logits
+    to_hf(model, tmp_path / "hf", tokenizer, template="chat", lora="adapter")
+    config = json.loads((tmp_path / "hf" / "lora" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and set(config["rank_pattern"].values()) == {2} and len(config["target_modules"]) == 18
+    base = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    inputs = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask)
+    with torch.no_grad():
+        assert (base(**inputs).logits - expected).abs().max() > 1e-3  # the base alone is not the trained model
+        got = PeftModel.from_pretrained(base, tmp_path / "hf" / "lora").eval()(**inputs).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
 def test_lora_targets_that_match_nothing_are_one_line_errors():
     from vlm_train.errors import ConfigError
 

@@ -1,8 +1,10 @@
 """`vlm-convert`: move models between vlm_train runs and Hugging Face checkpoints.
 
-    vlm-convert to-hf RUN_DIR OUT [--step N]   newest (or step N) checkpoint of a run -> HF folder, with
+    vlm-convert to-hf RUN_DIR OUT [--step N] [--lora merge|adapter]
+                                                newest (or step N) checkpoint of a run -> HF folder, with
                                                 its processor (image processor, tokenizer, chat template of
-                                                the run's data.template) for AutoProcessor and pipeline()
+                                                the run's data.template) for AutoProcessor and pipeline();
+                                                LoRA updates merged, or a PEFT adapter in OUT/lora
     vlm-convert consolidate RUN_DIR OUT [--step N]
                                                 the same checkpoint (any ZeRO stage, TP size) -> one
                                                 OUT/model.safetensors (frozen weights included) + config.yaml;
@@ -24,14 +26,16 @@ from pathlib import Path
 from vlm_train.errors import UserError, report
 
 
-def to_hf_command(run_dir: Path, out: Path, step: int | None) -> None:
+def to_hf_command(run_dir: Path, out: Path, step: int | None, lora: str = "merge") -> None:
     from vlm_train.interop import to_hf
 
     folder = run_checkpoint(run_dir, step)
     cfg, tokenizer, model = rebuild_trained_model(folder)
     # The processor prepares prompts and images as this run's data pipeline did.
-    to_hf(model, out, tokenizer, template=cfg.data.template, image_aspect_ratio=cfg.data.image_aspect_ratio)
-    print(f"wrote {out} from {folder}")
+    to_hf(model, out, tokenizer, template=cfg.data.template, image_aspect_ratio=cfg.data.image_aspect_ratio, lora=lora)
+    print(
+        f"wrote {out} from {folder}" + (f" (LoRA updates as a PEFT adapter in {out}/lora)" if lora == "adapter" else "")
+    )
 
 
 def consolidate_command(run_dir: Path, out: Path, step: int | None) -> None:
@@ -183,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("run_dir", type=Path)
     export.add_argument("out", type=Path)
     export.add_argument("--step", type=int, default=None)
+    export.add_argument(
+        "--lora", choices=("merge", "adapter"), default="merge",
+        help="LoRA updates merged into the weights, or the base model + a PEFT adapter in OUT/lora",
+    )  # fmt: skip
     merge = commands.add_parser("consolidate", help="a run's sharded checkpoint -> one safetensors folder")
     merge.add_argument("run_dir", type=Path)
     merge.add_argument("out", type=Path)
@@ -195,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "to-hf":
-            to_hf_command(args.run_dir, args.out, args.step)
+            to_hf_command(args.run_dir, args.out, args.step, args.lora)
         elif args.command == "consolidate":
             consolidate_command(args.run_dir, args.out, args.step)
         elif args.command == "from-hf":

@@ -22,13 +22,14 @@ import torch
 from torch import nn
 
 from vlm_train.errors import ConfigError
+from vlm_train.interop.peft import ADAPTER_FOLDER, save_peft_adapter
 from vlm_train.models import CausalLM, VisionLanguageModel, VisionTower
 from vlm_train.models.anyres import AnyResLayout
 from vlm_train.models.connectors.mlp import MLPConnector
 from vlm_train.models.connectors.patch_merger import PatchMergerConnector
 from vlm_train.models.connectors.perceiver import PerceiverConnector
 from vlm_train.models.connectors.qformer import QFormerConnector
-from vlm_train.models.lora import merge_lora
+from vlm_train.models.lora import merge_lora, strip_lora
 
 if TYPE_CHECKING:
     from transformers import LlavaProcessor, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
@@ -61,18 +62,25 @@ def to_hf(
     tokenizer: PreTrainedTokenizerBase | None = None,
     template: str = "vicuna_v1",
     image_aspect_ratio: str = "crop",
+    lora: str = "merge",
 ) -> None:
     """Write `model` as the HF family of its connector; `from_pretrained` then loads it. LoRA updates
-    (vision.lora, llm.lora) are merged into their weights first, in place.
+    (vision.lora, llm.lora) are merged into their weights first (`lora="merge"`), or taken off and
+    written as a PEFT adapter in `path`/lora (`lora="adapter"`, interop/peft.py); in place either way.
 
     With the `tokenizer`, a LLaVA export also ships its processor (`AutoProcessor` and
     `pipeline("image-text-to-text")` work on the folder): an image processor that prepares images
     as `image_aspect_ratio` did in training, the tokenizer, and a chat template that renders the
     training `template` (data.template), so prompts are tokenized as vlm_train tokenized them.
     """
+    if lora not in ("merge", "adapter"):
+        raise ConfigError(f"--lora {lora}: use merge (into the weights) or adapter (a PEFT adapter folder)")
+    updates = strip_lora(model) if lora == "adapter" else []
     merge_lora(model)
     if isinstance(model.connector, PatchMergerConnector):
-        _to_qwen_vl(model, path, tokenizer)
+        hf_qwen = _to_qwen_vl(model, path, tokenizer)
+        if updates:
+            save_peft_adapter(hf_qwen, updates, Path(path) / ADAPTER_FOLDER)
         return
     exporters = {MLPConnector: _to_llava, QFormerConnector: _to_blip2, PerceiverConnector: _to_idefics2}
     exporter = exporters.get(type(model.connector))
@@ -90,6 +98,8 @@ def to_hf(
     if tokenizer is not None:
         _set_generation_tokens(hf_model, tokenizer)
     hf_model.save_pretrained(path)
+    if updates:
+        save_peft_adapter(hf_model, updates, Path(path) / ADAPTER_FOLDER)
     if tokenizer is None:
         return
     if exporter is _to_llava and model.anyres is not None:
@@ -106,7 +116,7 @@ def _from_qwen_vl(path) -> VisionLanguageModel:
     return from_qwen_vl(path)
 
 
-def _to_qwen_vl(model: VisionLanguageModel, path, tokenizer) -> None:
+def _to_qwen_vl(model: VisionLanguageModel, path, tokenizer) -> PreTrainedModel:
     from vlm_train.interop.qwen_vl import save_qwen_vl_processor, to_qwen_vl
 
     hf_model = to_qwen_vl(model, tokenizer)
@@ -115,6 +125,7 @@ def _to_qwen_vl(model: VisionLanguageModel, path, tokenizer) -> None:
     hf_model.save_pretrained(path)
     if tokenizer is not None:
         save_qwen_vl_processor(model, tokenizer, path)
+    return hf_model
 
 
 def _set_generation_tokens(hf_model: PreTrainedModel, tokenizer) -> None:

@@ -109,14 +109,22 @@ def lora_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> int:
     """Fold every LoRA update into its layer's weight and remove it (in place); returns how many."""
-    layers = lora_layers(model)
-    for _, linear in layers:
-        delta = lora_of(linear).delta_weight()
-        linear.weight.add_(delta.to(device=linear.weight.device, dtype=linear.weight.dtype))
+    updates = strip_lora(model)
+    for linear, lora in updates:
+        linear.weight.add_(lora.delta_weight().to(device=linear.weight.device, dtype=linear.weight.dtype))
+    return len(updates)
+
+
+def strip_lora(model: nn.Module) -> list[tuple[nn.Linear, LoRA]]:
+    """Take every LoRA update off its layer (the layer back to its base weights), in place; returns
+    the (layer, update) pairs."""
+    updates = []
+    for _, linear in lora_layers(model):
+        updates.append((linear, lora_of(linear)))
         for key in [key for key, hook in linear._forward_hooks.items() if hook is _add_update]:
             del linear._forward_hooks[key]
         del linear.lora
-    return len(layers)
+    return updates
 
 
 @contextlib.contextmanager
