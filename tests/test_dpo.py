@@ -138,3 +138,47 @@ def test_the_toy_dpo_run_teaches_the_preference_from_chance(tmp_path):
     final = read_metrics(tmp_path / "run")[-1]
     assert final["eval_pairs"] == 100 and final["eval_preference_accuracy"] > 0.9, final
     assert 0.3 < final["eval_reference_preference_accuracy"] < 0.7, final
+
+
+def test_with_full_tuning_the_reference_is_a_frozen_copy_of_the_initial_model():
+    """More than LoRA trains (here the whole decoder and connector): the reference is a frozen copy made
+    before training, whose log-probs stay the initial model's while the policy moves."""
+    from vlm_train.data.tokenizer import build_toy_tokenizer
+    from vlm_train.training.dpo import frozen_reference, needs_reference_copy
+
+    tokenizer = build_toy_tokenizer()
+    policy = toy_model(tokenizer=tokenizer).eval()
+    assert needs_reference_copy(policy)
+    assert not needs_reference_copy(toy_model("llm.lora.rank=4", "connector.freeze=true", tokenizer=tokenizer))
+    frozen = frozen_reference(policy, torch.device("cpu"), torch.float32)
+    pixel_values, input_ids, mask, labels = make_batch(policy, tokenizer)
+    inputs = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": mask}
+    with torch.no_grad():
+        initial = sequence_logps(policy(**inputs).logits, labels)
+        for param in policy.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+        assert not torch.allclose(sequence_logps(policy(**inputs).logits, labels), initial)
+    assert torch.equal(reference_logps(policy, inputs, labels, frozen), initial)
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+@pytest.mark.slow
+def test_full_tuning_dpo_trains_alike_at_zero_0_and_2_and_zero_3_is_refused(preference_data, tmp_path):
+    """objective=dpo with the connector and the decoder trained fully (a frozen reference copy): the
+    same per-step losses at ZeRO-0 and ZeRO-2 on 2 ranks, log 2 at step 1; ZeRO-3 (which would not
+    shard the copy) stops at start in one line."""
+    from tests.helpers import run_cli, step_losses
+
+    full = ("llm.lora.rank=0", "connector.freeze=false", "dpo.beta=0.5", "train.max_steps=6", "train.eval=false")
+    losses = {}
+    for stage in (0, 2):
+        run_dir = tmp_path / f"zero{stage}"
+        result = run_cli(dpo_run(preference_data, run_dir, *full, f"parallel.zero_stage={stage}"), nproc=2)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[stage] = list(step_losses(run_dir).values())
+    assert losses[0][0] == pytest.approx(0.6931471805599453, abs=1e-6) and losses[0][-1] != losses[0][0]
+    assert losses[2] == pytest.approx(losses[0], rel=1e-6, abs=0)
+    result = run_cli(dpo_run(preference_data, tmp_path / "zero3", *full, "parallel.zero_stage=3"))
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
+        "vlm-train: error: objective=dpo"
+    )

@@ -86,12 +86,6 @@ def _add_lora(cfg: Config, model: VisionLanguageModel) -> None:
     if cfg.llm.lora.rank:
         _set_trainable(model.llm, False)
         add_lora(model.llm, cfg.llm.lora, "llm.lora")
-    trained = [name for name, p in model.named_parameters() if p.requires_grad and ".lora." not in name]
-    if cfg.objective == "dpo" and trained:
-        raise ConfigError(
-            f"objective=dpo's reference is the model with its LoRA updates off, so only LoRA may train: "
-            f"{trained[0]} (and {len(trained) - 1} more) would too; freeze them (connector.freeze=true)"
-        )
 
 
 def build_qwen_vl_parts(

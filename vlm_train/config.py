@@ -444,11 +444,6 @@ def _validate_objective(cfg: Config) -> None:
         raise ConfigError(
             "objective=dpo reads each pair as two rows: data.packing and data.max_tokens_per_batch are off"
         )
-    if not (cfg.llm.lora.rank or cfg.vision.lora.rank):
-        raise ConfigError(
-            "objective=dpo takes its reference from the base weights with LoRA off: set llm.lora.rank (and/or "
-            "vision.lora.rank); DPO with full tuning (a frozen reference copy) is not built yet"
-        )
 
 
 def _validate_data(cfg: Config) -> None:

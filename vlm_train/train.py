@@ -97,10 +97,11 @@ def _train(cfg: Config, layout, device) -> None:
     tokenizer = load_tokenizer(cfg.llm, video=cfg.data.video)
     model = build_model(cfg, tokenizer, layout)
     batches = build_batches(cfg, tokenizer, model, layout, device)
+    reference = dpo_reference(cfg, model, device)  # before training moves the model
     flops = TrainingFlops.of(model)  # before DeepSpeed: ZeRO-3 empties partitioned parameters
     engine = build_train_engine(model, cfg, layout, device, mpu)
     metrics = MetricsLogger(run_dir, cfg, enabled=layout.rank == 0)
-    trainer = Trainer(engine, batches, cfg, layout, device, metrics, flops)
+    trainer = Trainer(engine, batches, cfg, layout, device, metrics, flops, reference)
     try:
         if resume_from is not None:
             trainer.resume(resume_from)
@@ -211,6 +212,26 @@ def evaluate_run(trainer, cfg: Config, tokenizer, transform) -> None:
     trainer.metrics.log({"step": trainer.step, **results})
 
 
+def dpo_reference(cfg: Config, model, device):
+    """objective=dpo with more than LoRA training: a frozen copy of the initial model (ZeRO 0-2; at
+    ZeRO-3 it would not be sharded, refused); otherwise None (the reference is LoRA-off weights)."""
+    import torch
+
+    from vlm_train.errors import ConfigError
+    from vlm_train.parallel.engine import run_precision
+    from vlm_train.training.dpo import frozen_reference, needs_reference_copy
+
+    if cfg.objective != "dpo" or not needs_reference_copy(model):
+        return None
+    if cfg.parallel.zero_stage == 3:
+        raise ConfigError(
+            "objective=dpo with full tuning keeps a frozen copy of the model as its reference, which ZeRO-3 "
+            "would not shard: train LoRA only (llm.lora.rank, connector.freeze=true) or use parallel.zero_stage<=2"
+        )
+    dtype = torch.bfloat16 if run_precision(cfg) == "bf16" else torch.float32
+    return frozen_reference(model, device, dtype)
+
+
 def evaluate_preferences(trainer, cfg: Config, tokenizer, transform) -> None:
     """objective=dpo: held-out preference accuracy of the policy and of its reference, every rank
     scoring every pair (the same forwards on each: ZeRO-3 gathers stay in step)."""
@@ -231,7 +252,7 @@ def evaluate_preferences(trainer, cfg: Config, tokenizer, transform) -> None:
     )
     was_training = model.training
     model.eval()
-    results = preference_accuracy(model, batches)
+    results = preference_accuracy(model, batches, trainer.reference)
     model.train(was_training)
     trainer.metrics.log({"step": trainer.step, **results})
 

@@ -1,6 +1,7 @@
 """Direct Preference Optimization (Rafailov et al., 2023) for VLMs: the loss, as TRL's DPOTrainer
 computes it (`loss_type="sigmoid"`, with conservative DPO's `label_smoothing`), the metrics TRL logs,
-and the reference model's log-probabilities from the same weights with every LoRA update disabled.
+and the reference model's log-probabilities from the same weights with every LoRA update disabled
+(or, when more than LoRA trains, from a frozen copy of the model as built).
 
 A pair is one prompt (image + question) with a chosen and a rejected reply. Each reply's
 log-probability is the sum of its tokens' log-probabilities (TRL's `concatenated_forward`); with
@@ -70,14 +71,32 @@ def dpo_terms(
 
 
 @torch.no_grad()
-def reference_logps(model: Any, inputs: dict[str, Any], labels_BT: torch.Tensor) -> torch.Tensor:
-    """The reference model's log-probs of the rows: the policy's own weights with every LoRA update
-    off (no second copy in memory). A model without LoRA has no reference inside it."""
+def reference_logps(
+    model: Any, inputs: dict[str, Any], labels_BT: torch.Tensor, frozen: Any | None = None
+) -> torch.Tensor:
+    """The reference model's log-probs of the rows: a `frozen` copy of the initial model when one is
+    given (full tuning), else the policy's own weights with every LoRA update off (no second copy)."""
+    if frozen is not None:
+        return sequence_logps(frozen(**inputs).logits, labels_BT)
     if not lora_layers(model):
         raise ValueError("objective=dpo takes its reference from the base weights: give vision.lora or llm.lora")
     with lora_disabled(model):
         logits_BTV = model(**inputs).logits
     return sequence_logps(logits_BTV, labels_BT)
+
+
+def needs_reference_copy(model: Any) -> bool:
+    """Whether anything but LoRA updates trains: then LoRA-off weights are not the initial model."""
+    return any(p.requires_grad and ".lora." not in name for name, p in model.named_parameters())
+
+
+def frozen_reference(model: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """A frozen copy of the model as built (the initial policy), on `device` in the run's `dtype`."""
+    import copy
+
+    reference = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    reference.requires_grad_(False)
+    return reference
 
 
 def pairs_first(rows_B: torch.Tensor) -> torch.Tensor:
@@ -93,12 +112,14 @@ def labelled_pairs(labels_BT: torch.Tensor) -> torch.Tensor:
 STATS = ("pairs", "chosen", "rejected", "correct")  # what `dpo_forward` sums, in this order
 
 
-def dpo_forward(engine: Any, inputs: dict[str, Any], cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def dpo_forward(
+    engine: Any, inputs: dict[str, Any], cfg: Any, frozen: Any | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-batch of pairs: the summed DPO loss of its labelled pairs (differentiable), and
     [pairs, sum of chosen rewards, sum of rejected rewards, pairs whose chosen reward is higher]."""
     labels_BT = inputs["labels"]
     inputs = {name: value for name, value in inputs.items() if name != "labels"}
-    reference_B = pairs_first(reference_logps(engine.module, inputs, labels_BT))
+    reference_B = pairs_first(reference_logps(engine.module, inputs, labels_BT, frozen))
     policy_B = pairs_first(sequence_logps(engine(**inputs).logits, labels_BT))
     terms = dpo_terms(policy_B, reference_B, cfg.beta, cfg.label_smoothing)
     valid_P = labelled_pairs(labels_BT)
@@ -121,7 +142,7 @@ def step_metrics(stats: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def preference_accuracy(model: Any, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+def preference_accuracy(model: Any, batches: Iterable[dict[str, Any]], frozen: Any | None = None) -> dict[str, float]:
     """Held-out pairs: how often the policy gives the chosen reply a higher log-probability than the
     rejected one, and how often the reference (LoRA off) does."""
     wins = torch.zeros(3, dtype=torch.float64)  # policy, reference, pairs
@@ -129,7 +150,7 @@ def preference_accuracy(model: Any, batches: Iterable[dict[str, Any]]) -> dict[s
         labels_BT = inputs["labels"]
         forward = {name: value for name, value in inputs.items() if name != "labels"}
         policy_P2 = pairs_first(sequence_logps(model(**forward).logits, labels_BT)).view(2, -1)
-        reference_P2 = pairs_first(reference_logps(model, forward, labels_BT)).view(2, -1)
+        reference_P2 = pairs_first(reference_logps(model, forward, labels_BT, frozen)).view(2, -1)
         valid_P = labelled_pairs(labels_BT)
         for index, logps in enumerate((policy_P2, reference_P2)):
             wins[index] += float(((logps[0] > logps[1]) & valid_P).sum())

@@ -58,8 +58,10 @@ class Trainer:
         device: torch.device,
         metrics: MetricsLogger,
         flops: TrainingFlops,
+        reference: torch.nn.Module | None = None,
     ):
         self.engine, self.batches, self.cfg = engine, batches, cfg
+        self.reference = reference  # objective=dpo with more than LoRA training: the frozen initial model
         self.flops = flops  # training FLOPs of a micro-batch, for MFU
         self.peak_flops = peak_flops(device, resolve_precision(cfg.train.precision, device), cfg.train.peak_tflops)
         self.step_flops = 0.0  # model FLOPs of the last step, all ranks
@@ -168,7 +170,7 @@ class Trainer:
         its pairs' DPO losses."""
         if self.cfg.objective != "dpo":
             return self.engine(**self.model_inputs(mb)).loss_sum
-        loss_sum, stats = dpo.dpo_forward(self.engine, self.model_inputs(mb), self.cfg.dpo)
+        loss_sum, stats = dpo.dpo_forward(self.engine, self.model_inputs(mb), self.cfg.dpo, self.reference)
         self.dpo_stats += stats.cpu()
         return loss_sum
 
