@@ -133,13 +133,16 @@ def test_the_same_job_submitted_twice_the_second_is_refused(slurm_cluster, toy_d
     """The everyday mistake: one sbatch command run twice. The second job ends at once with one line
     naming the first (host, pid, Slurm job id, start time); the first runs on to its end, each step
     logged once. The first job's training step is paused (SIGSTOP through scancel) while the second
-    starts, so that it is still mid-run however long the second takes to start. (`--exclusive=user`
-    overrides the script's `--exclusive`, so that both jobs fit on the one node at once.)"""
+    starts, so that it is still mid-run however long the second takes to start; its loader sleeps 0.2 s
+    a sample (VLM_TRAIN_SLOW_DATA_S), so its 20 steps take 16 s or more and the pause lands mid-run
+    even when this test process gets little CPU (it once saw all 20 steps done before it could pause
+    them). (`--exclusive=user` overrides the script's `--exclusive`, so that both jobs fit on the one
+    node at once.)"""
     run_dir = tmp_path / "run"
     overrides = cpu_overrides(toy_data, run_dir, "train.max_steps=20", "train.log_every=1")
     submit = ["sbatch", "--parsable", "--nodes=1", "--gres=none", "--cpus-per-task=1", "--exclusive=user"]
     submit += [f"--output={tmp_path}/slurm-%j.out", "slurm/pretrain.sh", *overrides]
-    first = run_command(submit, env=job_env()).stdout.strip().split(";")[0]
+    first = run_command(submit, env=job_env() | {"VLM_TRAIN_SLOW_DATA_S": "0.2"}).stdout.strip().split(";")[0]
     second = ""
     try:
         wait_for(
