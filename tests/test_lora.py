@@ -86,6 +86,10 @@ def test_lora_targets_that_match_nothing_are_one_line_errors():
     assert "Traceback" not in result.stderr
     with pytest.raises(ConfigError, match="llm.lora: rank=-1"):
         toy_model("llm.lora.rank=-1")
+    from vlm_train.models.lora import lora_layers
+
+    fused = toy_model("llm.lora.rank=4", "llm.lora.targets=[linear_qkv]")  # megatron's name for q/k/v
+    assert sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(fused)}) == ["k_proj", "q_proj", "v_proj"]
 
 
 @pytest.mark.slow

@@ -78,12 +78,16 @@ def _add_lora(cfg: Config, model: VisionLanguageModel) -> None:
     """vision.lora / llm.lora: the component's weights frozen, LoRA updates on its linear layers."""
     from vlm_train.models.lora import add_lora
 
-    if cfg.llm.lora.rank and cfg.llm.backend == "megatron":
-        raise ConfigError("llm.lora with llm.backend=megatron (tensor parallelism) is not built yet: use TP=1 (hf)")
     if cfg.vision.lora.rank:
         _set_trainable(model.vision, False)
         add_lora(model.vision, cfg.vision.lora, "vision.lora", model.vision.unused_parameters())
-    if cfg.llm.lora.rank:
+    if cfg.llm.lora.rank and cfg.llm.backend == "megatron":
+        from vlm_train.parallel.lora_tp import add_megatron_lora
+
+        _set_trainable(model.llm, False)
+        llm: Any = model.llm  # a MegatronCausalLM
+        add_megatron_lora(llm.gpt, cfg.llm.lora, llm.tp, llm.tp_rank)
+    elif cfg.llm.lora.rank:
         _set_trainable(model.llm, False)
         add_lora(model.llm, cfg.llm.lora, "llm.lora")
 

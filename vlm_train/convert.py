@@ -83,9 +83,12 @@ def rebuild_trained_model(folder: Path):
         from vlm_train.parallel.engine_checkpoint import safe_torch_load
 
         cfg.llm.backend = "hf"  # the same model with the HF decoder: its TP shards are joined into it
+        lora = cfg.llm.lora
+        scaling = lora.alpha / lora.rank if lora.rank else 0.0
+        lora.rank = 0  # the decoder's LoRA slices are merged into the joined weights
         model = build_model(cfg, tokenizer)  # (its frozen checksum was taken over megatron's layout)
         readers = CheckpointReaders(safe_torch_load, consolidated_state_dict)  # interop reads no DeepSpeed file itself
-        load_tp_checkpoint(model, folder, cfg.parallel.zero_stage, cfg.parallel.tensor_parallel, readers)
+        load_tp_checkpoint(model, folder, cfg.parallel.zero_stage, cfg.parallel.tensor_parallel, readers, scaling)
     else:
         model = build_model(cfg, tokenizer)
         check_rebuilt_frozen_weights(model, folder)

@@ -21,6 +21,7 @@ from vlm_train.errors import ConfigError
 from vlm_train.interop.megatron import DecoderShape, hf_to_megatron, megatron_to_hf
 from vlm_train.interop.tp_plan import join_cross_attention_shards
 from vlm_train.models.llm import CausalLM
+from vlm_train.parallel.lora_tp import merge_lora_shard
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -55,14 +56,17 @@ def _tp_rank_weights(view: Path, zero_stage: int, read: CheckpointReaders) -> di
     return {name: value.float() for name, value in module.items() if isinstance(value, torch.Tensor)}
 
 
-def load_tp_checkpoint(model: nn.Module, folder: Path, zero_stage: int, tp: int, read: CheckpointReaders) -> None:
+def load_tp_checkpoint(
+    model: nn.Module, folder: Path, zero_stage: int, tp: int, read: CheckpointReaders, lora_scaling: float = 0.0
+) -> None:
     """Load a TP run's checkpoint into `model`, the same VLM built with the HF decoder.
 
     Each TP rank's weights are consolidated over ZeRO, the decoder shards are joined into HF
     names, tower and connector come from TP rank 0 (whole on every TP rank) except the
     cross-attention blocks' split linears, which are joined too. Parameters the
     run kept frozen (not in checkpoints) keep the values `model` was rebuilt with. `read` holds
-    parallel/engine_checkpoint.py's readers.
+    parallel/engine_checkpoint.py's readers. LoRA slices (llm.lora; `lora_scaling` = alpha / rank) are
+    merged into their weight slices before the join: `model` is built without decoder LoRA.
     """
     llm = model.get_submodule("llm")
     if not isinstance(llm, CausalLM):
@@ -77,7 +81,7 @@ def load_tp_checkpoint(model: nn.Module, folder: Path, zero_stage: int, tp: int,
     for rank, state in enumerate(states):
         shard = hf_to_megatron(rebuilt, shape, tp, rank)  # frozen decoder weights: as rebuilt
         shard.update({k.removeprefix("llm.gpt."): v for k, v in state.items() if k.startswith("llm.gpt.")})
-        shards.append(shard)
+        shards.append(merge_lora_shard(shard, lora_scaling))
     whole = join_cross_attention_shards([{k: v for k, v in s.items() if not k.startswith("llm.")} for s in states])
     whole.update({f"llm.hf_model.{k}": v for k, v in megatron_to_hf(shards, shape).items()})
     if shape.tied:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +26,11 @@ from vlm_train.errors import ConfigError
 
 ALL_LINEAR = "all-linear"
 OUTPUT_HEADS = ("lm_head",)  # never targeted by "all-linear" (PEFT leaves the output layer out too)
+# the megatron decoder's fused layers (parallel/lora_tp.py) by the HF layers they hold, so either name works
+HF_LAYERS = {
+    "linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_proj": ("o_proj",),
+    "linear_fc1": ("gate_proj", "up_proj"), "linear_fc2": ("down_proj",),
+}  # fmt: skip
 
 
 class LoRA(nn.Module):
@@ -67,13 +73,14 @@ def add_lora(component: nn.Module, cfg: LoRAConfig, what: str, unused: Sequence[
     whose weight is `unused` (no gradient reaches them); returns the names of the layers it went on.
     A target matching no linear layer is a ConfigError."""
     skip = {id(param) for param in unused}
+    targets = [name for target in cfg.targets for name in HF_LAYERS.get(target, (target,))]
     linears = {
         name: m
         for name, m in component.named_modules()
         if isinstance(m, nn.Linear) and not hasattr(m, "lora") and id(m.weight) not in skip
     }
-    chosen = [name for name in linears if _targeted(name, cfg.targets)]
-    unmatched = [t for t in cfg.targets if t != ALL_LINEAR and not any(_matches(n, t) for n in chosen)]
+    chosen = [name for name in linears if _targeted(name, targets)]
+    unmatched = [t for t in targets if t != ALL_LINEAR and not any(_matches(n, t) for n in chosen)]
     if unmatched or not chosen:
         suffixes = sorted({name.rsplit(".", 1)[-1] for name in linears})
         raise ConfigError(
@@ -127,10 +134,17 @@ def strip_lora(model: nn.Module) -> list[tuple[nn.Linear, LoRA]]:
     return updates
 
 
+def lora_updates(model: nn.Module) -> list[Any]:
+    """Every LoRA update in `model`: on nn.Linear layers (LoRA) and on the megatron decoder's
+    parallel layers (parallel/lora_tp.py's ParallelLoRA)."""
+    updates = [getattr(module, "lora", None) for module in model.modules()]
+    return [update for update in updates if isinstance(update, nn.Module) and hasattr(update, "enabled")]
+
+
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module) -> Iterator[None]:
     """Forwards in this context run the base model (every LoRA update off)."""
-    updates = [lora_of(linear) for _, linear in lora_layers(model)]
+    updates: list[Any] = lora_updates(model)
     for lora in updates:
         lora.enabled = False
     try:

@@ -127,10 +127,14 @@ class MegatronCausalLM(Decoder):
 
     @torch.no_grad()
     def to_hf(self) -> CausalLM:
-        """The whole decoder as a HF CausalLM (collective over the TP group; every rank gets it)."""
+        """The whole decoder as a HF CausalLM (collective over the TP group; every rank gets it), its
+        LoRA updates (llm.lora) merged into the weights first, in place."""
         from megatron.core import parallel_state
         from transformers import AutoModelForCausalLM
 
+        from vlm_train.parallel.lora_tp import merge_megatron_lora
+
+        merge_megatron_lora(self.gpt)
         local = {k: v.detach().cpu() for k, v in self.gpt.state_dict().items() if not k.endswith("_extra_state")}
         shards: list[Any] = [None] * self.tp  # all_gather_object fills in each rank's state dict
         dist.all_gather_object(shards, local, group=parallel_state.get_tensor_model_parallel_group())

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm_train.models.decoder import IGNORE_INDEX
-from vlm_train.models.lora import lora_disabled, lora_layers
+from vlm_train.models.lora import lora_disabled, lora_updates
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def reference_logps(
     given (full tuning), else the policy's own weights with every LoRA update off (no second copy)."""
     if frozen is not None:
         return sequence_logps(frozen(**inputs).logits, labels_BT)
-    if not lora_layers(model):
+    if not lora_updates(model):
         raise ValueError("objective=dpo takes its reference from the base weights: give vision.lora or llm.lora")
     with lora_disabled(model):
         logits_BTV = model(**inputs).logits
