@@ -44,6 +44,25 @@ def test_lora_starts_from_the_base_model_exactly_and_only_the_updates_train():
     assert not torch.allclose(moved, base(*batch[:3]).logits)
 
 
+def test_connector_lora_trains_only_its_updates_and_starts_from_the_connector():
+    """connector.lora: the MLP projector's two linear layers carry updates, only they train there, and
+    the model starts as it was (B = 0); a target that is no layer of the connector is one line."""
+    from vlm_train.data.tokenizer import build_toy_tokenizer
+    from vlm_train.errors import ConfigError
+    from vlm_train.models.lora import lora_layers
+
+    tokenizer = build_toy_tokenizer()
+    base, model = toy_model(tokenizer=tokenizer).eval(), toy_model("connector.lora.rank=4", tokenizer=tokenizer).eval()
+    assert len([n for n, _ in lora_layers(model) if n.startswith("connector.")]) == 2
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("connector.")]
+    assert trained and all(".lora." in n for n in trained)
+    batch = make_batch(base, tokenizer)
+    with torch.no_grad():
+        assert torch.equal(base(*batch[:3]).logits, model(*batch[:3]).logits)
+    with pytest.raises(ConfigError, match=r"connector.lora.targets=\['q_proj'\]"):
+        toy_model("connector.lora.rank=4", "connector.lora.targets=[q_proj]")
+
+
 def test_the_updates_export_as_a_peft_adapter_that_peft_puts_back_on_the_base(tmp_path):
     """`to_hf(..., lora="adapter")`: the base LLaVA in the folder (LoRA'd layers at their base weights),
     the updates in folder/lora; peft.PeftModel on that base gives the trained model's logits (1e-5),

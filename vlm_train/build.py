@@ -75,9 +75,13 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
 
 
 def _add_lora(cfg: Config, model: VisionLanguageModel) -> None:
-    """vision.lora / llm.lora: the component's weights frozen, LoRA updates on its linear layers."""
+    """vision.lora / llm.lora / connector.lora: the component's weights frozen, LoRA updates on its
+    linear layers."""
     from vlm_train.models.lora import add_lora
 
+    if cfg.connector.lora.rank:
+        _set_trainable(model.connector, False)
+        add_lora(model.connector, cfg.connector.lora, "connector.lora", model.connector.fixed_parameters())
     if cfg.vision.lora.rank:
         _set_trainable(model.vision, False)
         add_lora(model.vision, cfg.vision.lora, "vision.lora", model.vision.unused_parameters())

@@ -104,6 +104,7 @@ class ConnectorConfig:
     name: str = MISSING
     path: str | None = MISSING  # pretrained weights (safetensors or state-dict .bin/.pt); null: random init
     freeze: bool = False
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA on its linear layers (docs/lora.md)
 
 
 SchemaT = TypeVar("SchemaT", bound=type[ConnectorConfig])
@@ -425,7 +426,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.lock_stale_s={cfg.run.lock_stale_s} must be positive (seconds)")
     _validate_data(cfg)
     _validate_objective(cfg)
-    for component in ("vision", "llm"):
+    for component in ("vision", "llm", "connector"):
         lora = _get(cfg, f"{component}.lora")
         if lora.rank < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1 or (lora.rank and not lora.targets):
             raise ConfigError(
