@@ -76,8 +76,8 @@ def test_a_pair_is_two_rows_with_the_image_on_each_and_bad_pairs_are_counted_ski
     assert isinstance(sft, SkippedSample) and sft.reason == "not_a_pair"
 
 
-def test_vlm_shards_preference_converts_rlaif_v_trl_and_ours_and_reports_bad_pairs(tmp_path):
-    """Three layouts of the same pair become the same sample; an identical pair, different prompts and
+def test_vlm_shards_preference_converts_rlaif_v_trl_llava_rlhf_and_ours_and_reports_bad_pairs(tmp_path):
+    """Four layouts (RLAIF-V, ours, TRL, LLaVA-RLHF) of the same pair become the same sample; an identical pair, different prompts and
     a record without a pair are left out and reported; the shards train (the encoder reads each pair)."""
     from tests.helpers import TOKENIZER, TRANSFORM
     from tests.shard_helpers import read_shards
@@ -95,6 +95,8 @@ def test_vlm_shards_preference_converts_rlaif_v_trl_and_ours_and_reports_bad_pai
         {"id": "ours", "image": "a.png", "conversations": PROMPT, "chosen": "red", "rejected": "blue"},
         {"id": "trl", "images": ["a.png"], "prompt": [user],
          "chosen": [{"role": "assistant", "content": "red"}], "rejected": [{"role": "assistant", "content": "blue"}]},
+        {"id": "rlhf", "image": "a.png", "preference": 2, "conversations": [*PROMPT, {"from": "gpt", "value": "x"}],
+         "output_1": {"from": "llava", "value": "blue"}, "output_2": {"from": "llava", "value": "red"}},
         {"id": "same", "image": "a.png", "question": question, "chosen": "red", "rejected": "red"},
         {"id": "mismatch", "image": "a.png",
          "chosen": [*PROMPT, {"from": "gpt", "value": "red"}],
@@ -113,7 +115,7 @@ def test_vlm_shards_preference_converts_rlaif_v_trl_and_ours_and_reports_bad_pai
     ]  # fmt: skip
     samples = read_shards(out)
     bodies = [{k: v for k, v in json.loads(s["json"]).items() if k != "id"} for s in samples]
-    assert len(samples) == 3 and bodies[0] == bodies[1] == bodies[2]
+    assert len(samples) == 4 and bodies[0] == bodies[1] == bodies[2] == bodies[3]
     assert bodies[0]["conversations"] == PROMPT and (bodies[0]["chosen"], bodies[0]["rejected"]) == ("red", "blue")
     encoder = SampleEncoder(compose(["experiment=toy-dpo"]).data, TOKENIZER, TRANSFORM, image_tokens=9)
     assert all(encoder.encode(sample)[2].rejected is not None for sample in samples)

@@ -1,6 +1,8 @@
 """`vlm-shards preference`: preference pairs (objective=dpo) into shards, from the layouts they come in:
 
     RLAIF-V:            {"image": "a.jpg", "question": "...", "chosen": "...", "rejected": "..."}
+    LLaVA-RLHF:         {"image": "a.jpg", "conversations": [...], "output_1": {"value": "..."},
+                         "output_2": {"value": "..."}, "preference": 1}   (1 or 2: the preferred output)
     vlm_train / LLaVA:  {"image": "a.jpg", "conversations": [<human turns>], "chosen": "...", "rejected": "..."}
     TRL (conversational): {"images": ["a.jpg"], "prompt": [{"role": "user", "content": [{"type": "image"},
                          {"type": "text", "text": "..."}]}], "chosen": [{"role": "assistant", ...}], "rejected": [...]}
@@ -45,6 +47,8 @@ def preference_record(value: object) -> object:
     if "image" not in record and isinstance(value.get("images"), list) and len(value["images"]) == 1:
         record["image"] = value["images"][0]
     chosen, rejected = value.get("chosen"), value.get("rejected")
+    if "preference" in value and "output_1" in value and "output_2" in value:  # LLaVA-RLHF
+        chosen, rejected = _rlhf_outputs(value)
     prompt: object
     if "question" in value:  # RLAIF-V: one question about the image
         question = str(value["question"])
@@ -53,12 +57,30 @@ def preference_record(value: object) -> object:
     elif "prompt" in value:  # TRL: prompt messages, replies as messages or strings
         prompt = [_turn(m) for m in value["prompt"]] if isinstance(value["prompt"], list) else value["prompt"]
     else:
-        prompt = value.get("conversations")
+        prompt = _up_to_last_question(value.get("conversations"))
     if isinstance(chosen, list) and isinstance(rejected, list):
         chosen, rejected = [_turn(m) for m in chosen], [_turn(m) for m in rejected]
         if isinstance(prompt, list) and len(chosen) == 1 and len(rejected) == 1:  # TRL: replies apart from the prompt
             chosen, rejected = chosen[0]["value"], rejected[0]["value"]
     return {**record, "conversations": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _rlhf_outputs(value: dict) -> tuple[object, object]:
+    """LLaVA-RLHF's two outputs as (chosen, rejected) by its `preference` (1 or 2); else neither."""
+    outputs = [value["output_1"], value["output_2"]]
+    texts = [o.get("value") if isinstance(o, dict) else o for o in outputs]
+    if value["preference"] not in (1, 2):
+        return None, None
+    first = value["preference"] - 1
+    return texts[first], texts[1 - first]
+
+
+def _up_to_last_question(turns: object) -> object:
+    """The turns up to the last human one (LLaVA-RLHF keeps the original answer after it)."""
+    if not isinstance(turns, list):
+        return turns
+    last = max((i for i, t in enumerate(turns) if isinstance(t, dict) and t.get("from") == "human"), default=None)
+    return turns if last is None else turns[: last + 1]
 
 
 def _turn(message: object) -> dict:
