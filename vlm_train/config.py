@@ -325,9 +325,6 @@ class DPOConfig:
 
 @dataclass
 class Config:
-    # sft: next-token loss on the answers | dpo: preference pairs (chosen / rejected replies), docs/dpo.md
-    objective: str = "sft"
-    dpo: DPOConfig = field(default_factory=DPOConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     connector: Any = MISSING  # one of the connector schemas, chosen by the `connector` group
@@ -336,6 +333,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # sft: next-token loss on the answers | dpo: preference pairs (chosen / rejected replies), docs/dpo.md
+    objective: str = "sft"
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 _CHOICES = {

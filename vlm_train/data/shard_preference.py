@@ -94,16 +94,20 @@ def _turn(message: object) -> dict:
     return {"from": ROLE_OF.get(str(message.get("role")), str(message.get("role"))), "value": str(content)}
 
 
-def check_pair(record: Record, value: dict, images: Path) -> Checked:
-    """A preference record as a sample (its prompt, the two replies, its image), or RecordProblem."""
+def check_pair(record: Record, images: Path, videos: Path | None = None) -> Checked:
+    """A preference record as a sample (its prompt, the two replies, its image), or RecordProblem
+    (`videos`: unused, pairs carry images; shard_records.check's signature)."""
+    value = record.value
+    if not isinstance(value, dict):
+        raise RecordProblem("not_an_object", f"a record must be a JSON object, found {type(value).__name__}")
     try:
         prompt, chosen, rejected = preference_turns(value)
     except PairError as err:
         raise RecordProblem(err.reason, str(err)) from None
-    markers, videos = _check_conversations([*prompt, chosen])
+    markers, video_markers = _check_conversations([*prompt, chosen])
     _check_conversations([*prompt, rejected])
     image = _image_field(value)
-    if videos or markers != (1 if image else 0):
+    if video_markers or markers != (1 if image else 0):
         raise RecordProblem("marker_mismatch", f"{markers} {IMAGE_TOKEN} markers for {1 if image else 0} images")
     out = {"id": value.get("id"), "image": image, "conversations": prompt}
     out = {k: v for k, v in out.items() if v is not None} | {"chosen": chosen["value"], "rejected": rejected["value"]}

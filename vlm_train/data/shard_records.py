@@ -160,10 +160,6 @@ def check(record: Record, images: Path, videos: Path) -> Checked:
     value = record.value
     if not isinstance(value, dict):
         raise RecordProblem("not_an_object", f"a record must be a JSON object, found {type(value).__name__}")
-    if "chosen" in value or "rejected" in value:  # a preference pair (vlm-shards preference)
-        from vlm_train.data.shard_preference import check_pair
-
-        return check_pair(record, value, images)
     image_markers, video_markers = _check_conversations(value.get("conversations"))
     image, video = _image_field(value), _video_field(value)
     if image and video:
@@ -329,7 +325,8 @@ def _first_frame_decodes(data: bytes) -> bool:
         return next(container.decode(container.streams.video[0]), None) is not None
 
 
-def check_or_skip(record: Record, images: Path, videos: Path) -> Checked | RejectedRecord:
+def check_or_skip(record: Record, images: Path, videos: Path, check=check) -> Checked | RejectedRecord:
+    """`check(record, images, videos)`, or the record rejected with its problem's reason."""
     try:
         return check(record, images, videos)
     except RecordProblem as problem:

@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 
 from vlm_train.data.shard_manifest import manifest_command
-from vlm_train.data.shard_preference import read_preference
+from vlm_train.data.shard_preference import check_pair, read_preference
 from vlm_train.data.shard_records import Checked, Record, RejectedRecord, check_or_skip, read_captions, read_llava
 from vlm_train.data.shard_util import DEFAULT_IMAGE_KEYS, brace_pattern, parallel_map, shell_words
 from vlm_train.errors import DataError, UserError, report
@@ -115,13 +115,14 @@ def convert(
     max_size: int,
     workers: int,
     videos: Path | None = None,
+    check=check_or_skip,
 ) -> dict:
     """Check, shard and write `records` (video paths relative to `videos`, by default `images`);
     returns the manifest (written with skipped.jsonl)."""
     for option, folder in (("--images", images), ("--videos", videos)):
         if folder is not None and not folder.is_dir():
             raise DataError(f"{option} {folder} is not a folder")
-    check_one = partial(check_or_skip, images=images, videos=videos or images)
+    check_one = partial(check, images=images, videos=videos or images)
     results = parallel_map(check_one, records, workers, chunksize=64)
     checked = [r for r in results if isinstance(r, Checked)]
     skipped = [r for r in results if isinstance(r, RejectedRecord)]
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             records = read_captions(args.csv or args.jsonl, args.image_column, args.caption_column)
         prepare_out(args.out, args.force)
-        convert(records, args.images, args.out, args.max_count, args.max_size, args.workers, args.videos)
+        check = partial(check_or_skip, check=check_pair) if args.command == "preference" else check_or_skip
+        convert(records, args.images, args.out, args.max_count, args.max_size, args.workers, args.videos, check)
     except UserError as err:
         return report("vlm-shards", err)
     return 0

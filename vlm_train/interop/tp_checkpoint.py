@@ -21,7 +21,6 @@ from vlm_train.errors import ConfigError
 from vlm_train.interop.megatron import DecoderShape, hf_to_megatron, megatron_to_hf
 from vlm_train.interop.tp_plan import join_cross_attention_shards
 from vlm_train.models.llm import CausalLM
-from vlm_train.parallel.lora_tp import merge_lora_shard
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -97,3 +96,14 @@ def _load_checked(model: nn.Module, whole: dict[str, torch.Tensor], folder: Path
         raise ConfigError(
             f"{folder} does not fit the model: missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]}"
         )
+
+
+def merge_lora_shard(shard: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """One TP rank's saved decoder weights with its LoRA slices folded into their weights (what
+    `vlm-convert` joins; parallel/lora_tp.py makes them): `<layer>.lora.lora_A` / `lora_B` -> `<layer>.weight` += scaling B A."""
+    out = {k: v for k, v in shard.items() if ".lora." not in k}
+    for key in [k for k in shard if k.endswith(".lora.lora_A")]:
+        layer = key.removesuffix(".lora.lora_A")
+        delta = shard[f"{layer}.lora.lora_B"].float() @ shard[key].float() * scaling
+        out[f"{layer}.weight"] = out[f"{layer}.weight"].float() + delta
+    return out

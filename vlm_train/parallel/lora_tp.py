@@ -111,14 +111,3 @@ def merge_megatron_lora(gpt: nn.Module) -> int:
         del layer.lora
         merged += 1
     return merged
-
-
-def merge_lora_shard(shard: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """One TP rank's saved decoder weights with its LoRA slices folded into their weights (what
-    `vlm-convert` joins): `<layer>.lora.lora_A` / `lora_B` -> `<layer>.weight` += scaling B A."""
-    out = {k: v for k, v in shard.items() if ".lora." not in k}
-    for key in [k for k in shard if k.endswith(".lora.lora_A")]:
-        layer = key.removesuffix(".lora.lora_A")
-        delta = shard[f"{layer}.lora.lora_B"].float() @ shard[key].float() * scaling
-        out[f"{layer}.weight"] = out[f"{layer}.weight"].float() + delta
-    return out
