@@ -167,9 +167,15 @@ class CrossAttentionConnectorConfig(ConnectorConfig):
     """Flamingo's tanh-gated cross-attention blocks inside the decoder (gates start at zero)."""
 
     name: str = "cross_attention"
-    every: int = 1  # a block before every k-th decoder layer
+    every: int = 4  # a block before every k-th decoder layer (Flamingo-3B/9B: 4; 1: before every layer)
     num_heads: int = 8
     ff_mult: int = 4
+    media: str = "most_recent"  # the images a text token reads: most_recent (Flamingo) | all_preceding
+    resampler: str | None = None  # perceiver: Flamingo's Perceiver resampler makes each image's media; null: linear
+    resampler_latents: int = 64  # media tokens per image with the resampler (Flamingo: 64)
+    resampler_depth: int = 6  # Flamingo: 6
+    resampler_heads: int = 8
+    resampler_head_dim: int = 64
 
 
 @connector_schema
@@ -474,11 +480,22 @@ def _validate_data(cfg: Config) -> None:
         )
     if cfg.vision.min_pixels < 1 or cfg.vision.max_pixels < cfg.vision.min_pixels:
         raise ConfigError(f"vision.min_pixels={cfg.vision.min_pixels} must be >= 1 and <= vision.max_pixels")
+    if cfg.connector.name == "cross_attention":
+        _validate_cross_attention(cfg.connector)
     if data.packing and cfg.connector.name == "cross_attention":
         raise ConfigError("data.packing needs a connector whose visual tokens sit in the sequence, not cross_attention")
     if data.packing and (cfg.llm.backend == "megatron" or cfg.parallel.tensor_parallel > 1):
         # the megatron decoder takes no attention mask: packed samples would attend to each other
         raise ConfigError("data.packing needs the Hugging Face decoder (llm.backend=hf, parallel.tensor_parallel=1)")
+
+
+def _validate_cross_attention(connector: CrossAttentionConnectorConfig) -> None:
+    if connector.media not in ("most_recent", "all_preceding"):
+        raise ConfigError(f"connector.media={connector.media!r} is not one of most_recent, all_preceding")
+    if connector.resampler not in (None, "perceiver"):
+        raise ConfigError(f"connector.resampler={connector.resampler!r} is not one of perceiver, null")
+    if connector.every < 1:
+        raise ConfigError(f"connector.every={connector.every} must be at least 1")
 
 
 def load_yaml(path: str | Path) -> Config:
