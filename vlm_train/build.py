@@ -20,6 +20,8 @@ from vlm_train.models import (
 from vlm_train.models.anyres import AnyResLayout
 from vlm_train.models.connectors import Connector, load_connector_weights
 from vlm_train.models.connectors.patch_merger import PatchMergerConnector
+from vlm_train.models.dual_encoder import INITIAL_SCALE_BIAS, DualEncoder
+from vlm_train.models.language_model import LanguageModel
 from vlm_train.models.qwen_vl import NativeResolutionTower
 from vlm_train.models.varlen_attention import register_varlen_attention
 
@@ -74,15 +76,70 @@ def build_model(cfg: Config, tokenizer=None, layout=None) -> VisionLanguageModel
     return model
 
 
-def _add_lora(cfg: Config, model: VisionLanguageModel) -> None:
+def build_run_model(cfg: Config, tokenizer=None, layout=None) -> nn.Module:
+    """The model `cfg.objective` trains: a VLM (sft, dpo), the decoder alone (lm), or an image and a
+    text tower (clip, siglip)."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.llm, video=cfg.data.video)
+    if cfg.objective == "lm":
+        return build_language_model(cfg, tokenizer, layout)
+    if cfg.objective in ("clip", "siglip"):
+        return build_dual_encoder(cfg, tokenizer)
+    return build_model(cfg, tokenizer, layout)
+
+
+def build_language_model(cfg: Config, tokenizer, layout=None) -> LanguageModel:
+    """objective=lm: the decoder `cfg.llm` describes (llm.path continues a pretrained one), alone."""
+    model = LanguageModel(_build_decoder(cfg, len(tokenizer), layout))
+    if cfg.llm.lora.rank:
+        _add_lora(cfg, model)
+    elif cfg.llm.freeze:
+        raise ConfigError("objective=lm trains the decoder: llm.freeze=true leaves nothing to train")
+    if cfg.llm.activation_checkpointing:
+        model.llm.enable_activation_checkpointing()
+    return model
+
+
+def build_dual_encoder(cfg: Config, tokenizer) -> DualEncoder:
+    """objective=clip|siglip: transformers' CLIPModel (vision.family=clip) or SiglipModel (siglip) whose
+    image tower is `cfg.vision`'s (vision.path: a pretrained one; vision.freeze: locked, as LiT) and
+    whose text tower reads the run's tokenizer (contrastive.* sizes)."""
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    tower, sizes = build_vision_tower(cfg.vision), cfg.contrastive
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=sizes.text_hidden_size,
+        intermediate_size=sizes.text_intermediate_size,
+        num_hidden_layers=sizes.text_layers,
+        num_attention_heads=sizes.text_heads,
+        max_position_embeddings=cfg.data.max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = tower.hf_model.config.to_dict()
+    if cfg.vision.family == "clip":
+        hf_model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=sizes.embed_dim))
+    else:  # SigLIP has no projections: the text head maps to the image tower's width
+        text["projection_size"] = tower.hidden_size
+        hf_model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+    hf_model.vision_model.load_state_dict(tower.hf_model.state_dict())
+    if cfg.vision.freeze:
+        _set_trainable(hf_model.vision_model, False)
+    initial = INITIAL_SCALE_BIAS[cfg.objective]
+    scale_bias = (sizes.init_scale or initial[0], initial[1] if sizes.init_bias is None else sizes.init_bias)
+    return DualEncoder(hf_model, cfg.vision.family, cfg.objective, (tower.image_mean, tower.image_std), scale_bias)
+
+
+def _add_lora(cfg: Config, model: VisionLanguageModel | LanguageModel) -> None:
     """vision.lora / llm.lora / connector.lora: the component's weights frozen, LoRA updates on its
     linear layers."""
     from vlm_train.models.lora import add_lora
 
-    if cfg.connector.lora.rank:
+    if cfg.connector.lora.rank and model.connector is not None:
         _set_trainable(model.connector, False)
         add_lora(model.connector, cfg.connector.lora, "connector.lora", model.connector.fixed_parameters())
-    if cfg.vision.lora.rank:
+    if cfg.vision.lora.rank and model.vision is not None:
         _set_trainable(model.vision, False)
         add_lora(model.vision, cfg.vision.lora, "vision.lora", model.vision.unused_parameters())
     if cfg.llm.lora.rank and cfg.llm.backend == "megatron":

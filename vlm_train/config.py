@@ -215,7 +215,8 @@ class DataConfig:
     synthetic_dir: str | None = None  # generate the toy scenes here when `urls` matches nothing
     synthetic_train: int = 20000  # toy scenes to generate (train split)
     synthetic_eval: int = 400  # toy scenes to generate (held-out split)
-    # square (48 px scenes) | sizes (several aspect ratios, small objects) | video | preference (objective=dpo pairs)
+    # square (48 px scenes) | sizes (several aspect ratios, small objects) | video | preference (objective=dpo
+    # pairs) | text (scenes told in words: documents for objective=lm) | captions (image + caption: objective=clip)
     synthetic_layout: str = "square"
     # plain (LLaVA stage 1) | vicuna_v1 (LLaVA-1.5) | hf (the tokenizer's chat_template) | chat (the toy's)
     template: str = "chat"
@@ -248,6 +249,9 @@ class DataConfig:
     max_tokens_per_batch: int | None = None
     log_keys: str | None = None  # debug: a folder where each rank appends the sample keys of every batch it takes
     preference: bool = False  # samples are chosen/rejected pairs (set from objective=dpo, not by hand)
+    # what a sample is read as (set from the objective, not by hand): conversation (sft, dpo) | document
+    # (objective=lm: a text, every token a label) | caption (objective=clip|siglip: an image and its caption)
+    read_as: str = "conversation"
 
 
 @dataclass
@@ -330,6 +334,22 @@ class DPOConfig:
 
 
 @dataclass
+class ContrastiveConfig:
+    """objective=clip|siglip (training/contrastive.py): the text tower and the embedding both towers map
+    into. The image tower is `vision` (vision.path continues a pretrained one)."""
+
+    embed_dim: int = 64  # the shared embedding's width (CLIP: a projection of each tower; SigLIP: the towers' own)
+    text_hidden_size: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_intermediate_size: int = 256
+    # learnable temperature t = exp(log_scale) and (siglip) bias b; null: the papers' starting values
+    # (CLIP: t = 1/0.07, SigLIP: t = 10, b = -10)
+    init_scale: float | None = None
+    init_bias: float | None = None
+
+
+@dataclass
 class Config:
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -339,14 +359,17 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    # sft: next-token loss on the answers | dpo: preference pairs (chosen / rejected replies), docs/dpo.md
+    # sft: next-token loss on the answers | dpo: preference pairs (chosen / rejected replies), docs/dpo.md |
+    # lm: text-only language-model pretraining of the decoder (no tower) | clip, siglip: contrastive image-text
+    # pretraining of the tower (softmax / sigmoid loss, negatives from every data-parallel rank), docs/pretraining.md
     objective: str = "sft"
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
 
 
 _CHOICES = {
     "vision.family": ("clip", "siglip", "blip2", "idefics2", *QWEN_VL_FAMILIES),
-    "objective": ("sft", "dpo"),
+    "objective": ("sft", "dpo", "lm", "clip", "siglip"),
     "llm.backend": ("auto", "hf", "megatron"),
     "llm.family": ("llama", "mistral", "opt", *QWEN_VL_FAMILIES),
     "data.template": ("chat", "plain", "vicuna_v1", "hf"),
@@ -355,7 +378,7 @@ _CHOICES = {
     "train.grad_reduce_dtype": ("fp32", "bf16"),
     "train.optimizer": ("adamw", "sgd"),
     "data.image_aspect_ratio": ("crop", "pad", "resize"),
-    "data.synthetic_layout": ("square", "sizes", "video", "preference"),
+    "data.synthetic_layout": ("square", "sizes", "video", "preference", "text", "captions"),
     "data.over_visual_budget": ("downscale", "drop"),
     "wandb.mode": ("disabled", "offline", "online"),
     "run.lock": ("fcntl", "heartbeat", "off"),
@@ -441,8 +464,14 @@ def validate(cfg: Config) -> None:
             )
 
 
+READ_AS = {"sft": "conversation", "dpo": "conversation", "lm": "document", "clip": "caption", "siglip": "caption"}
+
+
 def _validate_objective(cfg: Config) -> None:
     cfg.data.preference = cfg.objective == "dpo"
+    cfg.data.read_as = READ_AS[cfg.objective]
+    if cfg.objective in ("clip", "siglip"):
+        _validate_contrastive(cfg)
     if cfg.objective != "dpo":
         return
     if not cfg.dpo.beta > 0 or not 0 <= cfg.dpo.label_smoothing < 0.5:
@@ -450,6 +479,18 @@ def _validate_objective(cfg: Config) -> None:
     if cfg.data.packing or cfg.data.max_tokens_per_batch is not None:
         raise ConfigError(
             "objective=dpo reads each pair as two rows: data.packing and data.max_tokens_per_batch are off"
+        )
+
+
+def _validate_contrastive(cfg: Config) -> None:
+    if cfg.vision.family not in ("clip", "siglip"):
+        raise ConfigError(
+            f"objective={cfg.objective} trains a clip or siglip tower, not vision.family={cfg.vision.family}"
+        )
+    if cfg.parallel.tensor_parallel > 1 or cfg.data.packing or cfg.data.max_tokens_per_batch is not None:
+        raise ConfigError(
+            f"objective={cfg.objective} takes one image and one caption per row: parallel.tensor_parallel=1, "
+            "data.packing=false, data.max_tokens_per_batch=null"
         )
 
 

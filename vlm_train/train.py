@@ -68,14 +68,14 @@ def run(cfg: Config) -> None:
 def _train(cfg: Config, layout, device) -> None:
     import torch.distributed as dist
 
-    from vlm_train.build import build_model
+    from vlm_train.build import build_run_model
     from vlm_train.data.tokenizer import load_tokenizer
     from vlm_train.parallel.engine import build_train_engine
     from vlm_train.training.checkpoint import resume_checkpoint
     from vlm_train.training.config_dump import config_yaml
-    from vlm_train.training.flops import TrainingFlops
     from vlm_train.training.loop import Trainer
     from vlm_train.training.metrics import MetricsLogger
+    from vlm_train.training.pretraining import export_pretrained, flops_of
     from vlm_train.training.resume_check import check_resumable
     from vlm_train.training.schedule import resolve_schedule
 
@@ -92,13 +92,15 @@ def _train(cfg: Config, layout, device) -> None:
         (run_dir / "config.yaml").write_text(config_yaml(cfg))
 
     mpu = layout.build_groups(cfg.run.seed)  # TP and DP groups, once (megatron backend); DeepSpeed's mpu
-    check_fits_and_report(cfg, layout, device)  # refuses a layout whose model states cannot fit
+    if cfg.objective in VLM_OBJECTIVES:  # vlm-plan's model: a VLM
+        check_fits_and_report(cfg, layout, device)  # refuses a layout whose model states cannot fit
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     tokenizer = load_tokenizer(cfg.llm, video=cfg.data.video)
-    model = build_model(cfg, tokenizer, layout)
+    model = build_run_model(cfg, tokenizer, layout)
     batches = build_batches(cfg, tokenizer, model, layout, device)
     reference = dpo_reference(cfg, model, device)  # before training moves the model
-    flops = TrainingFlops.of(model)  # before DeepSpeed: ZeRO-3 empties partitioned parameters
+    # before DeepSpeed: ZeRO-3 empties partitioned parameters
+    flops = flops_of(model)
     engine = build_train_engine(model, cfg, layout, device, mpu)
     metrics = MetricsLogger(run_dir, cfg, enabled=layout.rank == 0)
     trainer = Trainer(engine, batches, cfg, layout, device, metrics, flops, reference)
@@ -109,8 +111,10 @@ def _train(cfg: Config, layout, device) -> None:
     finally:
         batches.close()  # loader workers ignore SIGTERM (signals are the trainer's): end them in order
     if cfg.train.eval and cfg.data.eval_urls:
-        evaluate = evaluate_preferences if cfg.objective == "dpo" else evaluate_run
+        evaluate = EVALUATIONS.get(cfg.objective, evaluate_pretraining)
         evaluate(trainer, cfg, tokenizer, image_transform(model))
+    if cfg.objective not in VLM_OBJECTIVES:
+        export_pretrained(trainer, cfg, tokenizer)  # <run.dir>/hf: what llm.path / vision.path load
     dist.barrier()
     metrics.close()
 
@@ -121,6 +125,8 @@ def image_transform(model):
     from vlm_train.data.native_resolution import NativeResolutionTransform
     from vlm_train.data.preprocess import AnyResTransform, ImageTransform
 
+    if model.vision is None:  # pretraining (objective=lm|clip|siglip): its own image size and statistics
+        return ImageTransform(model.image_size, model.image_mean, model.image_std)
     if model.native_resolution:  # Qwen-VL: the image at its own size (within min/max pixels), as patches
         vision = model.vision
         tokens_per_second = getattr(vision.hf_model.config, "tokens_per_second", None)  # Qwen2.5-VL's
@@ -255,6 +261,20 @@ def evaluate_preferences(trainer, cfg: Config, tokenizer, transform) -> None:
     results = preference_accuracy(model, batches, trainer.reference)
     model.train(was_training)
     trainer.metrics.log({"step": trainer.step, **results})
+
+
+def evaluate_pretraining(trainer, cfg: Config, tokenizer, transform) -> None:
+    """objective=lm: held-out perplexity; clip|siglip: zero-shot retrieval (training/pretraining.py)."""
+    from vlm_train.data.pipeline import SampleEncoder
+    from vlm_train.training.pretraining import evaluate_perplexity, evaluate_retrieval
+
+    encoder = SampleEncoder(cfg.data, tokenizer, transform, image_tokens=0)
+    evaluate = evaluate_perplexity if cfg.objective == "lm" else evaluate_retrieval
+    trainer.metrics.log(evaluate(trainer, cfg, encoder))
+
+
+VLM_OBJECTIVES = ("sft", "dpo")
+EVALUATIONS = {"sft": evaluate_run, "dpo": evaluate_preferences}
 
 
 def check_fits_and_report(cfg: Config, layout, device) -> None:

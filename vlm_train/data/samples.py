@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from vlm_train.config import DataConfig
+from vlm_train.data.documents import encode_caption, encode_document
 from vlm_train.data.native_resolution import NativeResolutionTransform
 from vlm_train.data.preference import encode_pair
 from vlm_train.data.preprocess import AnyResTransform, ImageTransform
@@ -117,6 +118,8 @@ class SampleEncoder:
         return None if isinstance(result, SkippedSample) else result
 
     def encode(self, raw: dict) -> tuple[str, torch.Tensor, Encoded] | SkippedSample:
+        if self.cfg.read_as != "conversation":  # objective=lm | clip | siglip (data/documents.py)
+            return encode_document(self, raw) if self.cfg.read_as == "document" else encode_caption(self, raw)
         if self.cfg.preference:
             return encode_pair(self, raw)
         return self.encode_one(raw)

@@ -14,6 +14,12 @@ the middle and halves it otherwise; tiles at the image's own resolution keep it 
 
 `--layout preference` writes preference pairs for objective=dpo (experiment=toy-dpo): a square scene,
 "what color is the <shape> ?", the right colour chosen and another one, drawn at random, rejected.
+
+`--layout text` writes text documents for objective=lm (experiment=toy-lm): the toy's conversation
+with the image told in words, "USER: a red circle top left . what color is the circle ? ASSISTANT:
+red", so that a decoder learns the task's language (and to answer from a description) before it meets
+images. `--layout captions` writes image-caption pairs (`<key>.png` + `<key>.txt`, the LAION layout)
+for objective=clip|siglip (experiment=toy-clip).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 CELL = 16  # pixels per grid cell; the image is 3 x 3 cells
 SIZES = ((48, 144), (144, 48), (96, 96), (48, 96), (96, 48))  # (height, width) of `--layout sizes` scenes
-LAYOUTS = ("square", "sizes", "preference")
+LAYOUTS = ("square", "sizes", "preference", "text", "captions")
 QUESTION_KINDS = ("caption", "color", "shape", "position")
 # Accuracy of a uniform guess over each question's answers (captions: effectively zero).
 CHANCE = {"caption": 0.0, "color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "position": 1 / len(POSITIONS)}
@@ -113,7 +119,7 @@ def question(scene: list[dict], kind: str, rng: random.Random) -> tuple[str, str
     return f"where is the {obj['color']} {obj['shape']} ?", POSITIONS[obj["cell"]]
 
 
-def make_sample(rng: random.Random, max_objects: int = 1, layout: str = "square") -> tuple[bytes, dict]:
+def make_sample(rng: random.Random, max_objects: int = 1, layout: str = "square") -> tuple[bytes | None, dict]:
     """PNG bytes and a LLaVA-style record with one question of a random kind about the image
     (`layout`: square 48 px scenes, or `sizes`: see the module docstring).
 
@@ -123,6 +129,10 @@ def make_sample(rng: random.Random, max_objects: int = 1, layout: str = "square"
     scene = make_scene(rng, max_objects)
     if layout == "preference":
         return preference_sample(scene, rng)
+    if layout == "text":
+        return text_sample(scene, rng)
+    if layout == "captions":
+        return caption_sample(scene, rng)
     kind = rng.choice(QUESTION_KINDS)
     q, a = question(scene, kind, rng)
     conversations = [{"from": "human", "value": f"<image>\n{q}", "kind": kind}, {"from": "gpt", "value": a}]
@@ -145,6 +155,19 @@ def preference_sample(scene: list[dict], rng: random.Random) -> tuple[bytes, dic
     return buffer.getvalue(), {"conversations": prompt, "chosen": answer, "rejected": wrong, "scene": scene}
 
 
+def text_sample(scene: list[dict], rng: random.Random) -> tuple[None, dict]:
+    """A toy conversation about `scene` with the image told in words (no image)."""
+    kind = rng.choice(QUESTION_KINDS)
+    q, a = question(scene, kind, rng)
+    return None, {"text": f"USER: {caption(scene)} . {q} ASSISTANT: {a}", "kind": kind, "scene": scene}
+
+
+def caption_sample(scene: list[dict], rng: random.Random) -> tuple[bytes, dict]:
+    buffer = io.BytesIO()
+    render(scene, rng).save(buffer, format="PNG")
+    return buffer.getvalue(), {"caption": caption(scene), "scene": scene}
+
+
 def write_split(
     out: Path, split: str, count: int, shard_size: int, seed: int, max_objects: int, layout: str = "square"
 ) -> dict[str, int]:
@@ -159,7 +182,12 @@ def write_split(
         with wds.TarWriter(str(out / name)) as sink:
             for i in range(start, start + n):
                 png, record = make_sample(rng, max_objects, layout)
-                sink.write({"__key__": f"{split}-{i:08d}", "png": png, "json": json.dumps(record).encode()})
+                sample = {"__key__": f"{split}-{i:08d}", "json": json.dumps(record).encode()}
+                if png is not None:
+                    sample["png"] = png
+                if "text" in record or "caption" in record:
+                    sample["txt"] = (record.get("text") or record["caption"]).encode()
+                sink.write(sample)
         counts[name] = n
     return counts
 

@@ -43,6 +43,8 @@ def gather_connector(engine: TrainEngine, cfg: Config) -> dict[str, torch.Tensor
     """Collective: the connector's fp32 state for its files (a copy on CPU); None where they are
     not written (tensor-parallel cross-attention)."""
     connector = engine.module.connector
+    if connector is None:  # pretraining (objective=lm|clip|siglip): a model without one
+        return None
     assert isinstance(connector, torch.nn.Module)
     if cfg.parallel.tensor_parallel > 1 and connector.placement == "cross_attention":
         return None  # its blocks are split over TP ranks like the decoder: `vlm-convert consolidate` joins them

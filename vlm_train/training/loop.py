@@ -27,8 +27,10 @@ from vlm_train.parallel.engine import TrainEngine, resolve_precision
 from vlm_train.parallel.layout import Layout
 from vlm_train.parallel.signals import Preempted, StopFlag, requeue_slurm_job
 from vlm_train.training import checkpoint, deadline, dpo
+from vlm_train.training.contrastive import contrastive_forward, real_pairs
 from vlm_train.training.flops import TrainingFlops, mfu, peak_flops
 from vlm_train.training.metrics import MetricsLogger, memory_gb
+from vlm_train.training.pretraining import PretrainingFlops
 from vlm_train.training.rng import rng_state, set_rng_state
 from vlm_train.training.stall import StallWarning, data_stall
 
@@ -57,7 +59,7 @@ class Trainer:
         layout: Layout,
         device: torch.device,
         metrics: MetricsLogger,
-        flops: TrainingFlops,
+        flops: TrainingFlops | PretrainingFlops,
         reference: torch.nn.Module | None = None,
     ):
         self.engine, self.batches, self.cfg = engine, batches, cfg
@@ -90,7 +92,8 @@ class Trainer:
         self.logged_steps = LoggedSteps(cfg.train.log_every, cfg.train.max_steps)
         self.nan_steps = {int(s) for s in os.environ.get("VLM_TRAIN_NAN_STEPS", "").split(",") if s.strip()}
         self.dpo_stats = torch.zeros(len(dpo.STATS), dtype=torch.float64)  # objective=dpo: this rank's, this step
-        self.dpo_metrics: dict[str, float] = {}  # objective=dpo: the last step's rewards, all ranks
+        # the last step's objective metrics: dpo's rewards (all ranks), clip/siglip's temperature and bias
+        self.objective_metrics: dict[str, float] = {}
 
     def fit(self) -> None:
         train = self.cfg.train
@@ -154,7 +157,7 @@ class Trainer:
                     self.engine.micro_step()
         global_loss = float(self.all_reduce(loss_sum)) / max(counts.answer_tokens, 1.0)
         if self.cfg.objective == "dpo":
-            self.dpo_metrics = dpo.step_metrics(self.all_reduce(self.dpo_stats.to(self.device)))
+            self.objective_metrics = dpo.step_metrics(self.all_reduce(self.dpo_stats.to(self.device)))
             self.dpo_stats.zero_()
         with timer.phase("optimizer"):
             # A non-finite loss on any rank cancels the update everywhere (the engine knows how).
@@ -166,8 +169,13 @@ class Trainer:
         return global_loss, int(counts.samples), int(counts.tokens)
 
     def micro_batch_loss(self, mb: dict) -> torch.Tensor:
-        """The summed loss of a micro-batch: its answer tokens' cross-entropy, or (objective=dpo)
-        its pairs' DPO losses."""
+        """The summed loss of a micro-batch: its labelled tokens' cross-entropy (sft: answers, lm: every
+        token), its pairs' DPO losses (dpo), or its rows' contrastive losses (clip, siglip)."""
+        if self.cfg.objective in ("clip", "siglip"):
+            loss_sum, self.objective_metrics = contrastive_forward(
+                self.engine, self.model_inputs(mb), self.cfg.objective
+            )
+            return loss_sum
         if self.cfg.objective != "dpo":
             return self.engine(**self.model_inputs(mb)).loss_sum
         loss_sum, stats = dpo.dpo_forward(self.engine, self.model_inputs(mb), self.cfg.dpo, self.reference)
@@ -175,9 +183,12 @@ class Trainer:
         return loss_sum
 
     def loss_units(self, mb: dict) -> float:
-        """What the loss is a mean over: answer tokens, or (objective=dpo) labelled pairs."""
+        """What the loss is a mean over: labelled tokens, or pairs (dpo: labelled pairs; clip, siglip:
+        image-caption rows that are not placeholders)."""
         if self.cfg.objective == "dpo":
             return float(dpo.labelled_pairs(mb["labels"]).sum())
+        if self.cfg.objective in ("clip", "siglip"):
+            return float(real_pairs(mb["labels"]).sum())
         return float((mb["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def forwards_of(self, loaded: list[dict]) -> list[dict]:
@@ -310,7 +321,7 @@ class Trainer:
             record["bad_steps"] = self.bad_steps
         if self.grad_norm is not None:
             record["grad_norm"] = float(self.grad_norm)
-        record.update(self.dpo_metrics)
+        record.update(self.objective_metrics)
         if self.cfg.data.max_tokens_per_batch is not None:
             record["forwards"] = self.step_forwards  # per rank: the most any rank needed (token budget)
         if self.skipped_by_reason.any():

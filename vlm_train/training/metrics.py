@@ -46,6 +46,14 @@ class MetricsLogger:
                 f"eval  step {record['step']}  preference_accuracy {record['eval_preference_accuracy']:.3f}  "
                 f"(reference {record['eval_reference_preference_accuracy']:.3f}, {record['eval_pairs']} pairs)"
             )
+        if "eval_perplexity" in record:
+            return f"eval  step {record['step']}  eval_loss {record['eval_loss']:.4f}  perplexity {record['eval_perplexity']:.3f}"
+        if "eval_retrieval_i2t" in record:
+            return (
+                f"eval  step {record['step']}  zero-shot retrieval R@1 image->text {record['eval_retrieval_i2t']:.3f}  "
+                f"text->image {record['eval_retrieval_t2i']:.3f}  (chance {record['eval_retrieval_chance']:.3f}, "
+                f"{record['eval_samples']} pairs)"
+            )
         if "eval_accuracy" in record:
             kinds = " ".join(
                 f"{k[len('eval_accuracy_') :]} {v:.2f}" for k, v in record.items() if k.startswith("eval_accuracy_")
@@ -63,6 +71,7 @@ class MetricsLogger:
             f"{record['tokens_per_s']:.0f} tokens/s"
             + (f"  mfu {record['mfu']:.2%}" if "mfu" in record else "")
             + (f"  reward accuracy {record['rewards/accuracies']:.2f}" if "rewards/accuracies" in record else "")
+            + (f"  temperature {record['temperature']:.2f}" if "temperature" in record else "")
         )
 
     def close(self) -> None:
