@@ -227,6 +227,18 @@ def toy_model(*extra: str, tokenizer=None):
     return build_model(compose(["experiment=toy", *extra]), tokenizer)
 
 
+def open_gates(model, value: float = 0.5):
+    """cross_attention's gates set to `value` (they start at zero, where the model is the plain LLM
+    and any comparison of images would pass); the model in eval mode."""
+    import torch
+
+    with torch.no_grad():
+        for block in model.connector.blocks:
+            block.attn_gate.fill_(value)
+            block.ff_gate.fill_(value)
+    return model.eval()
+
+
 COLOUR_ANSWERS = ("red", "green", "blue")  # one colour fills each image: the answer is in the pixels only
 
 

@@ -11,15 +11,9 @@ import random
 import pytest
 import torch
 
+from tests.helpers import open_gates
+
 SIZES = [(30, 100), (70, 70)]  # 1 + 3 and 1 + 4 tiles of the toy's 48-px tower: 39 and 51 visual tokens
-
-
-def open_gates(model, value: float = 0.5):
-    with torch.no_grad():
-        for block in model.connector.blocks:
-            block.attn_gate.fill_(value)
-            block.ff_gate.fill_(value)
-    return model.eval()
 
 
 def anyres_model():

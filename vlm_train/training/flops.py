@@ -15,19 +15,23 @@ Convention (the one MFU papers use, so numbers compare with Megatron's and PaLM'
 - Real token counts come from `attention_mask`, images from `pixel_values` (a batch without
   images still encodes one blank image, as the model does).
 - Connectors are too varied for one formula: a "sequence" connector is measured once per image
-  with torch's FlopCounterMode (exact matmul FLOPs), when TrainingFlops is built; the cross-attention connector runs
-  inside the decoder and is counted as 2·N·T over the text tokens plus 2·2·T·M·D per block.
+  with torch's FlopCounterMode (exact matmul FLOPs), when TrainingFlops is built; so are the
+  cross-attention connector's media (projection, and resampler when it has one), while its blocks
+  run inside the decoder and are counted as 2·N·T over the text tokens (N: the blocks' parameters)
+  plus 2·2·T·M·D per block (M: the batch's media tokens, with the resampler its latents per image).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from vlm_train.models.connectors.cross_attention import CrossAttentionConnector
 from vlm_train.models.decoder import Decoder
 from vlm_train.models.vision import VisionTower
 from vlm_train.models.vlm import VisionLanguageModel
@@ -62,8 +66,8 @@ class TrainingFlops:
     tower_seq: int  # tokens per image through the tower (CLS included)
     tower_layers: int  # layers the selected features depend on
     tower_width: int
-    connector_per_image: float  # sequence connectors: measured forward FLOPs per image
-    connector_weights: int  # cross-attention connector: parameters run per text token
+    connector_per_image: float  # measured forward FLOPs per image (cross-attention: of its media)
+    connector_weights: int  # cross-attention connector: parameters run per text token (its blocks')
     cross_blocks: int
     media_per_image: int
     visual_per_image: int  # visual tokens an image adds to the decoder's work (slots, or cross-attended media)
@@ -81,16 +85,18 @@ class TrainingFlops:
         # a native-resolution tower's inputs are patches: FLOPs per patch (attention within an
         # image or window, a few % at Qwen2.5-VL-7B's sizes, is left out)
         per_input = tower.num_features if getattr(tower, "native_resolution", False) else 1
+        cross = connector if isinstance(connector, CrossAttentionConnector) else None
+        media = tower.num_features if cross is None else cross.media_tokens(tower.num_features)
         return cls(
             tower_weights=_tower_weights(tower),
             tower_seq=1 if per_input > 1 else _tower_seq(tower),
             tower_layers=0 if per_input > 1 else _used_tower_layers(tower),
             tower_width=tower.hidden_size,
-            connector_per_image=_sequence_connector_flops_per_image(model) / per_input if sequence else 0.0,
-            connector_weights=0 if sequence else sum(_numel(p) for p in connector.parameters()),
-            cross_blocks=0 if sequence else len(getattr(connector, "blocks", ())),
-            media_per_image=tower.num_features,
-            visual_per_image=connector.num_tokens if sequence else tower.num_features,
+            connector_per_image=_connector_flops_per_image(model) / per_input,
+            connector_weights=0 if cross is None else sum(_numel(p) for p in cross.blocks.parameters()),
+            cross_blocks=0 if cross is None else len(cross.blocks),
+            media_per_image=media,
+            visual_per_image=connector.num_tokens if sequence else media,
             llm_weights=_llm_weights(model),
             llm_layers=len(model.llm.decoder_layers()),
             llm_width=_attention_width(_dense_decoder(model.llm).config),
@@ -208,7 +214,8 @@ def _numel(param: torch.Tensor) -> int:
     return getattr(param, "ds_numel", None) or param.numel()  # ZeRO-3 leaves partitioned ones empty
 
 
-def _sequence_connector_flops_per_image(model: VisionLanguageModel) -> float:
+def _connector_flops_per_image(model: VisionLanguageModel) -> float:
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -218,8 +225,13 @@ def _sequence_connector_flops_per_image(model: VisionLanguageModel) -> float:
     counter = FlopCounterMode(display=False)
     # autograd stays on (FlopCounterMode's module tracker hooks need grad_fns); the math SDPA
     # backend, as on the meta device, so that attention is counted as its matmuls on any device
-    with counter, sdpa_kernel(SDPBackend.MATH):
-        connector(features.to(param.device))
+    # on the meta device (vlm-plan), fake tensors: transformers' masks skip their data-dependent
+    # checks (`mask.all()`) for those, which a meta tensor cannot answer (the perceivers' masks)
+    fake = FakeTensorMode(allow_non_fake_inputs=True) if param.device.type == "meta" else nullcontext()
+    with fake, counter, sdpa_kernel(SDPBackend.MATH):
+        media = connector(features.to(param.device))
+        if isinstance(connector, CrossAttentionConnector):  # its blocks are counted per text token
+            connector.resample(media)
     return float(counter.get_total_flops())
 
 

@@ -1,15 +1,23 @@
-"""Flamingo's gated cross-attention: blocks inserted before every k-th decoder layer let text
-attend to the images that precede it in its sample. Legend: B batch, T tokens, I images (media
-items) in the batch, M media tokens per image, N = I * M media tokens of the batch, Dv/Dl widths,
-H heads.
+"""Flamingo's gated cross-attention: blocks inserted before decoder layers 0, k, 2k, ...
+(`connector.every` = k) let text attend to the images that precede it in its sample. Legend: B
+batch, T tokens, I images (media items) in the batch, P patches, M media tokens per image, L
+resampler latents, N = I * M media tokens of the batch, Dv/Dl widths, H heads.
 
 Each block is x + tanh(g_attn) * xattn(LN(x), media), then x + tanh(g_ff) * ff(LN(x)), with both
 gates initialised to zero: at initialisation the model is exactly the plain LLM. The decoder's
 code is not copied: a forward pre-hook on each chosen layer runs the block on its input.
 
+Which images a text token reads (`connector.media`): `most_recent`, as Flamingo (OpenFlamingo's
+`only_attend_immediate_media`), only the last image whose slot is at or before it in its sample;
+`all_preceding`, every such image. Tokens before a sample's first image read none (the blocks
+leave them as they are).
+
+Media = a linear map of the patch features to the LLM width, or with `connector.resampler=perceiver`
+Flamingo's Perceiver resampler reading those: L learned latents per image [I, L, Dl].
+
 Media items may differ in length (AnyRes images and videos, laid out as a sequence connector would
 put them in the text): they come padded to the longest, with a key mask `keys_IM` (True on real
-tokens), and a text token reads only the real tokens of the images allowed for it.
+tokens); a text token (or the resampler) reads only the real tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +34,9 @@ from torch import nn
 from vlm_train.config import CrossAttentionConnectorConfig
 from vlm_train.models.connectors.base import Connector, ForwardState, Placement
 from vlm_train.models.decoder import ContextFn, Decoder
+
+if TYPE_CHECKING:
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2PerceiverResampler
 
 PreHook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]] | None]
 
@@ -64,10 +75,21 @@ class CrossAttentionConnector(Connector[CrossAttentionConnectorConfig]):
     config_class = CrossAttentionConnectorConfig
     placement = Placement.CROSS_ATTENTION
 
-    def __init__(self, vision_dim: int, llm_dim: int, every: int, heads: int, ff_mult: int):
+    def __init__(
+        self,
+        vision_dim: int,
+        llm_dim: int,
+        every: int,
+        heads: int,
+        ff_mult: int,
+        most_recent: bool = True,
+        resampler: Idefics2PerceiverResampler | None = None,
+    ):
         super().__init__()
         self.proj = nn.Linear(vision_dim, llm_dim)
+        self.resampler = resampler  # Idefics2PerceiverResampler (or None: the projected patches are the media)
         self.every, self.heads, self.ff_mult, self.llm_dim = every, heads, ff_mult, llm_dim
+        self.most_recent = most_recent
         self.blocks = nn.ModuleList()
         self.num_tokens = 1  # one image token marks where each image occurs
         self.sequence_first = False  # the attached decoder's (attach sets it)
@@ -77,10 +99,29 @@ class CrossAttentionConnector(Connector[CrossAttentionConnectorConfig]):
     def from_config(
         cls, cfg: CrossAttentionConnectorConfig, vision_dim: int, llm_dim: int, num_patches: int
     ) -> CrossAttentionConnector:
-        return cls(vision_dim, llm_dim, cfg.every, cfg.num_heads, cfg.ff_mult)
+        resampler = perceiver_resampler(cfg, llm_dim) if cfg.resampler == "perceiver" else None
+        most_recent = cfg.media == "most_recent"
+        return cls(vision_dim, llm_dim, cfg.every, cfg.num_heads, cfg.ff_mult, most_recent, resampler)
 
     def forward(self, features_IPDv: torch.Tensor) -> torch.Tensor:
+        """Per-patch media tokens [I, P, Dl] (AnyRes lays them out per image before `resample`)."""
         return self.proj(features_IPDv)
+
+    def resample(
+        self, media_IMDl: torch.Tensor, keys_IM: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The media the blocks read: with the resampler each item's latents [I, L, Dl], read from its
+        real tokens only (and then all real: no key mask); without it, the media as they are."""
+        if self.resampler is None:
+            return media_IMDl, keys_IM
+        if keys_IM is None:
+            keys_IM = torch.ones(media_IMDl.shape[:2], dtype=torch.bool, device=media_IMDl.device)
+        # a module call: ZeRO-3's hooks gather the resampler's parameters around its forward
+        return self.resampler(context=media_IMDl, attention_mask=keys_IM), None
+
+    def media_tokens(self, patches: int) -> int:
+        """Media tokens an image of `patches` tower features gives the blocks."""
+        return self.resampler.n_latents if self.resampler is not None else patches
 
     def attach(self, llm: Decoder) -> None:
         # megatron's decoder (parallel/tensor_parallel.py) passes hidden states sequence-first
@@ -118,7 +159,9 @@ class CrossAttentionConnector(Connector[CrossAttentionConnectorConfig]):
         order); `keys_IM` (None: all real) is False on the padding of items shorter than M."""
         if media_IMDl is None:
             raise ValueError("cross_attention is conditioned on media: the VLM passes the images' connector outputs")
-        allowed_BTN = media_mask(image_positions_BT, media_IMDl.shape[0]).repeat_interleave(media_IMDl.shape[1], dim=-1)
+        media_IMDl, keys_IM = self.resample(media_IMDl, keys_IM)
+        allowed_BTI = media_mask(image_positions_BT, media_IMDl.shape[0], self.most_recent)
+        allowed_BTN = allowed_BTI.repeat_interleave(media_IMDl.shape[1], dim=-1)
         if keys_IM is not None:
             allowed_BTN = allowed_BTN & keys_IM.flatten()
         return self._state.holding((media_IMDl, allowed_BTN))
@@ -129,15 +172,32 @@ class CrossAttentionConnector(Connector[CrossAttentionConnectorConfig]):
         return self._state.replay_contexts
 
 
-def media_mask(image_positions_BT: torch.Tensor, num_images: int) -> torch.Tensor:
-    """allowed[b, t, i]: image i (in row-major order of its image token) is in sample b at or
-    before position t. A batch without images gets one blank image nobody may see."""
-    rows_I, cols_I = image_positions_BT.nonzero(as_tuple=True)
-    B, T = image_positions_BT.shape
-    allowed = torch.zeros(B, T, num_images, dtype=torch.bool, device=image_positions_BT.device)
-    if rows_I.numel():
-        positions_T = torch.arange(T, device=image_positions_BT.device)
-        same_row_BI = torch.arange(B, device=rows_I.device)[:, None] == rows_I[None, :]
-        after_TI = positions_T[:, None] >= cols_I[None, :]
-        allowed[:, :, : rows_I.numel()] = same_row_BI[:, None, :] & after_TI[None, :, :]
-    return allowed
+def media_mask(image_positions_BT: torch.Tensor, num_images: int, most_recent: bool) -> torch.Tensor:
+    """allowed[b, t, i]: image i (numbered in row-major order of the image slots) is in row b at or
+    before position t, and with `most_recent` the last such image. Images beyond the slots (a
+    batch without images gets one blank image) are allowed nowhere."""
+    seen_BT = image_positions_BT.long().cumsum(dim=1)  # images at or before t in row b
+    per_row_B1 = seen_BT[:, -1:]
+    first_B1 = per_row_B1.cumsum(dim=0) - per_row_B1  # number of row b's first image
+    last_BT = first_B1 + seen_BT - 1  # number of the last image at or before t (when one is)
+    lowest_BT = last_BT if most_recent else first_B1.expand_as(last_BT)
+    images_I = torch.arange(num_images, device=image_positions_BT.device)
+    in_range_BTI = (images_I >= lowest_BT[..., None]) & (images_I <= last_BT[..., None])
+    return in_range_BTI & (seen_BT > 0)[..., None]
+
+
+def perceiver_resampler(cfg: CrossAttentionConnectorConfig, llm_dim: int) -> Idefics2PerceiverResampler:
+    """Flamingo's Perceiver resampler at the LLM width: `resampler_latents` learned latents attend to
+    [media; latents] for `resampler_depth` layers (transformers' Idefics2 module, as connector=perceiver)."""
+    from transformers.models.idefics2.configuration_idefics2 import Idefics2PerceiverConfig
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2PerceiverResampler
+
+    config = Idefics2PerceiverConfig(
+        hidden_size=llm_dim,
+        resampler_n_latents=cfg.resampler_latents,
+        resampler_depth=cfg.resampler_depth,
+        resampler_n_heads=cfg.resampler_heads,
+        resampler_head_dim=cfg.resampler_head_dim,
+        num_key_value_heads=cfg.resampler_heads,
+    )
+    return Idefics2PerceiverResampler._from_config(config)
