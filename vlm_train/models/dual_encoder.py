@@ -33,9 +33,25 @@ class DualEncoderOutput:
     bias: torch.Tensor  # SigLIP's b (0 and fixed for CLIP's loss), a scalar
 
 
+class ScaleBias(nn.Module):
+    """The learnable temperature t = exp(log_scale) (CLIP: capped at 100) and bias b, [1] each. A module
+    of its own: ZeRO-3 gathers a module's parameters for its forward and its backward, which parameters
+    of the model's root, whose output is a dataclass its hooks do not look into, would not get."""
+
+    def __init__(self, scale: float, bias: float, clamp: bool, train_bias: bool):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor([math.log(scale)]))
+        self.bias = nn.Parameter(torch.tensor([float(bias)]), requires_grad=train_bias)
+        self.clamp = clamp
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        log_scale = self.log_scale.clamp(max=math.log(100)) if self.clamp else self.log_scale
+        return log_scale.exp(), self.bias * 1.0
+
+
 class DualEncoder(WithoutImageSlots, nn.Module):
     """`hf_model` is a transformers CLIPModel or SiglipModel without its logit_scale (and logit_bias):
-    `log_scale` and `bias` [1] are the loss's own, written into a saved model's (`hf_state_dict`)."""
+    `logit` holds the loss's own, written into a saved model's (`hf_state_dict`)."""
 
     def __init__(self, hf_model: Any, family: str, objective: str, image_stats: tuple[tuple, tuple], scale_bias):
         nn.Module.__init__(self)
@@ -46,20 +62,16 @@ class DualEncoder(WithoutImageSlots, nn.Module):
         for name in ("logit_scale", "logit_bias"):  # the HF model's scalars: written from ours at save time
             if hasattr(hf_model, name):
                 delattr(hf_model, name)  # (DeepSpeed cannot broadcast a 0-dim parameter)
-        scale, bias = scale_bias
-        self.log_scale = nn.Parameter(torch.tensor([math.log(scale)]))
-        self.bias = nn.Parameter(torch.tensor([float(bias)]), requires_grad=objective == "siglip")
+        self.logit = ScaleBias(*scale_bias, clamp=objective == "clip", train_bias=objective == "siglip")
 
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any
     ) -> DualEncoderOutput:
         """`pixel_values` [B, 3, S, S] (uint8 as the loader sends them, or normalised floats); the
         other batch keys (labels, ...) are not read: a row is its image and its caption."""
-        log_scale = (
-            self.log_scale.clamp(max=math.log(100)) if self.objective == "clip" else self.log_scale
-        )  # CLIP's cap
+        scale, bias = self.logit()
         return DualEncoderOutput(
-            self.embed_images(pixel_values), self.embed_texts(input_ids, attention_mask), log_scale.exp(), self.bias
+            self.embed_images(pixel_values), self.embed_texts(input_ids, attention_mask), scale, bias
         )
 
     def embed_images(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
@@ -84,7 +96,7 @@ def hf_state_dict(state: dict[str, torch.Tensor], hf_state: dict[str, torch.Tens
     """A DualEncoder's whole state dict -> its HF model's (shaped as `hf_state`, a fresh one's), with
     the trained temperature (and bias) in the HF model's logit_scale (and logit_bias)."""
     hf = {key.removeprefix("hf_model."): value for key, value in state.items() if key.startswith("hf_model.")}
-    hf["logit_scale"] = state["log_scale"].reshape(hf_state["logit_scale"].shape)
+    hf["logit_scale"] = state["logit.log_scale"].reshape(hf_state["logit_scale"].shape)
     if "logit_bias" in hf_state:
-        hf["logit_bias"] = state["bias"].reshape(hf_state["logit_bias"].shape)
+        hf["logit_bias"] = state["logit.bias"].reshape(hf_state["logit_bias"].shape)
     return hf

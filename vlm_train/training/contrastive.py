@@ -67,7 +67,7 @@ def clip_loss_sum(images_bE, texts_bE, scale, real_b) -> torch.Tensor:
     for own, others in ((images_bE, all_texts), (texts_bE, all_images)):
         logits_bN = (scale * own @ others.T).masked_fill(~all_real[None], torch.finfo(own.dtype).min)
         losses.append(F.cross_entropy(logits_bN, targets_b, reduction="none"))
-    return ((losses[0] + losses[1]) / 2 * real_b).sum()
+    return torch.where(real_b, (losses[0] + losses[1]) / 2, 0.0).sum()  # a placeholder's own target is masked
 
 
 def siglip_loss_sum(images_bE, texts_bE, scale, bias, real_b) -> torch.Tensor:
