@@ -66,6 +66,7 @@ EXPECTED = {
     "experiment=toy-dpo": (6.2e5, "MLPConnector", 9),  # the toy + LoRA updates on the decoder
     "experiment=toy-lm": (4.0e5, "LanguageModel", 0),  # objective=lm: the toy decoder alone
     "experiment=toy-clip": (1.8e5, "DualEncoder", 0),  # objective=clip: the toy tower + a text tower
+    "experiment=toy-stage1": (5.9e5, "MLPConnector", 9),  # the toy with toy-clip's tower and toy-lm's decoder
     "vision=qwen3-vl-8b": (8.77e9, "PatchMergerConnector", 1),
     "llm=qwen3-vl-8b": (8.77e9, "PatchMergerConnector", 1),
     "connector=patch_merger": (5.8e5, "PatchMergerConnector", 4),
@@ -133,8 +134,26 @@ def required_values(missing: list[str], overrides: list[str], root: Path) -> lis
     return values
 
 
+def pretrained_toy_parts(overrides: list[str], root: Path) -> list[str]:
+    """experiment=toy-stage1 loads what toy-clip and toy-lm write to <run.dir>/hf: config-only folders of
+    those models (built at meta size from their presets) stand in for runs not made here."""
+    try:
+        cfg, given = compose(overrides), []
+    except ConfigError:  # a preset with required keys: none of them loads a pretrained toy part
+        return []
+    if cfg.vision.path == "runs/toy-clip/hf" and not (REPO / cfg.vision.path).is_dir():
+        towers = meta_pretraining_model(compose(["experiment=toy-clip"])).hf_model
+        given.append(f"vision.path={write_config_only_folder(root / 'toy-clip', towers.config.to_dict())}")
+    if cfg.llm.path == "runs/toy-lm/hf" and not (REPO / cfg.llm.path).is_dir():
+        decoder = meta_pretraining_model(compose(["experiment=toy-lm"])).llm.hf_model
+        given.append(f"llm.path={write_config_only_folder(root / 'toy-lm', decoder.config.to_dict())}")
+    return given
+
+
 def compose_preset(name: str, overrides: list[str], root: Path):
-    """compose() as the CLI calls it; a missing required key is given as a user would give it."""
+    """compose() as the CLI calls it; a missing required key is given as a user would give it, a
+    pretrained toy part by a config-only folder."""
+    overrides = [*overrides, *pretrained_toy_parts(overrides, root)]
     try:
         return compose(overrides)
     except ConfigError as err:

@@ -1,5 +1,6 @@
 """Pretraining objectives (docs/pretraining.md): objective=lm (the decoder alone on text) and
-objective=clip|siglip (contrastive image-text towers with negatives from every data-parallel rank)."""
+objective=clip|siglip (contrastive image-text towers with negatives from every data-parallel rank);
+and train.eval_every, which the connector study reads its learning curves from."""
 
 from __future__ import annotations
 
@@ -157,9 +158,12 @@ def test_lm_run_scores_perplexity_and_writes_a_decoder_llm_path_loads(tmp_path):
     from vlm_train.config import compose
 
     run = tmp_path / "lm"
-    done = run_cli(pretraining_overrides("toy-lm", tmp_path / "text", run, "train.max_steps=40"), timeout=600)
+    overrides = pretraining_overrides("toy-lm", tmp_path / "text", run, "train.max_steps=40", "train.eval_every=15")
+    done = run_cli(overrides, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    evaluation = [r for r in read_metrics(run) if "eval_perplexity" in r][-1]
+    evaluations = [r for r in read_metrics(run) if "eval_perplexity" in r]
+    assert [r["step"] for r in evaluations] == [15, 30, 40]  # train.eval_every, and the end
+    evaluation = evaluations[-1]
     vocabulary = 45  # the toy tokenizer's words: an untrained decoder's perplexity is about this
     assert evaluation["eval_perplexity"] < 4, evaluation  # measured 2.3 after 40 steps
     saved = load_file(run / "hf" / "model.safetensors")

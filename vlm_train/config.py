@@ -217,6 +217,7 @@ class DataConfig:
     synthetic_eval: int = 400  # toy scenes to generate (held-out split)
     # square (48 px scenes) | sizes (several aspect ratios, small objects) | video | preference (objective=dpo
     # pairs) | text (scenes told in words: documents for objective=lm) | captions (image + caption: objective=clip)
+    # | relations (2-3 objects: binding, counting, relations; bench/connectors.py)
     synthetic_layout: str = "square"
     # plain (LLaVA stage 1) | vicuna_v1 (LLaVA-1.5) | hf (the tokenizer's chat_template) | chat (the toy's)
     template: str = "chat"
@@ -301,6 +302,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # steps skipped for a non-finite loss before the run stops (exit 3)
     log_every: int = 10
     eval: bool = True  # score held-out samples at the end (needs data.eval_urls)
+    eval_every: int = 0  # also score them every N steps (0: at the end only)
     peak_tflops: float | None = None  # per-device peak for MFU; None: data-sheet table (GPU) or a matmul probe (CPU)
     compile: bool = False  # torch.compile the model before DeepSpeed wraps it
 
@@ -378,7 +380,7 @@ _CHOICES = {
     "train.grad_reduce_dtype": ("fp32", "bf16"),
     "train.optimizer": ("adamw", "sgd"),
     "data.image_aspect_ratio": ("crop", "pad", "resize"),
-    "data.synthetic_layout": ("square", "sizes", "video", "preference", "text", "captions"),
+    "data.synthetic_layout": ("square", "sizes", "video", "preference", "text", "captions", "relations"),
     "data.over_visual_budget": ("downscale", "drop"),
     "wandb.mode": ("disabled", "offline", "online"),
     "run.lock": ("fcntl", "heartbeat", "off"),
@@ -451,6 +453,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "data.num_workers, train.save_every, train.keep_last and train.max_bad_steps must not be negative"
         )
+    if cfg.train.eval_every < 0:
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every} must not be negative (0: at the end only)")
     if not cfg.run.lock_stale_s > 0:
         raise ConfigError(f"run.lock_stale_s={cfg.run.lock_stale_s} must be positive (seconds)")
     _validate_data(cfg)

@@ -104,15 +104,17 @@ def _train(cfg: Config, layout, device) -> None:
     engine = build_train_engine(model, cfg, layout, device, mpu)
     metrics = MetricsLogger(run_dir, cfg, enabled=layout.rank == 0)
     trainer = Trainer(engine, batches, cfg, layout, device, metrics, flops, reference)
+    evaluate = EVALUATIONS.get(cfg.objective, evaluate_pretraining)
+    if cfg.train.eval and cfg.data.eval_urls:
+        trainer.evaluation = lambda: evaluate(trainer, cfg, tokenizer, image_transform(model))
     try:
         if resume_from is not None:
             trainer.resume(resume_from)
         trainer.fit()
     finally:
         batches.close()  # loader workers ignore SIGTERM (signals are the trainer's): end them in order
-    if cfg.train.eval and cfg.data.eval_urls:
-        evaluate = EVALUATIONS.get(cfg.objective, evaluate_pretraining)
-        evaluate(trainer, cfg, tokenizer, image_transform(model))
+    if trainer.evaluation is not None:
+        trainer.evaluation()
     if cfg.objective not in VLM_OBJECTIVES:
         export_pretrained(trainer, cfg, tokenizer)  # <run.dir>/hf: what llm.path / vision.path load
     dist.barrier()

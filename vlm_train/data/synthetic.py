@@ -15,11 +15,16 @@ the middle and halves it otherwise; tiles at the image's own resolution keep it 
 `--layout preference` writes preference pairs for objective=dpo (experiment=toy-dpo): a square scene,
 "what color is the <shape> ?", the right colour chosen and another one, drawn at random, rejected.
 
-`--layout text` writes text documents for objective=lm (experiment=toy-lm): the toy's conversation
-with the image told in words, "USER: a red circle top left . what color is the circle ? ASSISTANT:
-red", so that a decoder learns the task's language (and to answer from a description) before it meets
-images. `--layout captions` writes image-caption pairs (`<key>.png` + `<key>.txt`, the LAION layout)
-for objective=clip|siglip (experiment=toy-clip).
+`--layout relations` is the harder task (bench/connectors.py): two or three objects per scene, and
+questions that need binding ("what color is the triangle ?" among several), counting ("how many
+shapes ?") and relations ("what color is the shape left of the circle ?").
+
+`--layout text` writes text documents for objective=lm (experiment=toy-lm): the toy's conversations
+(half single-object scenes, half the relations task) with the image told in words, "USER: a red circle
+top left . what color is the circle ? ASSISTANT: red", so that a decoder learns the tasks' language
+(and to answer from a description) before it meets images. `--layout captions` writes image-caption
+pairs of one to three objects (`<key>.png` + `<key>.txt`, the LAION layout) for objective=clip|siglip
+(experiment=toy-clip).
 """
 
 from __future__ import annotations
@@ -43,17 +48,36 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 CELL = 16  # pixels per grid cell; the image is 3 x 3 cells
 SIZES = ((48, 144), (144, 48), (96, 96), (48, 96), (96, 48))  # (height, width) of `--layout sizes` scenes
-LAYOUTS = ("square", "sizes", "preference", "text", "captions")
+LAYOUTS = ("square", "sizes", "preference", "text", "captions", "relations")
 QUESTION_KINDS = ("caption", "color", "shape", "position")
-# Accuracy of a uniform guess over each question's answers (captions: effectively zero).
-CHANCE = {"caption": 0.0, "color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "position": 1 / len(POSITIONS)}
+# `--layout relations`: two or three objects; attributes of a named object (binding), counting, relations
+RELATION_KINDS = ("color", "shape", "position", "count", "relation")
+NUMBERS = ("one", "two", "three")
+# a relation: (target row, column) vs (anchor row, column) -> holds
+RELATIONS = {
+    "left of": lambda t, a: t[1] < a[1],
+    "right of": lambda t, a: t[1] > a[1],
+    "above": lambda t, a: t[0] < a[0],
+    "below": lambda t, a: t[0] > a[0],
+}
+# Accuracy of a uniform guess over each question's answers (captions: effectively zero; count: 2 or 3).
+CHANCE = {
+    "caption": 0.0,
+    "color": 1 / len(COLORS),
+    "shape": 1 / len(SHAPES),
+    "position": 1 / len(POSITIONS),
+    "count": 1 / 2,
+    "relation": 1 / len(COLORS),
+}
 PROMPT_WORDS = "describe the image . what color is which shape where a and ?".split()
 VOCABULARY = sorted(set(PROMPT_WORDS) | set(COLORS) | set(SHAPES) | {w for p in POSITIONS for w in p.split()})
+# The relations task's words the single-object toy lacks (the toy tokenizer adds them after VOCABULARY).
+RELATION_VOCABULARY = sorted({"how", "many", "shapes", "of", "above", "below", *NUMBERS} - set(VOCABULARY))
 
 
-def make_scene(rng: random.Random, max_objects: int = 1) -> list[dict]:
-    """One to `max_objects` objects with distinct colours, shapes and cells, in reading order."""
-    count = rng.randint(1, max_objects)
+def make_scene(rng: random.Random, max_objects: int = 1, min_objects: int = 1) -> list[dict]:
+    """`min_objects` to `max_objects` objects with distinct colours, shapes and cells, in reading order."""
+    count = rng.randint(min_objects, max_objects)
     colors = rng.sample(sorted(COLORS), count)
     shapes = rng.sample(SHAPES, count)
     cells = sorted(rng.sample(range(9), count))
@@ -116,7 +140,27 @@ def question(scene: list[dict], kind: str, rng: random.Random) -> tuple[str, str
         return f"what color is the {obj['shape']} ?", obj["color"]
     if kind == "shape":
         return f"which shape is {obj['color']} ?", obj["shape"]
+    if kind == "count":
+        return "how many shapes ?", NUMBERS[len(scene) - 1]
+    if kind == "relation":
+        return relation_question(scene, rng) or question(scene, "color", rng)
     return f"where is the {obj['color']} {obj['shape']} ?", POSITIONS[obj["cell"]]
+
+
+def relation_question(scene: list[dict], rng: random.Random) -> tuple[str, str] | None:
+    """"what color is the shape <relation> the <anchor shape> ?" for a relation exactly one other object
+    of the scene holds to the anchor; None when no relation singles one out (one object)."""
+    grid = [divmod(obj["cell"], 3) for obj in scene]
+    candidates = []
+    for a, anchor in enumerate(scene):
+        for name, holds in RELATIONS.items():
+            targets = [t for t in range(len(scene)) if t != a and holds(grid[t], grid[a])]
+            if len(targets) == 1:
+                candidates.append((scene[targets[0]], anchor, name))
+    if not candidates:
+        return None
+    target, anchor, name = rng.choice(candidates)
+    return f"what color is the shape {name} the {anchor['shape']} ?", target["color"]
 
 
 def make_sample(rng: random.Random, max_objects: int = 1, layout: str = "square") -> tuple[bytes | None, dict]:
@@ -126,14 +170,15 @@ def make_sample(rng: random.Random, max_objects: int = 1, layout: str = "square"
     One question per image: with several, earlier answers would give later ones away in text
     ("which shape is red?" after "red"), and the model would learn to copy instead of to look.
     """
-    scene = make_scene(rng, max_objects)
+    relations = layout == "relations" or (layout == "text" and rng.random() < 0.5)  # text: both tasks' documents
+    scene = make_scene(rng, 3, 2) if relations else make_scene(rng, 3 if layout == "captions" else max_objects)
     if layout == "preference":
         return preference_sample(scene, rng)
     if layout == "text":
-        return text_sample(scene, rng)
+        return text_sample(scene, rng, RELATION_KINDS if relations else QUESTION_KINDS)
     if layout == "captions":
         return caption_sample(scene, rng)
-    kind = rng.choice(QUESTION_KINDS)
+    kind = rng.choice(RELATION_KINDS if relations else QUESTION_KINDS)
     q, a = question(scene, kind, rng)
     conversations = [{"from": "human", "value": f"<image>\n{q}", "kind": kind}, {"from": "gpt", "value": a}]
     buffer = io.BytesIO()
@@ -155,9 +200,9 @@ def preference_sample(scene: list[dict], rng: random.Random) -> tuple[bytes, dic
     return buffer.getvalue(), {"conversations": prompt, "chosen": answer, "rejected": wrong, "scene": scene}
 
 
-def text_sample(scene: list[dict], rng: random.Random) -> tuple[None, dict]:
+def text_sample(scene: list[dict], rng: random.Random, kinds: tuple[str, ...]) -> tuple[None, dict]:
     """A toy conversation about `scene` with the image told in words (no image)."""
-    kind = rng.choice(QUESTION_KINDS)
+    kind = rng.choice(kinds)
     q, a = question(scene, kind, rng)
     return None, {"text": f"USER: {caption(scene)} . {q} ASSISTANT: {a}", "kind": kind, "scene": scene}
 

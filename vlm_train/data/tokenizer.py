@@ -7,7 +7,7 @@ with video (data.video) also `<video>`, and the toy tokenizer the words of the v
 from __future__ import annotations
 
 from vlm_train.config import LLMConfig
-from vlm_train.data.synthetic import VOCABULARY
+from vlm_train.data.synthetic import RELATION_VOCABULARY, VOCABULARY
 from vlm_train.errors import ConfigError
 
 IMAGE_TOKEN = "<image>"
@@ -28,7 +28,7 @@ def build_toy_tokenizer(video: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = TOY_SPECIAL + TOY_CHAT_WORDS + [w for w in VOCABULARY if w not in TOY_CHAT_WORDS]
+    words = TOY_SPECIAL + TOY_CHAT_WORDS + [w for w in VOCABULARY if w not in TOY_CHAT_WORDS] + RELATION_VOCABULARY
     if video:
         from vlm_train.data.synthetic_video import VIDEO_VOCABULARY
 

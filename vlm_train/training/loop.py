@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -94,6 +95,7 @@ class Trainer:
         self.dpo_stats = torch.zeros(len(dpo.STATS), dtype=torch.float64)  # objective=dpo: this rank's, this step
         # the last step's objective metrics: dpo's rewards (all ranks), clip/siglip's temperature and bias
         self.objective_metrics: dict[str, float] = {}
+        self.evaluation: Callable[[], None] | None = None  # train.eval_every: a held-out evaluation (collective)
 
     def fit(self) -> None:
         train = self.cfg.train
@@ -109,6 +111,9 @@ class Trainer:
             self.tokens_seen += tokens
             if self.step in self.logged_steps:
                 self.log_step(loss, samples, tokens, elapsed)
+            if self.evaluation is not None and train.eval_every and self.step % train.eval_every == 0:
+                if self.step < train.max_steps:  # the last step's evaluation is the run's own, after saving
+                    self.evaluation()
             self.checkpoints.publish_if_durable(self.saves_writing)  # async: every rank's files are durable
             if self.step == train.max_steps or (train.save_every and self.step % train.save_every == 0):
                 self.save()
