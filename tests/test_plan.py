@@ -250,3 +250,37 @@ def test_vlm_train_refuses_a_layout_that_cannot_fit(toy_data, tmp_path):
     error_lines = [line for line in done.stderr.splitlines() if line.startswith("vlm-train: error:")]
     assert len(error_lines) == 1 and "the run needs" in error_lines[0] and "activations" in error_lines[0]
     assert "Traceback" not in done.stderr
+
+
+# A run's own order: vlm-train plans (a meta-size build) before it builds, in a process that has not
+# imported transformers' Auto classes yet.
+PLAN_THEN_BUILD = """
+import sys, torch
+from safetensors.torch import load_file
+from vlm_train.build import build_model
+from vlm_train.config import compose
+from vlm_train.plan import build_meta_model
+cfg = compose(["experiment=toy", "llm.path=" + sys.argv[1]])
+build_meta_model(cfg)
+built = build_model(cfg).llm.hf_model.state_dict()
+saved = load_file(sys.argv[1] + "/model.safetensors")
+wrong = [name for name in saved if not torch.equal(built[name], saved[name])]
+sys.exit(f"weights not loaded: {wrong[:3]}" if wrong else 0)
+"""
+
+
+def test_a_plan_before_the_build_leaves_llm_path_loading_its_weights(tmp_path):
+    """Regression: planning swaps from_pretrained for a config-only build; an Auto class created during
+    the plan copied the stand-in, and the run's decoder then started from random weights, not llm.path's."""
+    import subprocess
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vlm_train.data.tokenizer import build_toy_tokenizer
+
+    config = LlamaConfig(vocab_size=len(build_toy_tokenizer()), hidden_size=128, intermediate_size=344,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "decoder")
+    command = [sys.executable, "-c", PLAN_THEN_BUILD, str(tmp_path / "decoder")]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

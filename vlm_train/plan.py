@@ -94,6 +94,7 @@ def _configs_instead_of_weights():
     """Inside, `from_pretrained(path)` builds the model from `path`'s config alone: transformers
     refuses to load weights on the meta device, and a plan needs only the shapes."""
     from transformers import AutoConfig, PreTrainedModel
+    from transformers.models.auto import modeling_auto  # noqa: F401  (see below)
     from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
     def model_from_config(cls, path, *args, **kwargs):
@@ -103,13 +104,23 @@ def _configs_instead_of_weights():
         config = AutoConfig.from_pretrained(path)
         return cls.from_config(config, attn_implementation=kwargs.get("attn_implementation"))
 
-    originals = PreTrainedModel.__dict__["from_pretrained"], _BaseAutoModelClass.__dict__["from_pretrained"]
-    PreTrainedModel.from_pretrained = classmethod(model_from_config)
-    _BaseAutoModelClass.from_pretrained = classmethod(auto_from_config)
+    # Each Auto class holds its own copy of _BaseAutoModelClass.from_pretrained, made when modeling_auto
+    # is imported (imported above, so that no class copies the stand-in): every copy is swapped, and restored.
+    autos = [_BaseAutoModelClass, *_subclasses(_BaseAutoModelClass)]
+    originals = {
+        cls: cls.__dict__["from_pretrained"] for cls in [PreTrainedModel, *autos] if "from_pretrained" in cls.__dict__
+    }
+    for cls in originals:
+        cls.from_pretrained = classmethod(model_from_config if cls is PreTrainedModel else auto_from_config)
     try:
         yield
     finally:
-        PreTrainedModel.from_pretrained, _BaseAutoModelClass.from_pretrained = originals
+        for cls, original in originals.items():
+            cls.from_pretrained = original
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
 
 def parameter_counts(model: VisionLanguageModel) -> dict[str, ComponentParams]:
