@@ -97,12 +97,18 @@ def test_zero_memory_smoke():
 
 
 def test_connectors_smoke():
+    """The study's pipeline at toy budget: both pretraining runs, two variants x two seeds in setting A on
+    both tasks, tables with mean ± spread, and a verdict per task."""
     out = run_smoke("connectors.py")
-    mlp, adapter = table_row(out, "mlp"), table_row(out, "ln_adapter (frozen bridge)")
-    assert int(adapter[1].replace(",", "")) < 0.05 * int(mlp[1].replace(",", ""))  # trainable connector params
-    for cells in (mlp, adapter):
-        assert math.isfinite(float(cells[8])) and float(cells[9]) > 0, cells  # final loss, samples/s
-    assert "## The founding question" in out
+    assert "## The pretrained parts" in out and out.count("sha256 `") == 2, out[-3000:]
+    for task in ("single", "relations"):
+        section = out.split(f"## Task {task} ")[1].split("\n## ")[0]
+        mlp, minimal = (table_row(section, name) for name in ("mlp", "ln_adapter + modality norms"))
+        assert int(minimal[2].replace(",", "")) < 0.05 * int(mlp[2].replace(",", ""))  # trainable parameters
+        for cells in (mlp, minimal):
+            assert re.fullmatch(r"\d\.\d{3} ± \d\.\d{3}", cells[3]) and float(cells[-2]) > 0, cells
+            assert re.fullmatch(r"(\d+|-)/(\d+|-)", cells[-3]), cells  # steps to 90% of the best, per seed
+    assert len(re.findall(r"^- (single|relations): \*\*(yes|no)\*\*", out, re.M)) == 2, out[-2000:]
 
 
 def test_every_bench_script_has_a_smoke_test():
