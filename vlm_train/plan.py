@@ -120,7 +120,8 @@ def _configs_instead_of_weights():
 
 
 def _subclasses(cls: type) -> list[type]:
-    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
+    direct: list[type] = cls.__subclasses__()
+    return [sub for child in direct for sub in (child, *_subclasses(child))]
 
 
 def parameter_counts(model: VisionLanguageModel) -> dict[str, ComponentParams]:

@@ -148,7 +148,7 @@ def question(scene: list[dict], kind: str, rng: random.Random) -> tuple[str, str
 
 
 def relation_question(scene: list[dict], rng: random.Random) -> tuple[str, str] | None:
-    """"what color is the shape <relation> the <anchor shape> ?" for a relation exactly one other object
+    """ "what color is the shape <relation> the <anchor shape> ?" for a relation exactly one other object
     of the scene holds to the anchor; None when no relation singles one out (one object)."""
     grid = [divmod(obj["cell"], 3) for obj in scene]
     candidates = []

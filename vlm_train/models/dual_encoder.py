@@ -53,7 +53,14 @@ class DualEncoder(WithoutImageSlots, nn.Module):
     """`hf_model` is a transformers CLIPModel or SiglipModel without its logit_scale (and logit_bias):
     `logit` holds the loss's own, written into a saved model's (`hf_state_dict`)."""
 
-    def __init__(self, hf_model: Any, family: str, objective: str, image_stats: tuple[tuple, tuple], scale_bias):
+    def __init__(
+        self,
+        hf_model: Any,
+        family: str,
+        objective: str,
+        image_stats: tuple[tuple, tuple],
+        scale_bias: tuple[float, float],
+    ):
         nn.Module.__init__(self)
         self.hf_model = hf_model
         self.family, self.objective = family, objective
@@ -62,7 +69,8 @@ class DualEncoder(WithoutImageSlots, nn.Module):
         for name in ("logit_scale", "logit_bias"):  # the HF model's scalars: written from ours at save time
             if hasattr(hf_model, name):
                 delattr(hf_model, name)  # (DeepSpeed cannot broadcast a 0-dim parameter)
-        self.logit = ScaleBias(*scale_bias, clamp=objective == "clip", train_bias=objective == "siglip")
+        scale, bias = scale_bias
+        self.logit = ScaleBias(scale, bias, clamp=objective == "clip", train_bias=objective == "siglip")
 
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any
