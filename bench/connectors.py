@@ -250,8 +250,29 @@ def report(args: argparse.Namespace, parts: dict, results: dict, counts: dict) -
         "parameters, with tower and decoder pretrained and frozen?",
         "",
         *[verdict(task, results, counts) for task in TASKS],
+        "",
+        *READING,
     ]
     return "\n".join(lines) + "\n"
+
+
+READING = [
+    "## How to read the tables",
+    "",
+    "- Setting A is the founding question's setting: the decoder knows the tasks' language (it was pretrained",
+    "  on the scenes told in words) and the tower knows the scenes (contrastive pretraining on their",
+    "  captions), both frozen; a connector must translate one into the other. In setting B the decoder",
+    "  trains too, and can adapt to whatever the connector gives it.",
+    f"- `{MINIMAL}` trains no bridge: a LayerNorm without affine, a per-channel scale and shift, a *random*",
+    "  linear map to the decoder's width, and a second scale for each of the decoder's norms at image",
+    "  positions (connector.modality_norms). `ln_adapter (frozen bridge)` is the same without the",
+    "  modality norms; `ln_adapter` trains the linear map as well (then it is a linear projector).",
+    "- Trainable parameters are counted on the built model; in setting A they are the connector's alone.",
+    "- Steps to 90% of the best: the first evaluation step (every `train.eval_every` steps) at which a",
+    "  run's held-out accuracy reaches 90% of the best accuracy any run of its table reached.",
+    "- Samples/s is the median over logged steps of one process on the 2 cores (the other runs of the study",
+    "  ran one after another, not beside it); peak GB is the process's peak resident memory.",
+]
 
 
 def study(args: argparse.Namespace, extra: list[str], pretrain_extra: list[str]) -> str:
