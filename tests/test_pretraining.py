@@ -25,7 +25,7 @@ def contrastive_model(objective: str):
     family = "siglip" if objective == "siglip" else "clip"
     cfg = compose(["experiment=toy-clip", f"objective={objective}", f"vision.family={family}", "train.precision=fp32"])
     torch.manual_seed(0)
-    return build_dual_encoder(cfg, build_toy_tokenizer())
+    return build_dual_encoder(cfg, build_toy_tokenizer(relations=True))
 
 
 def parity_batch() -> dict[str, torch.Tensor]:
@@ -212,7 +212,7 @@ def test_pretraining_samples_without_text_or_image_are_counted_skips():
     from vlm_train.data.reader import SkippedSample
     from vlm_train.data.tokenizer import build_toy_tokenizer
 
-    tokenizer, transform = build_toy_tokenizer(), ImageTransform(48, (0.5,) * 3, (0.5,) * 3)
+    tokenizer, transform = build_toy_tokenizer(relations=True), ImageTransform(48, (0.5,) * 3, (0.5,) * 3)
     documents = SampleEncoder(compose(["experiment=toy-lm"]).data, tokenizer, transform, 0)
     key, pixels, encoded = documents({"__key__": "a", "txt": b"USER: a red circle top . ASSISTANT: red"})
     assert pixels.shape[0] == 0 and encoded.input_ids[0] == tokenizer.bos_token_id

@@ -46,7 +46,7 @@ def test_relation_questions_name_exactly_one_object_and_answer_its_colour():
 
 @pytest.mark.parametrize("layout", ["relations", "text", "captions"])
 def test_every_word_is_in_the_toy_vocabulary(layout):
-    tokenizer = build_toy_tokenizer()
+    tokenizer = build_toy_tokenizer(relations=True)
     for record in samples(layout, 300):
         texts = [turn["value"] for turn in record.get("conversations", [])] + [record.get("text", "")]
         texts.append(record.get("caption", ""))
@@ -64,3 +64,16 @@ def test_text_documents_tell_the_scene_and_cover_both_tasks():
         assert record["text"].startswith(f"USER: {caption} . ") and " ASSISTANT: " in record["text"]
     counts = [len(record["scene"]) for record in samples("captions")]
     assert set(counts) == {1, 2, 3}
+
+
+def test_relations_data_with_the_plain_toy_tokenizer_is_a_one_line_error():
+    """The toy tokenizer keeps its ids (toy runs train as before); the relations words come with
+    llm.tokenizer=toy-relations, after the others."""
+    from vlm_train.config import compose
+    from vlm_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="llm.tokenizer=toy-relations"):
+        compose(["experiment=toy", "data.synthetic_layout=relations"])
+    plain, relations = build_toy_tokenizer(), build_toy_tokenizer(relations=True)
+    assert relations.get_vocab() | plain.get_vocab() == relations.get_vocab() and len(relations) == len(plain) + 9
+    compose(["experiment=toy-stage1", "data.synthetic_layout=relations"])

@@ -527,6 +527,11 @@ def _validate_data(cfg: Config) -> None:
         raise ConfigError(f"vision.min_pixels={cfg.vision.min_pixels} must be >= 1 and <= vision.max_pixels")
     if cfg.connector.name == "cross_attention":
         _validate_cross_attention(cfg.connector)
+    if data.synthetic_layout in ("relations", "text", "captions") and cfg.llm.tokenizer == "toy":
+        raise ConfigError(
+            f"data.synthetic_layout={data.synthetic_layout} asks about relations and counts: use "
+            "llm.tokenizer=toy-relations (the toy's words and those)"
+        )
     if data.packing and cfg.connector.name == "cross_attention":
         raise ConfigError("data.packing needs a connector whose visual tokens sit in the sequence, not cross_attention")
     if data.packing and (cfg.llm.backend == "megatron" or cfg.parallel.tensor_parallel > 1):

@@ -19,16 +19,19 @@ QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
 QWEN_VISION_START, QWEN_VISION_END = "<|vision_start|>", "<|vision_end|>"
 TOY_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN]
 TOY_CHAT_WORDS = ["USER", "ASSISTANT", ":"]
+TOY_TOKENIZERS = ("toy", "toy-relations")  # llm.tokenizer names of the built-in word-level tokenizers
 
 
-def build_toy_tokenizer(video: bool = False):
-    """A word-level tokenizer over the synthetic scenes' vocabulary, as a HF fast tokenizer (with
-    `video`, the video toy's words and `<video>` after all others: image-only ids stay as they were)."""
+def build_toy_tokenizer(video: bool = False, relations: bool = False):
+    """A word-level tokenizer over the synthetic scenes' vocabulary, as a HF fast tokenizer. With
+    `relations` (llm.tokenizer=toy-relations) the relations task's words follow, with `video` the video
+    toy's words and `<video>` after all others: the toy's ids stay as they were."""
     # Lazy: transformers takes seconds to import, and `vlm-shards` imports this module (IMAGE_TOKEN).
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = TOY_SPECIAL + TOY_CHAT_WORDS + [w for w in VOCABULARY if w not in TOY_CHAT_WORDS] + RELATION_VOCABULARY
+    words = TOY_SPECIAL + TOY_CHAT_WORDS + [w for w in VOCABULARY if w not in TOY_CHAT_WORDS]
+    words += RELATION_VOCABULARY if relations else []
     if video:
         from vlm_train.data.synthetic_video import VIDEO_VOCABULARY
 
@@ -48,11 +51,11 @@ def build_toy_tokenizer(video: bool = False):
 
 
 def load_tokenizer(cfg: LLMConfig, video: bool = False):
-    """The decoder's tokenizer: "toy", a local dir (`llm.tokenizer`), or the one beside `llm.path`;
-    with `video` (data.video) it also has `<video>`."""
+    """The decoder's tokenizer: "toy" ("toy-relations": with the relations task's words), a local dir
+    (`llm.tokenizer`), or the one beside `llm.path`; with `video` (data.video) it also has `<video>`."""
     source = cfg.tokenizer or cfg.path
-    if source == "toy":
-        return build_toy_tokenizer(video)
+    if source in TOY_TOKENIZERS:
+        return build_toy_tokenizer(video, relations=source == "toy-relations")
     if not source:
         raise ConfigError("llm.tokenizer is required when llm.path is not set (use llm.tokenizer=toy for the toy)")
     from transformers import AutoTokenizer  # lazy, as above
