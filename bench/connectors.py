@@ -232,7 +232,7 @@ def report(args: argparse.Namespace, parts: dict, results: dict, counts: dict) -
     lines = [
         "# Connectors compared: does aligning a modality need heavy machinery?",
         "",
-        f"Measured by {run_details()}, no GPU, the machine otherwise idle. Seeds {', '.join(map(str, args.seeds))}; "
+        f"Measured by {run_details()}, no GPU, {args.machine}. Seeds {', '.join(map(str, args.seeds))}; "
         f"{args.steps} steps of {batch_size()} samples per run, the held-out accuracy (exact match of greedy answers, "
         f"{args.eval_samples} unseen scenes) every {max(args.steps // 8, 1)} steps. Toy sizes: a 2-layer CLIP "
         "tower (64 wide, 9 patches), a 2-layer Llama decoder (128 wide), each connector at experiment=toy's sizes.",
@@ -294,6 +294,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--pretrain-steps", type=int, default=None, help="default: the presets' (toy-lm, toy-clip)")
     parser.add_argument("--data", default=None, help="a folder for the synthetic data (default: data/toy, ...)")
     parser.add_argument("--out", default=str(REPO / "docs" / "connectors.md"))
+    parser.add_argument(
+        "--machine", default="the machine otherwise idle", help="what else ran on the machine (said in the report)"
+    )
     parser.add_argument("--runs", default=str(REPO / "runs" / "bench-connectors"))
     parser.add_argument("--reuse", action="store_true", help="report finished runs in --runs instead of training")
     parser.add_argument("--smoke", action="store_true", help="a little data, a few steps, a temporary folder (tests)")
