@@ -64,13 +64,22 @@ SMOKE = {
 
 def vlm_train(overrides: list[str], run_dir: Path, reuse: bool) -> Path:
     """`vlm-train <overrides> run.dir=<run_dir>` in a fresh process (or, with --reuse, a finished run)."""
-    metrics = run_dir / "metrics.jsonl"
-    if reuse and metrics.is_file() and '"eval_' in metrics.read_text().splitlines()[-1]:
+    if reuse and finished(run_dir):
         return run_dir
     command = [sys.executable, "-m", "vlm_train.train", *overrides, f"run.dir={run_dir}", "train.save_every=0"]
     print(f"== {' '.join(command[3:])}", flush=True)
     subprocess.run(command, cwd=REPO, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return run_dir
+
+
+def finished(run_dir: Path) -> bool:
+    """The run reached its last step and was evaluated there (a stopped run resumes instead)."""
+    from vlm_train.config import load_yaml
+
+    if not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "config.yaml").is_file():
+        return False
+    last = load_yaml(run_dir / "config.yaml").train.max_steps
+    return any(r["step"] == last and any(k.startswith("eval_") for k in r) for r in records(run_dir))
 
 
 def records(run_dir: Path) -> list[dict]:
