@@ -78,8 +78,9 @@ def finished(run_dir: Path) -> bool:
 
     if not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "config.yaml").is_file():
         return False
-    last = load_yaml(run_dir / "config.yaml").train.max_steps
-    return any(r["step"] == last and any(k.startswith("eval_") for k in r) for r in records(run_dir))
+    train = load_yaml(run_dir / "config.yaml").train
+    wanted = "eval_" if train.eval else "loss"  # a run without evaluation ends on its last step's record
+    return any(r["step"] == train.max_steps and any(k.startswith(wanted) for k in r) for r in records(run_dir))
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -284,11 +285,39 @@ READING = [
 ]
 
 
+def speed_runs(args: argparse.Namespace, parts: dict, extra: list[str]) -> dict[tuple[str, str], dict]:
+    """--speed-steps: each variant's samples/s and peak memory per setting from a short run of its own
+    (the single task, seed 0, no evaluation), for when the study's runs did not have the machine alone."""
+    pretrained = [f"vision.path={parts['clip']['folder']}", f"llm.path={parts['lm']['folder']}"]
+    speeds = {}
+    for setting in args.settings:
+        for variant in args.variants:
+            if setting == "B" and variant == MINIMAL:
+                continue
+            overrides = ["experiment=toy-stage1", *pretrained, data_dir(args, "single"), *TASKS["single"][1]]
+            overrides += [*SETTINGS[setting][1], *VARIANTS[variant], f"train.max_steps={args.speed_steps}"]
+            name = variant.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus")
+            run = vlm_train(
+                [*overrides, "train.eval=false", *extra], Path(args.runs) / f"speed-{setting}-{name}", args.reuse
+            )
+            train = [r for r in records(run) if "loss" in r and r["step"] > 1]
+            speeds[(setting, variant)] = {
+                "samples_per_s": statistics.median(r["samples_per_s"] for r in train),
+                "mem_gb": max(r["mem_gb"] for r in train),
+            }
+    return speeds
+
+
 def study(args: argparse.Namespace, extra: list[str], pretrain_extra: list[str]) -> str:
     """Pretrain, train every combination, measure, and return the report."""
     parts = pretrain(args, pretrain_extra)
     runs = study_runs(args, parts, extra)
     results = {key: [measure(run_dir) for run_dir in run_dirs] for key, run_dirs in runs.items()}
+    if args.speed_steps:  # samples/s and memory from the speed runs (both tasks: the single task's)
+        speeds = speed_runs(args, parts, extra)
+        for (_, setting, variant), measured in results.items():
+            for run in measured:
+                run.update(speeds[(setting, variant)])
     counts = {(variant, setting): trainable_parameters(variant, setting) for (_, setting, variant) in runs}
     return report(args, parts, results, counts)
 
@@ -303,6 +332,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--pretrain-steps", type=int, default=None, help="default: the presets' (toy-lm, toy-clip)")
     parser.add_argument("--data", default=None, help="a folder for the synthetic data (default: data/toy, ...)")
     parser.add_argument("--out", default=str(REPO / "docs" / "connectors.md"))
+    parser.add_argument(
+        "--speed-steps", type=int, default=0, help="samples/s and memory from separate runs of this many steps"
+    )
     parser.add_argument(
         "--machine", default="the machine otherwise idle", help="what else ran on the machine (said in the report)"
     )
