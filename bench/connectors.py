@@ -83,6 +83,11 @@ def finished(run_dir: Path) -> bool:
     return any(r["step"] == train.max_steps and any(k.startswith(wanted) for k in r) for r in records(run_dir))
 
 
+def folder_name(name: str) -> str:
+    """A run's folder name from its variant's: "single-A-ln_adapter (frozen bridge)" -> "single-A-ln_adapter_frozen_bridge"."""
+    return name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus")
+
+
 def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -123,12 +128,7 @@ def study_runs(args: argparse.Namespace, parts: dict, extra: list[str]) -> dict[
                 overrides = ["experiment=toy-stage1", *pretrained, data_dir(args, task), *task_overrides]
                 overrides += SETTINGS[setting][1]
                 overrides += [*VARIANTS[variant], *budget, *extra]
-                name = (
-                    f"{task}-{setting}-{variant}".replace(" ", "_")
-                    .replace("(", "")
-                    .replace(")", "")
-                    .replace("+", "plus")
-                )
+                name = folder_name(f"{task}-{setting}-{variant}")
                 runs[(task, setting, variant)] = [
                     vlm_train([*overrides, f"run.seed={seed}"], Path(args.runs) / f"{name}-seed{seed}", args.reuse)
                     for seed in args.seeds
@@ -296,10 +296,8 @@ def speed_runs(args: argparse.Namespace, parts: dict, extra: list[str]) -> dict[
                 continue
             overrides = ["experiment=toy-stage1", *pretrained, data_dir(args, "single"), *TASKS["single"][1]]
             overrides += [*SETTINGS[setting][1], *VARIANTS[variant], f"train.max_steps={args.speed_steps}"]
-            name = variant.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus")
-            run = vlm_train(
-                [*overrides, "train.eval=false", *extra], Path(args.runs) / f"speed-{setting}-{name}", args.reuse
-            )
+            run_dir = Path(args.runs) / folder_name(f"speed-{setting}-{variant}")
+            run = vlm_train([*overrides, "train.eval=false", *extra], run_dir, args.reuse)
             train = [r for r in records(run) if "loss" in r and r["step"] > 1]
             speeds[(setting, variant)] = {
                 "samples_per_s": statistics.median(r["samples_per_s"] for r in train),

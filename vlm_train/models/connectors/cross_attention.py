@@ -33,6 +33,7 @@ from torch import nn
 
 from vlm_train.config import CrossAttentionConnectorConfig
 from vlm_train.models.connectors.base import Connector, ForwardState, Placement
+from vlm_train.models.connectors.perceiver import idefics2_resampler
 from vlm_train.models.decoder import ContextFn, Decoder
 
 if TYPE_CHECKING:
@@ -189,15 +190,5 @@ def media_mask(image_positions_BT: torch.Tensor, num_images: int, most_recent: b
 def perceiver_resampler(cfg: CrossAttentionConnectorConfig, llm_dim: int) -> Idefics2PerceiverResampler:
     """Flamingo's Perceiver resampler at the LLM width: `resampler_latents` learned latents attend to
     [media; latents] for `resampler_depth` layers (transformers' Idefics2 module, as connector=perceiver)."""
-    from transformers.models.idefics2.configuration_idefics2 import Idefics2PerceiverConfig
-    from transformers.models.idefics2.modeling_idefics2 import Idefics2PerceiverResampler
-
-    config = Idefics2PerceiverConfig(
-        hidden_size=llm_dim,
-        resampler_n_latents=cfg.resampler_latents,
-        resampler_depth=cfg.resampler_depth,
-        resampler_n_heads=cfg.resampler_heads,
-        resampler_head_dim=cfg.resampler_head_dim,
-        num_key_value_heads=cfg.resampler_heads,
-    )
-    return Idefics2PerceiverResampler._from_config(config)
+    heads = (cfg.resampler_heads, cfg.resampler_head_dim, cfg.resampler_heads)
+    return idefics2_resampler(llm_dim, cfg.resampler_latents, cfg.resampler_depth, heads)

@@ -28,8 +28,7 @@ class PerceiverConnector(Connector[PerceiverConnectorConfig]):
     def from_config(
         cls, cfg: PerceiverConnectorConfig, vision_dim: int, llm_dim: int, num_patches: int
     ) -> PerceiverConnector:
-        from transformers.models.idefics2.configuration_idefics2 import Idefics2PerceiverConfig
-        from transformers.models.idefics2.modeling_idefics2 import Idefics2MLP, Idefics2PerceiverResampler
+        from transformers.models.idefics2.modeling_idefics2 import Idefics2MLP
 
         projection = Idefics2MLP(
             hidden_size=vision_dim,
@@ -37,15 +36,10 @@ class PerceiverConnector(Connector[PerceiverConnectorConfig]):
             output_size=llm_dim,
             hidden_act="silu",
         )
-        config = Idefics2PerceiverConfig(
-            hidden_size=llm_dim,
-            resampler_n_latents=cfg.num_latents,
-            resampler_depth=cfg.depth,
-            resampler_n_heads=cfg.num_heads,
-            resampler_head_dim=cfg.head_dim,
-            num_key_value_heads=cfg.num_kv_heads,
+        resampler = idefics2_resampler(
+            llm_dim, cfg.num_latents, cfg.depth, (cfg.num_heads, cfg.head_dim, cfg.num_kv_heads)
         )
-        return cls(projection, Idefics2PerceiverResampler._from_config(config), cfg.num_latents)
+        return cls(projection, resampler, cfg.num_latents)
 
     def masked(self, features_IPDv: torch.Tensor, patch_mask_IP: torch.Tensor) -> torch.Tensor:
         # A module call, not a method call: ZeRO-3's hooks gather parameters around forward only.
@@ -58,3 +52,21 @@ class PerceiverConnector(Connector[PerceiverConnectorConfig]):
             patch_mask_IP = torch.ones(features_IPDv.shape[:2], dtype=torch.bool, device=features_IPDv.device)
         context_IPDl = self.modality_projection(features_IPDv)
         return self.perceiver_resampler(context=context_IPDl, attention_mask=patch_mask_IP)
+
+
+def idefics2_resampler(width: int, latents: int, depth: int, heads: tuple[int, int, int]) -> torch.nn.Module:
+    """transformers' Idefics2 Perceiver resampler at `width`: `latents` learned latents attend to
+    [context; latents] for `depth` layers; `heads` = (heads, head width, key/value heads)."""
+    from transformers.models.idefics2.configuration_idefics2 import Idefics2PerceiverConfig
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2PerceiverResampler
+
+    num_heads, head_dim, kv_heads = heads
+    config = Idefics2PerceiverConfig(
+        hidden_size=width,
+        resampler_n_latents=latents,
+        resampler_depth=depth,
+        resampler_n_heads=num_heads,
+        resampler_head_dim=head_dim,
+        num_key_value_heads=kv_heads,
+    )
+    return Idefics2PerceiverResampler._from_config(config)
